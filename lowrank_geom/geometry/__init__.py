@@ -1,0 +1,40 @@
+"""The fixed-rank quotient ``(R^{m×r}_* × R^{n×r}_*) / GL(r)`` as pure functions over batched tensors.
+
+Everything here works on tensors batched over leading dims, ``(..., m, r)``, in the paper's
+orientation ``Z = A Bᵀ``. Nothing here keeps optimizer state or imports from a higher layer.
+"""
+
+from lowrank_geom.geometry.factors import balance, magnitude_pinv, orthonormal_basis
+from lowrank_geom.geometry.gauge import gauge_act, norm_balance, random_gauge, scale_gauge
+from lowrank_geom.geometry.invariance import invariance_gap
+from lowrank_geom.geometry.psd import (
+    PSDNumericsError,
+    compute_dtype,
+    eigenvalue_distance,
+    inverse_root,
+    symmetrize,
+)
+from lowrank_geom.geometry.transport import (
+    basis_transport,
+    transport_first_moment,
+    transport_second_moment,
+)
+
+__all__ = [
+    "PSDNumericsError",
+    "balance",
+    "basis_transport",
+    "compute_dtype",
+    "eigenvalue_distance",
+    "gauge_act",
+    "invariance_gap",
+    "inverse_root",
+    "magnitude_pinv",
+    "norm_balance",
+    "orthonormal_basis",
+    "random_gauge",
+    "scale_gauge",
+    "symmetrize",
+    "transport_first_moment",
+    "transport_second_moment",
+]

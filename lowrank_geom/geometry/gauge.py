@@ -1,0 +1,71 @@
+"""The gauge action of GL(r) on a LoRA pair, and gauges to test invariance with."""
+
+from __future__ import annotations
+
+import torch
+
+
+def gauge_act(
+    a: torch.Tensor, b: torch.Tensor, g: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A G, B G⁻ᵀ)``: the same ``Z = A Bᵀ`` in another factorization. ``G`` is ``(..., r, r)``.
+
+    ``B G⁻ᵀ`` is computed with a linear solve (``G Xᵀ = Bᵀ``), never an explicit inverse.
+    """
+    return a @ g, torch.linalg.solve(g, b.mT).mT
+
+
+def scale_gauge(
+    s: float, r: int, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """``G = s I_r``: the scalar rescaling ``(s A, B / s)`` of paper §2.1 (scalar scale invariance)."""
+    if s == 0:
+        raise ValueError("scale_gauge needs s != 0 (G must be invertible)")
+    return s * torch.eye(r, dtype=dtype, device=device)
+
+
+def _random_orthogonal(
+    r: int, generator: torch.Generator | None, dtype: torch.dtype, device
+) -> torch.Tensor:
+    x = torch.randn(r, r, generator=generator, dtype=torch.float64, device=device)
+    q, rr = torch.linalg.qr(x)
+    return (q * torch.diagonal(rr).sign()).to(dtype)
+
+
+def random_gauge(
+    r: int,
+    cond: float = 10.0,
+    generator: torch.Generator | None = None,
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """A random ``G ∈ GL(r)`` with condition number exactly ``cond``: ``G = Q₁ diag(σ) Q₂ᵀ``.
+
+    ``Q₁, Q₂`` are Haar-random orthogonal matrices and ``σ`` is log-spaced from ``cond^{1/2}`` to
+    ``cond^{-1/2}``, so ``|det G| ≈ 1`` and the gauge neither grows nor shrinks the pair on average.
+    ``cond = 1`` gives a random orthogonal ``G``.
+    """
+    if cond < 1:
+        raise ValueError(f"Invalid condition number: {cond} (must be >= 1)")
+    if r < 1:
+        raise ValueError(f"Invalid rank: {r}")
+    if r == 1 and cond != 1:
+        raise ValueError("a 1×1 gauge always has condition number 1")
+    q1 = _random_orthogonal(r, generator, torch.float64, device)
+    q2 = _random_orthogonal(r, generator, torch.float64, device)
+    half = 0.5 * torch.log(torch.tensor(float(cond), dtype=torch.float64))
+    sigma = torch.exp(torch.linspace(float(half), float(-half), r, dtype=torch.float64))
+    return ((q1 * sigma.to(q1.device)) @ q2.mT).to(dtype)
+
+
+def norm_balance(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(c A, B / c)`` with ``c = (‖B‖_F / ‖A‖_F)^{1/2}``: equal Frobenius norms, same ``Z``.
+
+    Batched over leading dims; a pair with a zero factor is returned unchanged (no inf/NaN).
+    """
+    na = torch.linalg.matrix_norm(a).unsqueeze(-1).unsqueeze(-1)
+    nb = torch.linalg.matrix_norm(b).unsqueeze(-1).unsqueeze(-1)
+    ok = (na > 0) & (nb > 0)
+    c = torch.where(ok, (nb / torch.where(ok, na, 1.0)).sqrt(), 1.0)
+    return a * c, b / c

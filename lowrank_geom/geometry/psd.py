@@ -1,0 +1,79 @@
+"""PSD numerics: symmetrization, safeguarded inverse roots, and the eigenvalue distance ``d_λ``.
+
+All linear algebra runs in ``promote_types(dtype, float32)``: torch has no bf16/fp16 kernels for
+``eigh`` on CPU, and half precision is too coarse for an r×r spectrum anyway.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PSDNumericsError(RuntimeError):
+    """An eigendecomposition failed even after the float64 retry; the message says what to try."""
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the linear algebra runs in: ``promote_types(dtype, float32)``."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def symmetrize(x: torch.Tensor) -> torch.Tensor:
+    """``(X + Xᵀ) / 2`` over the last two dims, removing round-off asymmetry before ``eigh``."""
+    return (x + x.mT) * 0.5
+
+
+def _eigh(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``eigh`` in the compute dtype, retried in float64 when LAPACK does not converge."""
+    work = symmetrize(v.to(compute_dtype(v.dtype)))
+    try:
+        return torch.linalg.eigh(work)
+    except torch.linalg.LinAlgError:
+        pass
+    try:
+        lam, q = torch.linalg.eigh(work.to(torch.float64))
+    except torch.linalg.LinAlgError as err:
+        raise PSDNumericsError(
+            "eigh of a second-moment matrix failed in its dtype and again in float64. The matrix "
+            "is probably not finite: check for NaN/inf gradients (the optimizer skips those "
+            "steps unless nonfinite='propagate'), or raise eps."
+        ) from err
+    return lam.to(work.dtype), q.to(work.dtype)
+
+
+def inverse_root(
+    v: torch.Tensor,
+    root: int = 2,
+    *,
+    shift: torch.Tensor | float = 0.0,
+    eps: float = 0.0,
+) -> torch.Tensor:
+    """``Q diag(1 / ((max(λ, 0) + shift)^{1/root} + eps)) Qᵀ`` for ``V = Q diag(λ) Qᵀ``.
+
+    Shapes: ``v`` is ``(..., r, r)`` symmetric PSD up to round-off; ``shift`` broadcasts against
+    ``(...,)`` (LoRA-RITE's escaped mass ρ goes here, inside the root); ``eps`` is added outside
+    the root, as in the authors' LoRA-RITE code. Returns a symmetric ``(..., r, r)`` matrix in
+    ``promote_types(v.dtype, float32)``.
+
+    Safeguards: eigenvalues are clamped at 0 before the root, so a second moment made slightly
+    indefinite by round-off gives a large but finite factor instead of NaN; the eigendecomposition
+    is retried in float64 when LAPACK fails to converge. With ``shift = eps = 0`` a zero eigenvalue
+    maps to ``inf`` by design (callers pass a positive ``eps``).
+    """
+    lam, q = _eigh(v)
+    if isinstance(shift, torch.Tensor):
+        shift = shift.to(lam.dtype).unsqueeze(-1)
+    lam = lam.clamp_min(0.0) + shift
+    inv = 1.0 / (lam.pow(1.0 / root) + eps)
+    return symmetrize((q * inv.unsqueeze(-2)) @ q.mT)
+
+
+def eigenvalue_distance(v_old: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
+    """``d_λ(V_old, V_new) = max_i [λ_i(V_old) − λ_i(V_new)]⁺`` with both spectra sorted (paper §3.2).
+
+    The mass a second moment loses when it is transported into a new basis (``V_new = P V Pᵀ``
+    with ``‖P‖ ≤ 1``); LoRA-RITE adds it back as ``ρ I``. Shapes ``(..., r, r)`` → ``(...,)``.
+    """
+    lam_old = torch.linalg.eigvalsh(symmetrize(v_old.to(compute_dtype(v_old.dtype))))
+    lam_new = torch.linalg.eigvalsh(symmetrize(v_new.to(compute_dtype(v_new.dtype))))
+    return (lam_old - lam_new).amax(dim=-1).clamp_min(0.0)

@@ -1,0 +1,418 @@
+"""``LowRankOptimizer``: one ``torch.optim.Optimizer`` that drives any strategy over LoRA pairs.
+
+The driver owns what every strategy shares: param groups of pairs, argument validation, lazy
+state, batching of same-shape pairs, dtype promotion for linear algebra, the non-finite gradient
+policy and exact checkpoints. The math lives in :mod:`lowrank_geom.strategies`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from lowrank_geom import fallback
+from lowrank_geom.geometry import compute_dtype
+from lowrank_geom.pairs import LoRAPair, factor_unview, factor_view
+from lowrank_geom.strategies import PairBatch, Strategy, get_strategy
+
+#: keys that torch's lr schedulers add to param groups; accepted in any group.
+_SCHEDULER_KEYS = {"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "base_lr"}
+_NONFINITE = ("skip", "raise")
+
+
+def _as_pair(item: Any, where: str) -> LoRAPair:
+    if isinstance(item, LoRAPair):
+        return item
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return LoRAPair(item[0], item[1])
+    raise TypeError(
+        f"{where}: a pair must be an (A, B) tuple or a lowrank_geom.LoRAPair, got {type(item).__name__}"
+    )
+
+
+class LowRankOptimizer(Optimizer):
+    r"""Optimizes LoRA pairs ``(A, B)`` (paper orientation ``Z = A Bᵀ``) with a named strategy.
+
+    Args:
+        pairs: an iterable of pairs — ``(A, B)`` tuples of leaf tensors (``A: m×r``, ``B: n×r``) or
+            :class:`~lowrank_geom.LoRAPair` (for factors stored with the rank dim elsewhere, e.g.
+            PEFT's ``lora_A.weight`` of shape ``r×n``) — or an iterable of param-group dicts:
+            ``{"pairs": [...], **hyperparameters}`` for pairs, and ``{"params": [...], ...}`` for
+            parameters outside any pair, which are updated by AdamW (the *fallback group*; its
+            keys ``lr``, ``betas`` = (0.9, 0.999), ``eps`` = 1e-8, ``weight_decay`` = 0).
+        strategy: ``"lora_rite"``, ``"scaled_gd"``, ``"scaled_adam"``, ``"one_sided_adagrad"``
+            (or any registered name); a pair group may override it with its own ``"strategy"``.
+        lr: learning rate.
+        nonfinite: what a non-finite gradient does. ``"skip"`` (default): that pair's step is
+            skipped — its factors and state stay exactly as before and its step count does not
+            advance — and :meth:`nonfinite_skips` counts it; ``"raise"``: ``FloatingPointError``
+            naming the pair (synchronizes with the device every step).
+        **hyperparameters: the strategy's hyperparameters (see its class), stored in param groups.
+
+    Example:
+        >>> import torch
+        >>> from lowrank_geom import LowRankOptimizer
+        >>> A = torch.zeros(8, 2, requires_grad=True)   # PEFT-style zero init
+        >>> B = torch.randn(6, 2, requires_grad=True)
+        >>> opt = LowRankOptimizer([(A, B)], strategy="lora_rite", lr=1e-2)
+        >>> target = 0.1 * torch.randn(8, 6)
+        >>> for _ in range(3):
+        ...     opt.zero_grad()
+        ...     loss = (A @ B.T - target).pow(2).sum()
+        ...     loss.backward()
+        ...     opt.step()
+        >>> bool(A.abs().sum() > 0)
+        True
+    """
+
+    def __init__(
+        self,
+        pairs: Iterable[Any],
+        strategy: str = "lora_rite",
+        lr: float | torch.Tensor = 1e-3,
+        *,
+        nonfinite: str = "skip",
+        **hyperparameters: Any,
+    ) -> None:
+        if isinstance(pairs, torch.Tensor):
+            raise TypeError("pairs must be an iterable of (A, B) pairs or param-group dicts, got a Tensor")
+        strat = get_strategy(strategy)
+        _check_keys(strat, hyperparameters, f"{type(self).__name__}")
+        if nonfinite not in _NONFINITE:
+            raise ValueError(f"Invalid nonfinite policy: {nonfinite!r} (expected 'skip' or 'raise')")
+        defaults = dict(strat.defaults, lr=lr, strategy=strategy, nonfinite=nonfinite)
+        defaults.update(hyperparameters)
+        strat.validate(defaults)
+        items = list(pairs)
+        if not items:
+            raise ValueError("optimizer got an empty parameter list")
+        if not isinstance(items[0], dict):
+            items = [{"pairs": items}]
+        self._strategies: dict[str, Strategy] = {strategy: strat}
+        super().__init__(items, defaults)
+
+    # ----------------------------------------------------------------------------------- groups
+    def _strategy(self, name: str) -> Strategy:
+        if name not in self._strategies:
+            self._strategies[name] = get_strategy(name)
+        return self._strategies[name]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group: ``{"pairs": [...], **overrides}`` or a fallback ``{"params": [...], ...}``."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        g = dict(param_group)
+        index = len(self.param_groups)
+        if "pairs" in g and "params" in g:
+            raise ValueError(f"param group {index}: give either 'pairs' or 'params', not both")
+        if "pairs" in g:
+            group = self._pair_group(g, index)
+        elif "params" in g:
+            group = self._fallback_group(g, index)
+        else:
+            raise ValueError(f"param group {index} has neither 'pairs' nor 'params'")
+        seen = {id(p) for existing in self.param_groups for p in existing["params"]}
+        for p in group["params"]:
+            if id(p) in seen:
+                raise ValueError(
+                    f"param group {index}: a tensor already belongs to another pair or group "
+                    f"(shape {tuple(p.shape)}); each tensor may appear once"
+                )
+        self.param_groups.append(group)
+
+    def _pair_group(self, g: dict[str, Any], index: int) -> dict[str, Any]:
+        raw = g.pop("pairs")
+        raw = [raw] if isinstance(raw, LoRAPair) else list(raw)
+        if not raw:
+            raise ValueError(f"param group {index} has no pairs")
+        name = g.get("strategy", self.defaults["strategy"])
+        strat = self._strategy(name)
+        _check_keys(strat, {k: v for k, v in g.items() if k not in ("strategy", "nonfinite")}, f"param group {index}")
+        base = self.defaults if name == self.defaults["strategy"] else dict(
+            strat.defaults, lr=self.defaults["lr"], nonfinite=self.defaults["nonfinite"]
+        )
+        group = {k: v for k, v in base.items()}
+        group.update(g)
+        group["strategy"] = name
+        strat.validate(group)
+        if group["nonfinite"] not in _NONFINITE:
+            raise ValueError(f"Invalid nonfinite policy: {group['nonfinite']!r}")
+        params, rank_dims, names = [], [], []
+        seen: dict[int, str] = {}
+        for i, item in enumerate(raw):
+            pair = _as_pair(item, f"param group {index}, pair {i}")
+            label = pair.name or f"pair {i} of param group {index}"
+            _validate_pair(pair, label)
+            for t, which in ((pair.a, "A"), (pair.b, "B")):
+                if id(t) in seen:
+                    raise ValueError(f"{label}: factor {which} already appears in {seen[id(t)]}")
+                seen[id(t)] = label
+            params += [pair.a, pair.b]
+            rank_dims.append([pair.a_rank_dim, pair.b_rank_dim])
+            names.append(label)
+        group.update(params=params, rank_dims=rank_dims, pair_names=names)
+        return group
+
+    def _fallback_group(self, g: dict[str, Any], index: int) -> dict[str, Any]:
+        params = g.pop("params")
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        unknown = set(g) - set(fallback.DEFAULTS) - {"lr", "strategy"} - _SCHEDULER_KEYS
+        if unknown:
+            raise TypeError(f"param group {index} (fallback AdamW) got unexpected key(s): {sorted(unknown)}")
+        if g.get("strategy", fallback.NAME) != fallback.NAME:
+            raise ValueError(f"param group {index}: a 'params' group is the AdamW fallback group")
+        group = dict(fallback.DEFAULTS, lr=self.defaults["lr"])
+        group.update(g)
+        group.update(strategy=fallback.NAME, params=params)
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"param group {index}: params must be Tensors, got {type(p).__name__}")
+            if not p.is_leaf:
+                raise ValueError("can't optimize a non-leaf Tensor")
+        return group
+
+    @staticmethod
+    def _pairs(group: dict[str, Any]):
+        ps = group["params"]
+        for i, (rd, name) in enumerate(zip(group["rank_dims"], group["pair_names"])):
+            yield ps[2 * i], ps[2 * i + 1], rd[0], rd[1], name
+
+    # ------------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Take one step for every pair whose factors have gradients (pairs without are skipped)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["strategy"] == fallback.NAME:
+                fallback.adamw_step(group["params"], self.state, group)
+            else:
+                self._step_pairs(group)
+        return loss
+
+    def _step_pairs(self, group: dict[str, Any]) -> None:
+        strat = self._strategy(group["strategy"])
+        buckets: dict[tuple, list] = defaultdict(list)
+        for a, b, ad, bd, name in self._pairs(group):
+            if a.grad is None and b.grad is None:
+                continue
+            if a.grad is None or b.grad is None:
+                missing = "A" if a.grad is None else "B"
+                raise RuntimeError(
+                    f"{name}: factor {missing} has no gradient while the other has one; a LoRA "
+                    "pair is optimized jointly (leave a frozen factor out of the optimizer)"
+                )
+            if a.grad.is_sparse or b.grad.is_sparse:
+                raise RuntimeError(f"LowRankOptimizer does not support sparse gradients ({name})")
+            av, bv = factor_view(a, ad), factor_view(b, bd)
+            buckets[(tuple(av.shape), tuple(bv.shape), a.dtype, a.device)].append((a, b, ad, bd, name, av, bv))
+        if not buckets:
+            return
+
+        batches, members, masks = [], [], []
+        for (_, _, dtype, device), items in buckets.items():
+            cdt = compute_dtype(dtype)
+            for a, b, ad, bd, name, av, bv in items:
+                if not self.state[a]:
+                    sa, sb = strat.init(av.to(cdt), bv.to(cdt), group)
+                    self.state[a].update(
+                        step=torch.zeros((), dtype=torch.float32, device=device),
+                        nonfinite_skips=torch.zeros((), dtype=torch.float32, device=device),
+                        **sa,
+                    )
+                    self.state[b].update(sb)
+            a_s = torch.stack([it[5] for it in items]).to(cdt)
+            b_s = torch.stack([it[6] for it in items]).to(cdt)
+            ga = torch.stack([factor_view(it[0].grad, it[2]) for it in items]).to(cdt)
+            gb = torch.stack([factor_view(it[1].grad, it[3]) for it in items]).to(cdt)
+            finite = torch.isfinite(ga).flatten(1).all(1) & torch.isfinite(gb).flatten(1).all(1)
+            if group["nonfinite"] == "raise" and not bool(finite.all()):
+                bad = [it[4] for it, ok in zip(items, finite.tolist()) if not ok]
+                raise FloatingPointError(f"non-finite gradient in {', '.join(bad)}")
+            keep = finite.view(-1, 1, 1)
+            ga = torch.where(keep, ga, torch.zeros((), dtype=cdt, device=device))
+            gb = torch.where(keep, gb, torch.zeros((), dtype=cdt, device=device))
+            state_a = _stack_state([self.state[it[0]] for it in items], exclude=("step", "nonfinite_skips"))
+            state_b = _stack_state([self.state[it[1]] for it in items])
+            step = torch.stack([self.state[it[0]]["step"] for it in items])
+            batches.append(PairBatch(a_s, b_s, ga, gb, state_a, state_b, step))
+            members.append(items)
+            masks.append(finite)
+
+        updates = strat.update(batches, group)
+        for batch, upd, items, finite in zip(batches, updates, members, masks):
+            keep = finite.view(-1, 1, 1)
+            delta_a = torch.where(keep, upd.delta_a, torch.zeros((), dtype=upd.delta_a.dtype, device=keep.device))
+            delta_b = torch.where(keep, upd.delta_b, torch.zeros((), dtype=upd.delta_b.dtype, device=keep.device))
+            new_a = _select_state(finite, upd.state_a, batch.state_a)
+            new_b = _select_state(finite, upd.state_b, batch.state_b)
+            fin = finite.to(torch.float32)
+            for i, (a, b, ad, bd, _name, _av, _bv) in enumerate(items):
+                a.add_(factor_unview(delta_a[i], a, ad))
+                b.add_(factor_unview(delta_b[i], b, bd))
+                sa, sb = self.state[a], self.state[b]
+                for k, v in new_a.items():
+                    sa[k] = v[i]
+                for k, v in new_b.items():
+                    sb[k] = v[i]
+                sa["step"] = sa["step"] + fin[i]
+                sa["nonfinite_skips"] = sa["nonfinite_skips"] + (1.0 - fin[i])
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint; pair layout and strategies must match, state dtypes are kept exactly.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts floating state to each parameter's dtype,
+        which would round the float32 state of bf16 parameters; it is put back bit-exactly here.
+        """
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        for i, (cur, old) in enumerate(zip(self.param_groups, saved_groups)):
+            for key in ("strategy", "rank_dims"):
+                if cur.get(key) != old.get(key):
+                    raise ValueError(
+                        f"param group {i}: checkpoint has {key}={old.get(key)!r}, this optimizer "
+                        f"has {cur.get(key)!r}; load into an optimizer built over the same pairs"
+                    )
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        index = {}
+        for g in saved_groups:
+            index.update(zip(g["params"], params[len(index):len(index) + len(g["params"])]))
+        for key, saved in state_dict["state"].items():
+            p = index[key]
+            for k, v in saved.items():
+                if isinstance(v, torch.Tensor):
+                    self.state[p][k] = v.detach().to(device=p.device, copy=True)
+
+    # --------------------------------------------------------------------------------- reports
+    def nonfinite_skips(self) -> int:
+        """How many pair steps were skipped for a non-finite gradient since the state was created."""
+        total = 0.0
+        for group in self.param_groups:
+            if group["strategy"] == fallback.NAME:
+                continue
+            for a, *_ in self._pairs(group):
+                if "nonfinite_skips" in self.state.get(a, {}):
+                    total += float(self.state[a]["nonfinite_skips"])
+        return int(total)
+
+    def state_bytes(self) -> int:
+        """Exact bytes held in optimizer state (Σ numel · element_size over every state tensor)."""
+        return sum(
+            v.numel() * v.element_size()
+            for s in self.state.values()
+            for v in s.values()
+            if isinstance(v, torch.Tensor)
+        )
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} ("]
+        for i, g in enumerate(self.param_groups):
+            if g["strategy"] == fallback.NAME:
+                head = f"Parameter Group {i}: fallback AdamW over {len(g['params'])} tensors"
+            else:
+                head = f"Parameter Group {i}: {g['strategy']} over {len(g['rank_dims'])} pairs"
+            lines.append(head)
+            for k in sorted(g):
+                if k not in ("params", "rank_dims", "pair_names", "strategy"):
+                    lines.append(f"    {k}: {g[k]}")
+        lines.append(")")
+        return "\n".join(lines)
+
+
+def _check_keys(strat: Strategy, hp: dict[str, Any], where: str) -> None:
+    unknown = set(hp) - set(strat.defaults) - {"lr"} - _SCHEDULER_KEYS
+    if unknown:
+        raise TypeError(
+            f"{where}: strategy {strat.name!r} got unexpected hyperparameter(s) {sorted(unknown)}; "
+            f"it takes lr and {sorted(strat.defaults)}"
+        )
+
+
+def _validate_pair(pair: LoRAPair, label: str) -> None:
+    a, b = pair.a, pair.b
+    for t, which in ((a, "A"), (b, "B")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{label}: factor {which} must be a Tensor, got {type(t).__name__}")
+        if not t.is_leaf:
+            raise ValueError(f"{label}: can't optimize a non-leaf Tensor (factor {which})")
+        if t.is_complex() or not t.is_floating_point():
+            raise ValueError(f"{label}: factor {which} must be a real floating-point tensor, got {t.dtype}")
+        if t.is_sparse:
+            raise ValueError(f"{label}: factor {which} is sparse; sparse factors are not supported")
+        if t.ndim < 2:
+            raise ValueError(f"{label}: factor {which} must have >= 2 dims, got shape {tuple(t.shape)}")
+    if a is b:
+        raise ValueError(f"{label}: A and B are the same tensor")
+    if a.dtype != b.dtype:
+        raise ValueError(f"{label}: dtype mismatch, A is {a.dtype} and B is {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"{label}: device mismatch, A is on {a.device} and B on {b.device}")
+    try:
+        ra, rb = a.shape[pair.a_rank_dim], b.shape[pair.b_rank_dim]
+    except IndexError:
+        raise ValueError(f"{label}: rank dim out of range for shapes {tuple(a.shape)}, {tuple(b.shape)}") from None
+    if ra != rb:
+        raise ValueError(
+            f"{label}: rank mismatch, A {tuple(a.shape)} has r={ra} (dim {pair.a_rank_dim}) but "
+            f"B {tuple(b.shape)} has r={rb} (dim {pair.b_rank_dim})"
+        )
+    m, n = a.numel() // ra, b.numel() // rb
+    if ra > min(m, n):
+        raise ValueError(f"{label}: rank r={ra} exceeds min(m, n) = min({m}, {n})")
+
+
+def _stack_state(states: list[dict[str, torch.Tensor]], exclude: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    keys = [k for k in states[0] if k not in exclude]
+    return {k: torch.stack([s[k] for s in states]) for k in keys}
+
+
+def _select_state(finite: torch.Tensor, new: dict, old: dict) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in new.items():
+        if k in old:
+            keep = finite.view((-1,) + (1,) * (v.ndim - 1))
+            v = torch.where(keep, v, old[k].to(v.dtype))
+        out[k] = v
+    return out
+
+
+class LoRARITE(LowRankOptimizer):
+    """:class:`LowRankOptimizer` with ``strategy="lora_rite"``; hyperparameters as in
+    :class:`~lowrank_geom.strategies.LoRARITEStrategy` (``betas``, ``eps``, ``weight_decay``,
+    ``escape``, ``second_moment``, ``bias_correction``, ``row_normalize``,
+    ``clip_unmagnified_grad``, ``update_skipping``, ``update_capping``, ``balance``, ``basis``)."""
+
+    def __init__(self, pairs: Iterable[Any], lr: float | torch.Tensor = 1e-3, **hyperparameters: Any) -> None:
+        super().__init__(pairs, strategy="lora_rite", lr=lr, **hyperparameters)
+
+
+class ScaledGD(LowRankOptimizer):
+    """:class:`LowRankOptimizer` with ``strategy="scaled_gd"``; hyperparameters ``delta``,
+    ``momentum``, ``weight_decay`` (see :class:`~lowrank_geom.strategies.ScaledGDStrategy`)."""
+
+    def __init__(self, pairs: Iterable[Any], lr: float | torch.Tensor = 1e-2, **hyperparameters: Any) -> None:
+        super().__init__(pairs, strategy="scaled_gd", lr=lr, **hyperparameters)
+
+
+class ScaledAdam(LowRankOptimizer):
+    """:class:`LowRankOptimizer` with ``strategy="scaled_adam"``; hyperparameters ``betas``,
+    ``eps``, ``delta``, ``weight_decay`` (see :class:`~lowrank_geom.strategies.ScaledAdamStrategy`)."""
+
+    def __init__(self, pairs: Iterable[Any], lr: float | torch.Tensor = 1e-3, **hyperparameters: Any) -> None:
+        super().__init__(pairs, strategy="scaled_adam", lr=lr, **hyperparameters)
+
+
+class OneSidedAdagrad(LowRankOptimizer):
+    """:class:`LowRankOptimizer` with ``strategy="one_sided_adagrad"``; hyperparameters ``eps``,
+    ``weight_decay`` (see :class:`~lowrank_geom.strategies.OneSidedAdagradStrategy`)."""
+
+    def __init__(self, pairs: Iterable[Any], lr: float | torch.Tensor = 1e-2, **hyperparameters: Any) -> None:
+        super().__init__(pairs, strategy="one_sided_adagrad", lr=lr, **hyperparameters)

@@ -1,0 +1,153 @@
+"""The strategy interface: pure ``init`` / ``update`` over explicit per-factor state, and a registry.
+
+A strategy sees a *batch* of same-shape pairs stacked along a leading dim: factors ``a``
+``(P, m, r)`` and ``b`` ``(P, n, r)``, their gradients, and the state of every pair as dicts of
+stacked tensors. It returns the additive updates of both factors and the new state; it never
+touches parameters or ``torch.optim`` machinery (the driver in :mod:`lowrank_geom.optim` owns
+groups, validation, batching, dtype promotion, the NaN policy and checkpoints). Several batches
+of one param group are passed together so a strategy can reduce over all pairs of a group
+(LoRA-RITE's global clipping does).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+
+State = dict[str, torch.Tensor]
+
+
+class PairBatch(NamedTuple):
+    """Same-shape pairs stacked along dim 0, in the compute dtype ``promote_types(dtype, float32)``.
+
+    ``step`` is ``(P,)``: how many steps each pair has taken before this one (0 on the first).
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    grad_a: torch.Tensor
+    grad_b: torch.Tensor
+    state_a: State
+    state_b: State
+    step: torch.Tensor
+
+
+class PairUpdate(NamedTuple):
+    """Additive updates (``A ← A + delta_a``, learning rate already applied) and the new state."""
+
+    delta_a: torch.Tensor
+    delta_b: torch.Tensor
+    state_a: State
+    state_b: State
+
+
+class Strategy:
+    """Base class of a strategy. Subclasses set ``name`` and ``defaults`` and define ``init``,
+    ``update_batch`` (or ``update`` for group-wide reductions) and ``validate``."""
+
+    name: ClassVar[str] = ""
+    #: hyperparameters (besides ``lr``) and their defaults; they live in param groups.
+    defaults: ClassVar[dict[str, Any]] = {}
+    #: invariance class, for docs and benchmarks: "GL(r)", "O(r)" or "none".
+    invariance: ClassVar[str] = "none"
+
+    def validate(self, hp: dict[str, Any]) -> None:
+        """Raise ``ValueError`` (torch's wording) for an invalid hyperparameter in ``hp``."""
+        _check_lr(hp["lr"])
+
+    def init(self, a: torch.Tensor, b: torch.Tensor, hp: dict[str, Any]) -> tuple[State, State]:
+        """Fresh state of one pair, ``a`` ``(m, r)`` and ``b`` ``(n, r)`` in the compute dtype."""
+        raise NotImplementedError
+
+    def update_batch(self, batch: PairBatch, hp: dict[str, Any]) -> PairUpdate:
+        """Updates of one batch of pairs."""
+        raise NotImplementedError
+
+    def update(self, batches: list[PairBatch], hp: dict[str, Any]) -> list[PairUpdate]:
+        """Updates of every batch of a param group (override to reduce across the group)."""
+        return [self.update_batch(batch, hp) for batch in batches]
+
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: make a strategy available by ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_strategy(name: str) -> Strategy:
+    """The strategy registered as ``name``."""
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise ValueError(
+            f"Unknown strategy: {name!r} (available: {', '.join(sorted(_REGISTRY))})"
+        ) from None
+
+
+def available_strategies() -> list[str]:
+    """Names of all registered strategies."""
+    return sorted(_REGISTRY)
+
+
+def bias_corrected_decay(beta: float, step: torch.Tensor) -> torch.Tensor:
+    """``β (1 − β^k) / (1 − β^{k+1})`` for ``k`` steps taken: an EMA with this decay is bias-corrected.
+
+    Equals Adam's ``v_t / (1 − β^t)`` folded into the decay (Adafactor §7.1); 0 on the first step.
+    """
+    k = step.to(torch.float64)
+    return beta * (1.0 - beta**k) / (1.0 - beta ** (k + 1.0))
+
+
+def expand(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A ``(P,)`` per-pair tensor reshaped to broadcast against ``like`` ``(P, ...)`` (in its dtype, masks stay bool)."""
+    if x.dtype != torch.bool:
+        x = x.to(like.dtype)
+    return x.reshape(x.shape + (1,) * (like.ndim - x.ndim))
+
+
+def rms(x: torch.Tensor) -> torch.Tensor:
+    """Root mean square over the last two dims: ``(P, m, r)`` → ``(P,)``."""
+    return x.pow(2).mean(dim=(-2, -1)).sqrt()
+
+
+def _check_lr(lr: Any) -> None:
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        lr = lr.item()
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
+def check_eps(eps: float) -> None:
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+
+
+def check_betas(betas: Any) -> None:
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"Invalid betas: {betas} (expected a pair (beta1, beta2))")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= float(beta) < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+
+
+def check_weight_decay(weight_decay: float) -> None:
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+def check_non_negative(name: str, value: float) -> None:
+    if not 0.0 <= value:
+        raise ValueError(f"Invalid {name} value: {value}")
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, choices))})")

@@ -1,0 +1,87 @@
+r"""ScaledAdam (Zhang & Pilanci, "Riemannian Preconditioned LoRA", ICML 2024): Adam over scaled gradients."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lowrank_geom.strategies.base import (
+    PairBatch,
+    PairUpdate,
+    State,
+    Strategy,
+    _check_lr,
+    check_betas,
+    check_eps,
+    check_non_negative,
+    check_weight_decay,
+    expand,
+    register,
+)
+from lowrank_geom.strategies.scaled_gd import scaled_gradient
+
+
+def adam_direction(
+    d: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: torch.Tensor,
+    betas: tuple[float, float], eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adam's ``m̂ / (√v̂ + ε)`` over ``d`` elementwise (Kingma & Ba, Alg. 1); returns (direction, m, v)."""
+    beta1, beta2 = betas
+    m = beta1 * exp_avg + (1.0 - beta1) * d
+    v = beta2 * exp_avg_sq + (1.0 - beta2) * d * d
+    t = step.to(torch.float64) + 1.0
+    c1 = expand(1.0 - beta1**t, d)
+    c2 = expand(1.0 - beta2**t, d)
+    return (m / c1) / ((v / c2).sqrt() + eps), m, v
+
+
+@register
+class ScaledAdamStrategy(Strategy):
+    r"""ScaledAdam: AdamW moments over the ScaledGD direction of each factor.
+
+    .. math::
+        \begin{aligned}
+        D_{A,t} &= \nabla A_t (B_t^\top B_t + \delta I)^{-1}\\
+        m_{A,t} &= \beta_1 m_{A,t-1} + (1-\beta_1) D_{A,t}, \qquad
+        v_{A,t} = \beta_2 v_{A,t-1} + (1-\beta_2) D_{A,t}^{\odot 2}\\
+        A_{t+1} &= A_t (1 - \eta_t \lambda) - \eta_t\, \hat m_{A,t} / (\sqrt{\hat v_{A,t}} + \epsilon)
+        \end{aligned}
+
+    Zhang & Pilanci (2024), Alg. 2 (scaled AdamW). The elementwise normalization makes it
+    non-invariant even to scalar gauges (it is scale-free in the gradient, but ``δA`` then fails
+    to scale with ``A``); it is here as the paper's comparison method.
+    """
+
+    name = "scaled_adam"
+    invariance = "none"
+    defaults = dict(betas=(0.9, 0.999), eps=1e-8, delta=0.0, weight_decay=0.0)
+
+    def validate(self, hp: dict[str, Any]) -> None:
+        _check_lr(hp["lr"])
+        check_betas(hp["betas"])
+        check_eps(hp["eps"])
+        check_non_negative("delta", hp["delta"])
+        check_weight_decay(hp["weight_decay"])
+
+    def init(self, a: torch.Tensor, b: torch.Tensor, hp: dict[str, Any]) -> tuple[State, State]:
+        def side(x: torch.Tensor) -> State:
+            return {"exp_avg": torch.zeros_like(x), "exp_avg_sq": torch.zeros_like(x)}
+
+        return side(a), side(b)
+
+    def update_batch(self, batch: PairBatch, hp: dict[str, Any]) -> PairUpdate:
+        deltas, states = [], []
+        for x, grad, other, state in (
+            (batch.a, batch.grad_a, batch.b, batch.state_a),
+            (batch.b, batch.grad_b, batch.a, batch.state_b),
+        ):
+            d = scaled_gradient(grad, other, hp["delta"])
+            direction, m, v = adam_direction(
+                d, state["exp_avg"], state["exp_avg_sq"], batch.step, hp["betas"], hp["eps"]
+            )
+            if hp["weight_decay"] != 0:
+                direction = direction + hp["weight_decay"] * x
+            deltas.append(-hp["lr"] * direction)
+            states.append({"exp_avg": m, "exp_avg_sq": v})
+        return PairUpdate(deltas[0], deltas[1], states[0], states[1])
