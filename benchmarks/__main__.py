@@ -1,0 +1,52 @@
+"""``python -m benchmarks <suite> [--quick | --full] [--out DIR] [--seed N]``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import RunContext, write_result
+
+SUITES = ["invariance", "convex", "regret", "speed", "finetune"]
+#: what ``all`` runs (the README's default comparison)
+ALL = ["invariance", "convex", "regret", "speed"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("suite", choices=SUITES + ["all"])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small sizes for CI (about a minute)")
+    size.add_argument("--full", action="store_true", help="the published problem sizes")
+    parser.add_argument("--out", type=Path, default=Path("results"), help="results folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--tune", action="store_true", help="re-run the learning-rate sweep first")
+    args, extra = parser.parse_known_args(argv)
+    ctx = RunContext(
+        size="quick" if args.quick else "full" if args.full else "default",
+        out=args.out,
+        seed=args.seed,
+        command="python -m benchmarks " + " ".join(shlex.quote(a) for a in argv),
+        progress=not args.no_progress,
+        options={"tune": args.tune, "extra": extra},
+    )
+    suites = ALL if args.suite == "all" else [args.suite]
+    for name in suites:
+        module = importlib.import_module(f"benchmarks.{name}")
+        t0 = time.perf_counter()
+        result = module.run(ctx)
+        path = write_result(result, ctx, time.perf_counter() - t0)
+        print(f"[{name}] {time.perf_counter() - t0:.1f} s -> {path}")
+        print(result.table)
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
