@@ -91,14 +91,13 @@ class LowRankOptimizer(Optimizer):
             raise ValueError("optimizer got an empty parameter list")
         if not isinstance(items[0], dict):
             items = [{"pairs": items}]
-        self._strategies: dict[str, Strategy] = {strategy: strat}
         super().__init__(items, defaults)
 
     # ----------------------------------------------------------------------------------- groups
-    def _strategy(self, name: str) -> Strategy:
-        if name not in self._strategies:
-            self._strategies[name] = get_strategy(name)
-        return self._strategies[name]
+    @staticmethod
+    def _strategy(name: str) -> Strategy:
+        # strategies are stateless; looked up by name so pickling/deepcopy keep only plain data
+        return get_strategy(name)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group: ``{"pairs": [...], **overrides}`` or a fallback ``{"params": [...], ...}``."""

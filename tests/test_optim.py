@@ -1,0 +1,413 @@
+"""Generic optimizer-contract tests, driven by one table of all strategies (in the spirit of torch's optim_db)."""
+
+from __future__ import annotations
+
+import copy
+import io
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from lowrank_geom import LoRAPair, LoRARITE, LowRankOptimizer, OneSidedAdagrad, ScaledAdam, ScaledGD
+
+
+@dataclass
+class StrategyInfo:
+    name: str
+    cls: type
+    lr: float
+    #: (hyperparameters, exception, message regex) the constructor must reject
+    errors: list = field(default_factory=list)
+    #: extra kwargs making every pair's step independent of the others and never skipped
+    #: (LoRA-RITE clips over a whole group and skips factors whose gradient RMS exceeds 1)
+    independent: dict = field(default_factory=dict)
+    has_betas: bool = False
+
+
+_COMMON_ERRORS = [
+    (dict(lr=-1.0), ValueError, r"Invalid learning rate: -1.0"),
+    (dict(weight_decay=-0.1), ValueError, r"Invalid weight_decay value: -0.1"),
+    (dict(not_a_hyperparameter=1), TypeError, r"unexpected hyperparameter"),
+]
+
+STRATEGIES = [
+    StrategyInfo(
+        "lora_rite", LoRARITE, 1e-2,
+        _COMMON_ERRORS + [
+            (dict(eps=-1e-3), ValueError, r"Invalid epsilon value: -0.001"),
+            (dict(betas=(1.0, 0.9)), ValueError, r"Invalid beta parameter at index 0: 1.0"),
+            (dict(betas=(0.9, -0.1)), ValueError, r"Invalid beta parameter at index 1: -0.1"),
+            (dict(second_moment="max"), ValueError, r"Invalid second_moment"),
+            (dict(basis="svd"), ValueError, r"Invalid basis"),
+            (dict(update_skipping=-1.0), ValueError, r"Invalid update_skipping value"),
+            (dict(clip_unmagnified_grad=-1.0), ValueError, r"Invalid clip_unmagnified_grad value"),
+        ],
+        independent=dict(clip_unmagnified_grad=0.0, update_skipping=0.0),
+        has_betas=True,
+    ),
+    StrategyInfo(
+        "scaled_gd", ScaledGD, 1e-2,
+        _COMMON_ERRORS + [
+            (dict(momentum=1.0), ValueError, r"Invalid momentum value: 1.0"),
+            (dict(delta=-1.0), ValueError, r"Invalid delta value: -1.0"),
+        ],
+    ),
+    StrategyInfo(
+        "scaled_adam", ScaledAdam, 1e-2,
+        _COMMON_ERRORS + [
+            (dict(eps=-1.0), ValueError, r"Invalid epsilon value: -1.0"),
+            (dict(betas=(0.9, 1.5)), ValueError, r"Invalid beta parameter at index 1: 1.5"),
+        ],
+        has_betas=True,
+    ),
+    StrategyInfo(
+        "one_sided_adagrad", OneSidedAdagrad, 1e-2,
+        _COMMON_ERRORS + [(dict(eps=-1.0), ValueError, r"Invalid epsilon value: -1.0")],
+    ),
+]
+IDS = [s.name for s in STRATEGIES]
+
+
+def make_pairs(dtype=torch.float64, seed=0, shapes=((7, 5, 2), (6, 4, 3)), zero_a=False):
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for m, n, r in shapes:
+        a = torch.randn(m, r, generator=g, dtype=torch.float64) * (0 if zero_a else 0.5)
+        b = torch.randn(n, r, generator=g, dtype=torch.float64) * 0.5
+        pairs.append((a.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()))
+    return pairs
+
+
+def make_targets(pairs, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [0.3 * torch.randn(a.shape[0], b.shape[0], generator=g, dtype=torch.float64) for a, b in pairs]
+
+
+def loss_of(pairs, targets):
+    return sum(
+        0.5 * ((a.float() @ b.float().T).double() - t).pow(2).sum() if a.dtype == torch.bfloat16
+        else 0.5 * ((a @ b.T).double() - t).pow(2).sum()
+        for (a, b), t in zip(pairs, targets)
+    )
+
+
+def run(opt, pairs, targets, steps):
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_of(pairs, targets).backward()
+        opt.step()
+
+
+def snapshot(pairs):
+    return [t.detach().clone() for p in pairs for t in p]
+
+
+# ------------------------------------------------------------------------------ construction
+
+
+@pytest.mark.parametrize("info", STRATEGIES, ids=IDS)
+def test_construction_errors(info):
+    for kwargs, exc, msg in info.errors:
+        with pytest.raises(exc, match=msg):
+            info.cls(make_pairs(), **kwargs)
+
+
+def test_unknown_strategy_lists_the_available_ones():
+    with pytest.raises(ValueError, match=r"Unknown strategy: 'adam'.*lora_rite"):
+        LowRankOptimizer(make_pairs(), strategy="adam")
+
+
+@pytest.mark.parametrize(
+    "build, exc, msg",
+    [
+        (lambda: [(torch.zeros(5, 2, requires_grad=True), torch.zeros(4, 3, requires_grad=True))], ValueError, r"rank mismatch"),
+        (lambda: [(torch.zeros(5, 2, requires_grad=True), torch.zeros(4, 2, dtype=torch.float64, requires_grad=True))], ValueError, r"dtype mismatch"),
+        (lambda: [(torch.zeros(5, 6, requires_grad=True), torch.zeros(4, 6, requires_grad=True))], ValueError, r"exceeds min\(m, n\)"),
+        (lambda: [(torch.zeros(5, 2, dtype=torch.complex64, requires_grad=True), torch.zeros(4, 2, dtype=torch.complex64, requires_grad=True))], ValueError, r"real floating-point"),
+        (lambda: [(torch.zeros(5, 2, requires_grad=True) * 2, torch.zeros(4, 2, requires_grad=True))], ValueError, r"non-leaf"),
+        (lambda: [(torch.zeros(5), torch.zeros(4))], ValueError, r">= 2 dims"),
+        (lambda: [torch.zeros(5, 2)], TypeError, r"must be an \(A, B\) tuple"),
+        (lambda: [], ValueError, r"empty parameter list"),
+    ],
+    ids=["rank", "dtype", "r>min(m,n)", "complex", "non-leaf", "1-d", "not-a-pair", "empty"],
+)
+def test_pair_validation_names_the_problem(build, exc, msg):
+    with pytest.raises(exc, match=msg):
+        LowRankOptimizer(build())
+
+
+def test_a_tensor_in_two_pairs_is_rejected_with_the_pair_name():
+    a, b = torch.zeros(5, 2, requires_grad=True), torch.zeros(4, 2, requires_grad=True)
+    c = torch.zeros(6, 2, requires_grad=True)
+    with pytest.raises(ValueError, match=r"factor A already appears in first"):
+        LowRankOptimizer([LoRAPair(a, b, name="first"), LoRAPair(a, c, name="second")])
+    with pytest.raises(ValueError, match=r"already belongs to another pair or group"):
+        LowRankOptimizer([{"pairs": [(a, b)]}, {"pairs": [(c, b)]}])
+
+
+def test_sparse_and_one_sided_gradients_raise():
+    a, b = (t.requires_grad_() for t in (torch.randn(5, 2), torch.randn(4, 2)))
+    opt = LowRankOptimizer([(a, b)])
+    a.grad = torch.zeros(5, 2).to_sparse()
+    b.grad = torch.zeros(4, 2)
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+    a.grad = torch.zeros(5, 2)
+    b.grad = None
+    with pytest.raises(RuntimeError, match="factor B has no gradient"):
+        opt.step()
+
+
+# ---------------------------------------------------------------------------------- behaviour
+
+
+@pytest.mark.parametrize("info", STRATEGIES, ids=IDS)
+def test_step_without_gradients_is_a_no_op(info):
+    pairs = make_pairs()
+    before = snapshot(pairs)
+    opt = info.cls(pairs, lr=info.lr)
+    opt.step()
+    assert all(torch.equal(x, y) for x, y in zip(before, snapshot(pairs)))
+    assert len(opt.state) == 0
+
+
+@pytest.mark.parametrize("info", STRATEGIES, ids=IDS)
+def test_state_dict_round_trip_resumes_bit_identically(info):
+    targets = make_targets(make_pairs())
+    pairs = make_pairs()
+    opt = info.cls(pairs, lr=info.lr)
+    run(opt, pairs, targets, 4)
+    buf = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "params": snapshot(pairs)}, buf)
+    run(opt, pairs, targets, 4)  # the uninterrupted run
+
+    buf.seek(0)
+    ckpt = torch.load(buf)  # weights_only=True by default: state must be plain tensors
+    resumed = [(a.clone().requires_grad_(), b.clone().requires_grad_()) for a, b in zip(ckpt["params"][::2], ckpt["params"][1::2])]
+    opt2 = info.cls(resumed, lr=info.lr)
+    opt2.load_state_dict(ckpt["opt"])
+    run(opt2, resumed, targets, 4)
+    assert all(torch.equal(x, y) for x, y in zip(snapshot(pairs), snapshot(resumed)))
+
+
+def test_load_state_dict_rejects_another_pair_layout():
+    pairs = make_pairs()
+    opt = LoRARITE(pairs)
+    run(opt, pairs, make_targets(pairs), 1)
+    other = LowRankOptimizer(make_pairs(), strategy="scaled_gd")
+    with pytest.raises(ValueError, match="checkpoint has strategy='lora_rite'"):
+        other.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("info", STRATEGIES, ids=IDS)
+def test_deepcopy_continues_identically(info):
+    pairs = make_pairs()
+    targets = make_targets(pairs)
+    opt = info.cls(pairs, lr=info.lr)
+    run(opt, pairs, targets, 2)
+    opt_copy = copy.deepcopy(opt)
+    copied_pairs = [tuple(g["params"][i:i + 2]) for g in opt_copy.param_groups for i in range(0, len(g["params"]), 2)]
+    run(opt, pairs, targets, 3)
+    run(opt_copy, copied_pairs, targets, 3)
+    assert all(torch.equal(x, y) for x, y in zip(snapshot(pairs), snapshot(copied_pairs)))
+
+
+@pytest.mark.parametrize("info", STRATEGIES, ids=IDS)
+def test_per_group_learning_rate(info):
+    pairs = make_pairs()
+    frozen_before = snapshot(pairs[1:])
+    moving_before = snapshot(pairs[:1])
+    opt = info.cls([{"pairs": pairs[:1]}, {"pairs": pairs[1:], "lr": 0.0}], lr=info.lr, **info.independent)
+    run(opt, pairs, make_targets(pairs), 2)
+    assert all(torch.equal(x, y) for x, y in zip(frozen_before, snapshot(pairs[1:])))
+    assert not all(torch.equal(x, y) for x, y in zip(moving_before, snapshot(pairs[:1])))
+
+
+@pytest.mark.parametrize("info", STRATEGIES, ids=IDS)
+def test_lr_schedulers_drive_the_groups(info):
+    pairs = make_pairs()
+    opt = info.cls(pairs, lr=info.lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    targets = make_targets(pairs)
+    for _ in range(2):
+        run(opt, pairs, targets, 1)
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(info.lr * 0.25)
+    if info.has_betas:
+        one_cycle = info.cls(make_pairs(), lr=info.lr)
+        oc = torch.optim.lr_scheduler.OneCycleLR(one_cycle, max_lr=info.lr, total_steps=10, cycle_momentum=True)
+        p2 = [tuple(one_cycle.param_groups[0]["params"][i:i + 2]) for i in (0, 2)]
+        beta_before = one_cycle.param_groups[0]["betas"][0]
+        for _ in range(3):
+            run(one_cycle, p2, targets, 1)
+            oc.step()
+        assert one_cycle.param_groups[0]["betas"][0] != beta_before
+
+
+@pytest.mark.parametrize("info", STRATEGIES, ids=IDS)
+def test_closure_is_evaluated_with_grad_enabled(info):
+    pairs = make_pairs()
+    targets = make_targets(pairs)
+    opt = info.cls(pairs, lr=info.lr)
+
+    def closure():
+        assert torch.is_grad_enabled()
+        opt.zero_grad()
+        loss = loss_of(pairs, targets)
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        loss = opt.step(closure)
+    assert torch.isfinite(loss)
+    assert opt.state[pairs[0][0]]["step"].item() == 1
+
+
+@pytest.mark.parametrize("info", STRATEGIES, ids=IDS)
+def test_step_hooks_and_repr(info):
+    pairs = make_pairs()
+    opt = info.cls(pairs, lr=info.lr)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    run(opt, pairs, make_targets(pairs), 1)
+    assert calls == ["pre", "post"]
+    text = repr(opt)
+    assert info.name in text and f"lr: {info.lr}" in text and "2 pairs" in text
+
+
+@pytest.mark.parametrize("info", STRATEGIES, ids=IDS)
+def test_batched_pairs_equal_pairs_stepped_alone(info):
+    """Same-shape pairs are stacked into one batch; that must not change any pair's trajectory."""
+    shapes = ((7, 5, 2),) * 3
+    pairs = make_pairs(shapes=shapes)
+    targets = make_targets(pairs)
+    opt = info.cls(pairs, lr=info.lr, **info.independent)
+    run(opt, pairs, targets, 5)
+    for i, single in enumerate(make_pairs(shapes=shapes)):
+        alone = info.cls([single], lr=info.lr, **info.independent)
+        run(alone, [single], targets[i:i + 1], 5)
+        # float64 batched vs single LAPACK/BLAS calls differ only in summation order: 1e-12 is
+        # ~1e4 ulps of headroom over 5 steps of O(1) quantities.
+        for x, y in zip(single, pairs[i]):
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("info", STRATEGIES, ids=IDS)
+def test_transposed_and_conv_storage_match_plain_pairs(info):
+    """A factor stored rank-first (PEFT's lora_A, r×n) or as a conv kernel steps like the plain pair."""
+    (a, b), = make_pairs(shapes=((6, 12, 2),))
+    targets = make_targets([(a, b)])
+    plain = [(a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_())]
+    run(info.cls(plain, lr=info.lr), plain, targets, 4)
+
+    bt = b.detach().T.contiguous().reshape(2, 3, 2, 2).requires_grad_()  # r × in × kh × kw
+    at = a.detach().clone().requires_grad_()
+    opt = info.cls([LoRAPair(at, bt, a_rank_dim=-1, b_rank_dim=0)], lr=info.lr)
+    for _ in range(4):
+        opt.zero_grad()
+        loss_of([(at, bt.reshape(2, -1).T)], targets).backward()
+        opt.step()
+    torch.testing.assert_close(at, plain[0][0], rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(bt.reshape(2, -1).T, plain[0][1], rtol=1e-13, atol=1e-13)
+
+
+# -------------------------------------------------------------------------------- safeguards
+
+
+@pytest.mark.parametrize("info", STRATEGIES, ids=IDS)
+def test_zero_factor_at_lora_init_takes_finite_nonzero_steps(info):
+    pairs = make_pairs(zero_a=True)
+    targets = make_targets(pairs)
+    opt = info.cls(pairs, lr=info.lr)
+    run(opt, pairs, targets, 1)
+    for a, b in pairs:
+        assert torch.isfinite(a).all() and torch.isfinite(b).all()
+        assert a.abs().sum() > 0  # the zero factor moved
+    run(opt, pairs, targets, 3)
+    assert all(torch.isfinite(t).all() for t in snapshot(pairs))
+
+
+@pytest.mark.parametrize("info", STRATEGIES, ids=IDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradient_skips_the_pair_and_keeps_state(info, bad):
+    pairs = make_pairs()
+    targets = make_targets(pairs)
+    opt = info.cls(pairs, lr=info.lr, **info.independent)
+    run(opt, pairs, targets, 2)
+    before_params = snapshot(pairs)
+    before_state = {k: v.clone() for k, v in opt.state[pairs[0][0]].items()}
+    opt.zero_grad()
+    loss_of(pairs, targets).backward()
+    pairs[0][0].grad[0, 0] = bad
+    opt.step()
+    assert all(torch.equal(x, y) for x, y in zip(before_params[:2], snapshot(pairs)[:2]))
+    assert all(torch.equal(before_state[k], opt.state[pairs[0][0]][k]) for k in before_state if k != "nonfinite_skips")
+    assert not torch.equal(before_params[2], pairs[1][0])  # the healthy pair still stepped
+    assert opt.nonfinite_skips() == 1
+    strict = info.cls(make_pairs(), lr=info.lr, nonfinite="raise")
+    p = [tuple(strict.param_groups[0]["params"][i:i + 2]) for i in (0, 2)]
+    loss_of(p, targets).backward()
+    p[1][1].grad[0, 0] = bad
+    with pytest.raises(FloatingPointError, match="pair 1 of param group 0"):
+        strict.step()
+
+
+@pytest.mark.parametrize("info", STRATEGIES, ids=IDS)
+def test_bf16_parameters_keep_fp32_state_across_checkpoints(info):
+    pairs = make_pairs(dtype=torch.bfloat16)
+    targets = make_targets(pairs)
+    opt = info.cls(pairs, lr=info.lr)
+    run(opt, pairs, targets, 3)
+    assert all(t.dtype == torch.bfloat16 and torch.isfinite(t).all() for t in snapshot(pairs))
+    state = opt.state[pairs[0][0]]
+    float_keys = [k for k, v in state.items() if v.is_floating_point() and k != "step"]
+    assert float_keys and all(state[k].dtype == torch.float32 for k in float_keys)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    opt2 = info.cls(make_pairs(dtype=torch.bfloat16), lr=info.lr)
+    opt2.load_state_dict(torch.load(buf))
+    loaded = opt2.state[opt2.param_groups[0]["params"][0]]
+    for k in float_keys:
+        # torch's load_state_dict alone would round these to bf16; they must come back bit-exact
+        assert loaded[k].dtype == torch.float32 and torch.equal(loaded[k], state[k])
+
+
+# ------------------------------------------------------------------------------ fallback group
+
+
+def test_fallback_group_is_torch_adamw():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w_ref = w.detach().clone().requires_grad_()
+    pairs = make_pairs()
+    opt = LowRankOptimizer([{"pairs": pairs}, {"params": [w], "lr": 1e-2, "weight_decay": 0.1}], lr=1e-2)
+    ref = torch.optim.AdamW([w_ref], lr=1e-2, weight_decay=0.1, foreach=False)
+    x = torch.randn(3, generator=g, dtype=torch.float64)
+    for _ in range(5):
+        for p, o in ((w, opt), (w_ref, ref)):
+            o.zero_grad()
+            (p @ x).sin().sum().backward()
+            o.step()
+    # identical arithmetic, in the same order, as torch.optim.AdamW(foreach=False)
+    assert torch.equal(w, w_ref)
+    assert "fallback AdamW over 1 tensors" in repr(opt)
+
+
+def test_fallback_group_rejects_pair_hyperparameters():
+    with pytest.raises(TypeError, match="unexpected key"):
+        LowRankOptimizer([{"pairs": make_pairs()}, {"params": [torch.zeros(2, requires_grad=True)], "escape": True}])
+
+
+def test_state_bytes_counts_every_state_tensor():
+    pairs = make_pairs(dtype=torch.float32)
+    opt = LoRARITE(pairs)
+    run(opt, pairs, make_targets(pairs), 1)
+    expected = 0
+    for a, b in pairs:
+        (m, r), n = a.shape, b.shape[0]
+        # exp_avg + basis per factor, an r×r second moment per factor, step + skip counter
+        expected += 4 * (2 * (m + n) * r + 2 * r * r + 2)
+    assert opt.state_bytes() == expected
