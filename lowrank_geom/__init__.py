@@ -30,6 +30,8 @@ from lowrank_geom.strategies import Strategy, available_strategies, get_strategy
 __version__ = "0.1.0"
 
 __all__ = [
+    "FixedRankQuotient",
+    "RankDeficientError",
     "LoRAPair",
     "LoRARITE",
     "LowRankOptimizer",
@@ -56,3 +58,12 @@ __all__ = [
     "transport_first_moment",
     "transport_second_moment",
 ]
+
+
+def __getattr__(name: str):
+    # geoopt (and its import-time warnings) is loaded only when the manifold is asked for
+    if name in ("FixedRankQuotient", "RankDeficientError"):
+        from lowrank_geom.geometry import manifold
+
+        return getattr(manifold, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

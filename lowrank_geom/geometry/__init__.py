@@ -21,6 +21,8 @@ from lowrank_geom.geometry.transport import (
 )
 
 __all__ = [
+    "FixedRankQuotient",
+    "RankDeficientError",
     "PSDNumericsError",
     "balance",
     "basis_transport",
@@ -38,3 +40,12 @@ __all__ = [
     "transport_first_moment",
     "transport_second_moment",
 ]
+
+
+def __getattr__(name: str):
+    # geoopt (and its import-time warnings) is loaded only when the manifold is asked for
+    if name in ("FixedRankQuotient", "RankDeficientError"):
+        from lowrank_geom.geometry import manifold
+
+        return getattr(manifold, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -56,7 +56,7 @@ class RankDeficientError(ValueError):
 
 
 def _rank_tol(rows: int, r: int, dtype: torch.dtype) -> float:
-    """Relative cutoff on singular values: ``max(rows, r) · eps`` (``torch.linalg.matrix_rank``'s)."""
+    """Relative singular-value cutoff ``max(rows, r) · eps`` (``torch.linalg.matrix_rank``'s)."""
     return max(rows, r) * torch.finfo(dtype).eps
 
 
@@ -68,18 +68,6 @@ def _deficient(s: torch.Tensor, tol: float) -> torch.Tensor:
 class FixedRankQuotient(geoopt.Manifold):
     r"""The quotient ``(R^{m×r}_* × R^{n×r}_*) / GL(r)`` of LoRA pairs ``Z = A Bᵀ``.
 
-    Parameters
-    ----------
-    m, n : int
-        Rows of ``A`` (``m × r``) and of ``B`` (``n × r``); a point is ``[A; B]``, ``(..., m+n, r)``.
-    r : int
-        The rank, ``1 ≤ r ≤ min(m, n)``.
-    metric : ``"euclidean"`` or ``"preconditioned"``
-        The total-space metric (see the module docstring). ``"preconditioned"`` makes
-        :class:`geoopt.optim.RiemannianSGD` a ScaledGD method.
-
-    Notes
-    -----
     Horizontal projection (:meth:`proju`) solves an ``r × r`` system for the vertical part
     ``(A Ω, −B Ωᵀ)``; both metrics need ``AᵀA`` and ``BᵀB`` positive definite, so :meth:`proju`,
     :meth:`egrad2rgrad` and :meth:`transp` raise :class:`RankDeficientError` (a ``ValueError``) on
@@ -90,6 +78,22 @@ class FixedRankQuotient(geoopt.Manifold):
 
     All linear algebra runs in ``promote_types(dtype, float32)`` and results are cast back to the
     inputs' promoted dtype.
+
+    Args:
+        m: rows of ``A`` (``m × r``).
+        n: rows of ``B`` (``n × r``); a point is ``[A; B]``, ``(..., m+n, r)``.
+        r: the rank, ``1 ≤ r ≤ min(m, n)``.
+        metric: ``"euclidean"`` or ``"preconditioned"``, the total-space metric (see the module
+            docstring). ``"preconditioned"`` makes :class:`geoopt.optim.RiemannianSGD` a ScaledGD
+            method.
+
+    Example:
+        >>> import geoopt, torch
+        >>> from lowrank_geom.geometry.manifold import FixedRankQuotient
+        >>> man = FixedRankQuotient(8, 6, 2, metric="preconditioned")
+        >>> x = geoopt.ManifoldParameter(man.random(8 + 6, 2), manifold=man)
+        >>> opt = geoopt.optim.RiemannianSGD([x], lr=0.5)
+        >>> A, B = man.unpack(x)   # views of the packed pair, Z = A Bᵀ
     """
 
     name = "FixedRankQuotient"
@@ -106,7 +110,9 @@ class FixedRankQuotient(geoopt.Manifold):
                 f"Invalid rank: r={r} > min(m, n)={min(m, n)}; no full-rank factors exist"
             )
         if metric not in _METRICS:
-            raise ValueError(f"Invalid metric: {metric!r} (expected 'euclidean' or 'preconditioned')")
+            raise ValueError(
+                f"Invalid metric: {metric!r} (expected 'euclidean' or 'preconditioned')"
+            )
         self.m = m
         self.n = n
         self.r = r
@@ -152,8 +158,8 @@ class FixedRankQuotient(geoopt.Manifold):
     # ------------------------------------------------------------------ internals
 
     def _spectra(self, a: torch.Tensor, b: torch.Tensor, where: str) -> Tuple[_Spectrum, _Spectrum]:
-        """Thin SVDs ``A = L_A S_A V_Aᵀ``, ``B = L_B S_B V_Bᵀ`` via QR (``orthonormal_basis``) then an
-        r×r SVD of the magnitude; raises :class:`RankDeficientError` on a deficient factor."""
+        """Thin SVDs ``A = L_A S_A V_Aᵀ``, ``B = L_B S_B V_Bᵀ``: QR (``orthonormal_basis``), then an
+        r×r SVD of the magnitude. Raises :class:`RankDeficientError` on a deficient factor."""
         out = []
         for label, f in (("A", a), ("B", b)):
             try:
@@ -259,7 +265,10 @@ class FixedRankQuotient(geoopt.Manifold):
         try:
             torch.broadcast_shapes(x.shape, u.shape)
         except RuntimeError:
-            return False, f"`u` of shape {tuple(u.shape)} does not broadcast with `x` {tuple(x.shape)}"
+            return (
+                False,
+                f"`u` of shape {tuple(u.shape)} does not broadcast with `x` {tuple(x.shape)}",
+            )
         if not bool(torch.isfinite(u).all()):
             return False, "`u` has non-finite entries"
         try:
