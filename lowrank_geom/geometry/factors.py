@@ -43,16 +43,22 @@ def orthonormal_basis(
     raise ValueError(f"Invalid basis method: {method!r} (expected 'qr' or 'polar')")
 
 
-def magnitude_pinv(r: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
+def magnitude_pinv(
+    r: torch.Tensor, rtol: float | None = None, *, rows: int | None = None
+) -> torch.Tensor:
     """``R⁺``, the pseudo-inverse of a magnitude, with a ``matrix_rank``-style cutoff. ``(..., r, r)``.
 
-    Singular values ``≤ rtol · σ_max`` count as zero, with ``rtol = r · eps(dtype)`` by default (the
-    cutoff ``torch.linalg.matrix_rank`` uses). A zero factor's magnitude maps to ``R⁺ = 0``, so its
-    unmagnified gradient ``∇ R⁺`` is zero instead of inf/NaN.
+    Singular values ``≤ rtol · σ_max`` count as zero. By default ``rtol = max(rows, r) · eps(dtype)``:
+    pass ``rows = m``, the row count of the factor ``X = U R`` that ``R`` came from, to get the
+    cutoff ``torch.linalg.matrix_rank(X)`` uses. ``R`` inherits ``X``'s round-off (Householder
+    QR's backward error grows with ``m``), so the smaller default ``r · eps`` (``rows=None``) can
+    miss the round-off singular values of a rank-deficient tall factor and return a huge ``R⁺``.
+    A zero factor's magnitude maps to ``R⁺ = 0``, so its unmagnified gradient ``∇ R⁺`` is zero
+    instead of inf/NaN.
     """
     work = r.to(compute_dtype(r.dtype))
     if rtol is None:
-        rtol = r.shape[-1] * torch.finfo(work.dtype).eps
+        rtol = max(rows or 0, r.shape[-1]) * torch.finfo(work.dtype).eps
     return torch.linalg.pinv(work, rtol=rtol)
 
 

@@ -36,7 +36,7 @@ def _eigh(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise PSDNumericsError(
             "eigh of a second-moment matrix failed in its dtype and again in float64. The matrix "
             "is probably not finite: check for NaN/inf gradients (the optimizer skips those "
-            "steps unless nonfinite='propagate'), or raise eps."
+            "steps by default, nonfinite='skip'), or raise eps."
         ) from err
     return lam.to(work.dtype), q.to(work.dtype)
 

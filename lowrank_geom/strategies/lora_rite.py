@@ -178,7 +178,8 @@ class LoRARITEStrategy(Strategy):
         for batch in batches:
             u_a, r_a = orthonormal_basis(batch.a, hp["basis"])
             u_b, r_b = orthonormal_basis(batch.b, hp["basis"])
-            rinv_a, rinv_b = magnitude_pinv(r_a), magnitude_pinv(r_b)
+            rinv_a = magnitude_pinv(r_a, rows=batch.a.shape[-2])
+            rinv_b = magnitude_pinv(r_b, rows=batch.b.shape[-2])
             gbar_a = unmagnified_grad(batch.grad_a, rinv_b)
             gbar_b = unmagnified_grad(batch.grad_b, rinv_a)
             if hp["update_skipping"] > 0:

@@ -29,7 +29,7 @@ def scaled_gradient(grad: torch.Tensor, other: torch.Tensor, delta: float) -> to
     """
     if delta == 0:
         _, r = orthonormal_basis(other, "qr")
-        rinv = magnitude_pinv(r)
+        rinv = magnitude_pinv(r, rows=other.shape[-2])
         return grad @ rinv @ rinv.mT
     gram = other.mT @ other
     gram = gram + delta * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)

@@ -1,0 +1,146 @@
+"""Sphinx configuration for lowrank_geom.
+
+Builds offline with ``-W`` (no intersphinx: it fetches inventories over the network). Before
+Sphinx reads any source, :func:`generate` writes ``docs/_generated/`` (git-ignored):
+
+* ``results_<suite>.rst``: the published benchmark result of a suite
+  (``docs/results/<suite>.rst``, written by ``docs/publish_results.py``; converted from
+  ``docs/results/<suite>.md`` here if only that exists), or a "not yet generated" note with the
+  commands that make it. The benchmark pages include these, so they build with or without
+  results.
+* ``benchdoc_<suite>.rst``: the module docstring of ``benchmarks/<suite>.py`` (read with
+  :mod:`ast`, never imported), or a note while that module does not exist.
+* ``api_peft.rst``: ``automodule`` of :mod:`lowrank_geom.peft` when that module exists.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent
+ROOT = DOCS.parent
+sys.path.insert(0, str(DOCS))  # publish_results (conversion of the benchmark Markdown)
+sys.path.insert(0, str(ROOT))  # the package, also when it is not installed
+
+import lowrank_geom  # noqa: E402
+from publish_results import SUITES, rst_for_suite  # noqa: E402
+
+project = "lowrank_geom"
+author = "lowrank_geom contributors"
+copyright = "lowrank_geom contributors, Apache-2.0"
+release = lowrank_geom.__version__
+version = release
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.mathjax",
+    "sphinx.ext.viewcode",
+    "sphinx.ext.doctest",
+]
+
+# results/ holds the published benchmark files (.rst there are include-only, never documents)
+exclude_patterns = ["_build", "_generated", "results", "Thumbs.db", ".DS_Store"]
+templates_path: list[str] = []
+
+# -- autodoc / napoleon --------------------------------------------------------------------
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_use_rtype = False
+autodoc_member_order = "bysource"
+autodoc_typehints = "signature"
+autodoc_preserve_defaults = True
+autodoc_default_options = {"show-inheritance": False}
+# geoopt is imported only by lowrank_geom.geometry.manifold; its import warnings are not ours
+import warnings  # noqa: E402
+
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script(_method)?` is deprecated")
+
+# -- doctest ---------------------------------------------------------------------------------
+doctest_global_setup = """
+import importlib.util
+import torch
+torch.manual_seed(0)
+torch.set_num_threads(1)
+# the PEFT examples need the optional extra and lowrank_geom.peft
+HAVE_PEFT = (importlib.util.find_spec("peft") is not None
+             and importlib.util.find_spec("lowrank_geom.peft") is not None)
+"""
+doctest_test_doctest_blocks = "default"  # the >>> examples in docstrings run too
+
+# -- HTML --------------------------------------------------------------------------------------
+html_theme = "furo"
+html_title = f"lowrank_geom {release}"
+html_static_path: list[str] = []
+html_show_sourcelink = True
+pygments_style = "sphinx"
+pygments_dark_style = "monokai"
+
+
+# -- generated sources -------------------------------------------------------------------------
+def _write_if_changed(path: Path, text: str) -> None:
+    # unchanged files keep their mtime, so incremental builds do not re-read every page
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
+def _results_rst(suite: str) -> str:
+    results = DOCS / "results"
+    rst, md, js = results / f"{suite}.rst", results / f"{suite}.md", results / f"{suite}.json"
+    if rst.exists():
+        return f".. include:: /results/{suite}.rst\n"
+    if md.exists():
+        import json
+
+        payload = json.loads(js.read_text()) if js.exists() else None
+        return rst_for_suite(suite, md.read_text(), payload)
+    return (
+        ".. note::\n\n"
+        f"   Not yet generated: no published result for the ``{suite}`` suite. Run\n\n"
+        "   .. code-block:: bash\n\n"
+        f"      python -m benchmarks {suite} --out results\n"
+        "      python docs/publish_results.py results docs/results\n\n"
+        f"   and rebuild; this section then shows ``docs/results/{suite}.md`` (the table and the\n"
+        f"   command that produced it) and its plots, with ``results/{suite}.json`` linked.\n"
+    )
+
+
+def _benchdoc_rst(suite: str) -> str:
+    module = ROOT / "benchmarks" / f"{suite}.py"
+    if not module.exists():
+        return (
+            f"*benchmarks/{suite}.py is not written yet; the set-up above is the specification it "
+            "implements.*\n"
+        )
+    try:
+        doc = ast.get_docstring(ast.parse(module.read_text()))
+    except SyntaxError:
+        doc = None
+    if not doc:
+        return f"*benchmarks/{suite}.py has no module docstring yet.*\n"
+    return f"From the module docstring of ``benchmarks/{suite}.py``:\n\n{doc.strip()}\n"
+
+
+def _api_peft_rst() -> str:
+    if (ROOT / "lowrank_geom" / "peft.py").exists():
+        return ".. automodule:: lowrank_geom.peft\n   :members:\n"
+    return (
+        ".. note::\n\n"
+        "   ``lowrank_geom/peft.py`` is not in this checkout yet; its reference appears here\n"
+        "   automatically once it is.\n"
+    )
+
+
+def generate() -> None:
+    """Write ``docs/_generated/*.rst`` (see the module docstring)."""
+    out = DOCS / "_generated"
+    out.mkdir(exist_ok=True)
+    for suite in SUITES:
+        _write_if_changed(out / f"results_{suite}.rst", _results_rst(suite))
+        _write_if_changed(out / f"benchdoc_{suite}.rst", _benchdoc_rst(suite))
+    _write_if_changed(out / "api_peft.rst", _api_peft_rst())
+
+
+generate()

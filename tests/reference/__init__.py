@@ -1,0 +1,1 @@
+"""Independent float64 NumPy/SciPy reference implementations of the low-rank optimizers (test oracle only)."""
