@@ -229,28 +229,36 @@ class LowRankOptimizer(Optimizer):
             b_s = torch.stack([it[6] for it in items]).to(cdt)
             ga = torch.stack([factor_view(it[0].grad, it[2]) for it in items]).to(cdt)
             gb = torch.stack([factor_view(it[1].grad, it[3]) for it in items]).to(cdt)
-            finite = torch.isfinite(ga).flatten(1).all(1) & torch.isfinite(gb).flatten(1).all(1)
-            if group["nonfinite"] == "raise" and not bool(finite.all()):
+            # a sum is non-finite iff some entry is (or, for |entries| ~ 1e38, overflows): one pass
+            finite = torch.isfinite(ga.sum(dim=(1, 2)) + gb.sum(dim=(1, 2)))
+            # one host sync per bucket buys the common all-finite case every masking pass below
+            all_finite = bool(finite.all())
+            if group["nonfinite"] == "raise" and not all_finite:
                 bad = [it[4] for it, ok in zip(items, finite.tolist()) if not ok]
                 raise FloatingPointError(f"non-finite gradient in {', '.join(bad)}")
-            keep = finite.view(-1, 1, 1)
-            ga = torch.where(keep, ga, torch.zeros((), dtype=cdt, device=device))
-            gb = torch.where(keep, gb, torch.zeros((), dtype=cdt, device=device))
+            if not all_finite:
+                keep = finite.view(-1, 1, 1)
+                ga = torch.where(keep, ga, torch.zeros((), dtype=cdt, device=device))
+                gb = torch.where(keep, gb, torch.zeros((), dtype=cdt, device=device))
             state_a = _stack_state([self.state[it[0]] for it in items], exclude=("step", "nonfinite_skips"))
             state_b = _stack_state([self.state[it[1]] for it in items])
             step = torch.stack([self.state[it[0]]["step"] for it in items])
             batches.append(PairBatch(a_s, b_s, ga, gb, state_a, state_b, step))
             members.append(items)
-            masks.append(finite)
+            masks.append(None if all_finite else finite)
 
         updates = strat.update(batches, group)
         for batch, upd, items, finite in zip(batches, updates, members, masks):
-            keep = finite.view(-1, 1, 1)
-            delta_a = torch.where(keep, upd.delta_a, torch.zeros((), dtype=upd.delta_a.dtype, device=keep.device))
-            delta_b = torch.where(keep, upd.delta_b, torch.zeros((), dtype=upd.delta_b.dtype, device=keep.device))
-            new_a = _select_state(finite, upd.state_a, batch.state_a)
-            new_b = _select_state(finite, upd.state_b, batch.state_b)
-            fin = finite.to(torch.float32)
+            delta_a, delta_b, new_a, new_b = upd
+            if finite is None:
+                fin = torch.ones(len(items), dtype=torch.float32, device=delta_a.device)
+            else:
+                keep = finite.view(-1, 1, 1)
+                delta_a = torch.where(keep, delta_a, torch.zeros((), dtype=delta_a.dtype, device=keep.device))
+                delta_b = torch.where(keep, delta_b, torch.zeros((), dtype=delta_b.dtype, device=keep.device))
+                new_a = _select_state(finite, new_a, batch.state_a)
+                new_b = _select_state(finite, new_b, batch.state_b)
+                fin = finite.to(torch.float32)
             for i, (a, b, ad, bd, _name, _av, _bv) in enumerate(items):
                 a.add_(factor_unview(delta_a[i], a, ad))
                 b.add_(factor_unview(delta_b[i], b, bd))

@@ -113,7 +113,7 @@ def expand(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def rms(x: torch.Tensor) -> torch.Tensor:
     """Root mean square over the last two dims: ``(P, m, r)`` → ``(P,)``."""
-    return x.pow(2).mean(dim=(-2, -1)).sqrt()
+    return torch.linalg.vector_norm(x, dim=(-2, -1)) / (x.shape[-2] * x.shape[-1]) ** 0.5
 
 
 def _check_lr(lr: Any) -> None:

@@ -185,7 +185,7 @@ class LoRARITEStrategy(Strategy):
             if hp["update_skipping"] > 0:
                 gbar_a = skip_large(gbar_a, hp["update_skipping"])
                 gbar_b = skip_large(gbar_b, hp["update_skipping"])
-            part = gbar_a.pow(2).sum() + gbar_b.pow(2).sum()
+            part = torch.linalg.vector_norm(gbar_a).square() + torch.linalg.vector_norm(gbar_b).square()
             sq_norm = part if sq_norm is None else sq_norm + part.to(sq_norm)
             prepared.append((u_a, u_b, rinv_a, rinv_b, gbar_a, gbar_b))
 
