@@ -11,7 +11,7 @@ of one param group are passed together so a strategy can reduce over all pairs o
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
 
@@ -22,6 +22,10 @@ class PairBatch(NamedTuple):
     """Same-shape pairs stacked along dim 0, in the compute dtype ``promote_types(dtype, float32)``.
 
     ``step`` is ``(P,)``: how many steps each pair has taken before this one (0 on the first).
+    ``row_reduce`` sums a tensor of per-shard partial row sums over the row shards of the
+    factors: the identity on one process; an all-reduce when the factors are row-sharded
+    (FSDP2). Every quantity a strategy sums over the rows of a factor (Grams ``XᵀY``, squared
+    norms) must go through it, so the math stays correct on shards.
     """
 
     a: torch.Tensor
@@ -31,6 +35,7 @@ class PairBatch(NamedTuple):
     state_a: State
     state_b: State
     step: torch.Tensor
+    row_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
 
 
 class PairUpdate(NamedTuple):
