@@ -13,7 +13,7 @@ from benchmarks.common import RunContext, write_result
 
 SUITES = ["invariance", "convex", "regret", "speed", "finetune"]
 #: what ``all`` runs (the README's default comparison)
-ALL = ["invariance", "convex", "regret", "speed"]
+ALL = ["invariance", "convex", "regret", "speed", "finetune"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,9 @@ Setup (every size):
   ``text``, ``label`` and optionally ``group`` (split by group when present, by text otherwise).
 * **Metrics**: test accuracy and loss (mean ± std over seeds); per-step train loss / batch
   accuracy and periodic test metrics (curves PNG); median whole training-step time (forward +
-  backward + optimizer step + zero_grad) relative to AdamW measured in the same process; peak
+  backward + optimizer step + zero_grad) relative to AdamW, measured after training with every
+  optimizer taking turns on one batch (:func:`interleaved_step_ms`, so run order and drifting
+  machine load do not bias the ratio); peak
   memory as the **peak RSS during the run minus the RSS at its start**, sampled every 1 ms from
   ``/proc/self/statm`` by a background thread (the allocator may keep freed pages, so this is an
   upper-bound-ish, process-level number; ``state_bytes`` is the exact optimizer state); and the
@@ -460,6 +462,34 @@ def train_run(model: Classifier, name: str, lr: float, cfg: dict[str, Any], data
             "state_bytes": _opt_state_bytes(opt), "upd_A": upd_a, "upd_B": upd_b}
 
 
+def interleaved_step_ms(model: Classifier, lrs: dict[str, float], cfg: dict[str, Any], data: dict[str, Any],
+                        init_state: dict[str, torch.Tensor], rounds: int = 12, warmup: int = 2) -> dict[str, float]:
+    """Median whole training-step time (ms) of each optimizer, measured round-robin on one batch.
+
+    Timing each optimizer during its own run biases the ratios by run order (warm-up, allocator
+    state, other load on the machine drifting over minutes). Here every optimizer gets its own
+    instance over the same parameters and, after ``warmup`` untimed steps each, the optimizers take
+    turns for ``rounds`` rounds, so drift hits all of them alike.
+    """
+    _load_state(model, init_state)
+    head_params = list(model.head.parameters())
+    opts = {n: make_finetune_optimizer(n, model, head_params, lr, cfg["head_lr"]) for n, lr in lrs.items()}
+    idx = list(range(min(cfg["batch"], len(data["train_ids"]))))
+    x, m = _collate([data["train_ids"][i] for i in idx], data["pad_id"])
+    y = torch.tensor([data["train_y"][i] for i in idx])
+    times: dict[str, list[float]] = {n: [] for n in opts}
+    for k in range(warmup + rounds):
+        for n, opt in opts.items():
+            t0 = time.perf_counter()
+            loss = torch.nn.functional.cross_entropy(model(x, m), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if k >= warmup:
+                times[n].append(time.perf_counter() - t0)
+    return {n: 1e3 * statistics.median(t) for n, t in times.items()}
+
+
 # ------------------------------------------------------------------------------------------ suite
 def parse_extra(extra: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks finetune", add_help=False)
@@ -541,7 +571,9 @@ def run(ctx: RunContext) -> SuiteResult:
         results[name] = {"lr": best_lr, "grid": {str(k): _ms([r["acc"] for r in v])[0] for k, v in by_lr.items()},
                          "runs": runs, "gauge": gauge}
 
-    ref_ms = statistics.fmean(r["step_ms"] for r in results["adamw"]["runs"]) if "adamw" in results else float("nan")
+    timed = interleaved_step_ms(model, {n: results[n]["lr"] for n in names}, cfg, data,
+                                _init_adapter(model, seeds[0], len(ds["classes"])))
+    ref_ms = timed.get("adamw", float("nan"))
     metrics: dict[str, Any] = {"dataset": {"name": ds["name"], "classes": ds["classes"], "split": ds["split"],
                                            "n_train": len(ds["train"][0]), "n_test_total": len(ds["test"][0]),
                                            "n_test_eval": len(te_x)},
@@ -554,7 +586,7 @@ def run(ctx: RunContext) -> SuiteResult:
         loss, loss_sd = _ms([r["loss"] for r in runs])
         g_acc = _ms([r["acc"] for r in gauge])[0]
         d_acc = [g["acc"] - r["acc"] for g, r in zip(gauge, runs)]
-        step_ms = statistics.fmean(r["step_ms"] for r in runs)
+        step_ms = timed[name]
         m = {
             "label": load_config(name)["label"], "lr": res["lr"], "lr_grid_acc": res["grid"], "head": head_mode(name),
             "acc_mean": acc, "acc_std": acc_sd, "loss_mean": loss, "loss_std": loss_sd,

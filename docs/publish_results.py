@@ -1,4 +1,4 @@
-"""Publish benchmark results into the documentation: ``python docs/publish_results.py results docs/results``.
+"""Publish benchmark results into the documentation: ``python docs/publish_results.py results docs/results --readme README.md``.
 
 The benchmark CLI (``python -m benchmarks <suite> --out results``) writes, per suite,
 ``results/<suite>.json`` (metrics, config, command, versions), ``results/<suite>.md`` (the
@@ -232,11 +232,47 @@ def publish(src: Path, dst: Path, suites: list[str] | None = None) -> list[str]:
     return done
 
 
+#: the README shows this suite's first table, between these markers, refreshed by :func:`readme_block`
+README_SUITE = "invariance"
+README_BEGIN = "<!-- results:invariance:begin (written by docs/publish_results.py; do not edit) -->"
+README_END = "<!-- results:invariance:end -->"
+
+
+def readme_block(md: str) -> str:
+    """The README's results block: the ``Command:`` line and the first table of ``<suite>.md``."""
+    lines = md.splitlines()
+    command = next((l for l in lines if l.startswith("Command:")), None)
+    if command is None:
+        raise ValueError(f"{README_SUITE}.md has no 'Command:' line")
+    start = next((i for i, l in enumerate(lines) if l.startswith("|")), None)
+    if start is None:
+        raise ValueError(f"{README_SUITE}.md has no table")
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    heading = next((l.lstrip("# ") for l in reversed(lines[:start]) if l.startswith("#")), "")
+    return "\n".join([command, "", f"**{heading}**" if heading else "", "", *lines[start:end]]).replace("\n\n\n", "\n\n")
+
+
+def update_readme(readme: Path, md: str) -> bool:
+    """Replace the text between the README markers by :func:`readme_block`; ``True`` if it changed."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{readme} lacks the markers {README_BEGIN!r} ... {README_END!r}")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    new = head + README_BEGIN + "\n" + readme_block(md) + "\n" + README_END + tail
+    readme.write_text(new)
+    return new != text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("src", type=Path, help="the benchmark results folder (python -m benchmarks --out)")
     parser.add_argument("dst", type=Path, help="where the docs read them: docs/results")
     parser.add_argument("--suite", action="append", choices=SUITES, help="only these suites (default: every JSON in src)")
+    parser.add_argument("--readme", type=Path, default=None,
+                        help=f"also refresh this README's {README_SUITE} table (between its markers)")
     args = parser.parse_args(argv)
     if not args.src.is_dir():
         parser.error(f"{args.src} is not a folder; run `python -m benchmarks all --out {args.src}` first")
@@ -246,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for suite in done:
         print(f"published {suite}: {args.dst / (suite + '.rst')}")
+    if args.readme is not None:
+        md = args.dst / f"{README_SUITE}.md"
+        if not md.exists():
+            parser.error(f"--readme needs {md}: publish the {README_SUITE} suite first")
+        update_readme(args.readme, md.read_text())
+        print(f"refreshed the {README_SUITE} table in {args.readme}")
     return 0
 
 

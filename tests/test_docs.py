@@ -264,3 +264,17 @@ def test_sphinx_build_is_warning_free_and_doctests_pass(tmp_path):
         )
     assert (tmp_path / "html" / "index.html").exists()
     assert "0 failures in tests" in (tmp_path / "doctest" / "output.txt").read_text()
+
+
+def test_readme_result_table_is_the_published_one():
+    """The README's table is ``publish_results.readme_block`` of the committed result, not typed."""
+    sys.path.insert(0, str(DOCS))
+    try:
+        import publish_results
+    finally:
+        sys.path.remove(str(DOCS))
+    md = DOCS / "results" / f"{publish_results.README_SUITE}.md"
+    assert md.exists(), f"{md} is not published: run `python docs/publish_results.py results docs/results --readme README.md`"
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split(publish_results.README_BEGIN, 1)[1].split(publish_results.README_END, 1)[0]
+    assert block.strip() == publish_results.readme_block(md.read_text()).strip()
