@@ -5,13 +5,24 @@ orientation ``Z = A Bᵀ``. Nothing here keeps optimizer state or imports from a
 """
 
 from lowrank_geom.geometry.factors import balance, magnitude_pinv, orthonormal_basis
+from lowrank_geom.geometry.gram import (
+    GRAM_DTYPE,
+    gram,
+    gram_cutoff,
+    gram_pinv,
+    inverse_magnitude,
+    magnify,
+    unmagnify,
+)
 from lowrank_geom.geometry.gauge import gauge_act, norm_balance, random_gauge, scale_gauge
 from lowrank_geom.geometry.invariance import invariance_gap
 from lowrank_geom.geometry.psd import (
     PSDNumericsError,
     compute_dtype,
     eigenvalue_distance,
+    eigh_safe,
     inverse_root,
+    inverse_root_eig,
     symmetrize,
 )
 from lowrank_geom.geometry.transport import (
@@ -21,6 +32,15 @@ from lowrank_geom.geometry.transport import (
 )
 
 __all__ = [
+    "GRAM_DTYPE",
+    "eigh_safe",
+    "gram",
+    "gram_cutoff",
+    "gram_pinv",
+    "inverse_magnitude",
+    "inverse_root_eig",
+    "magnify",
+    "unmagnify",
     "FixedRankQuotient",
     "RankDeficientError",
     "PSDNumericsError",

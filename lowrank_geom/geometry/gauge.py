@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
@@ -59,13 +61,17 @@ def random_gauge(
     return ((q1 * sigma.to(q1.device)) @ q2.mT).to(dtype)
 
 
-def norm_balance(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def norm_balance(
+    a: torch.Tensor, b: torch.Tensor, row_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(c A, B / c)`` with ``c = (‖B‖_F / ‖A‖_F)^{1/2}``: equal Frobenius norms, same ``Z``.
 
     Batched over leading dims; a pair with a zero factor is returned unchanged (no inf/NaN).
+    ``row_reduce`` sums the per-column squared norms over row shards (identity if None).
     """
-    na = torch.linalg.matrix_norm(a).unsqueeze(-1).unsqueeze(-1)
-    nb = torch.linalg.matrix_norm(b).unsqueeze(-1).unsqueeze(-1)
+    rr = row_reduce or (lambda t: t)
+    na = rr(a.square().sum(dim=-2)).sum(dim=-1).sqrt().unsqueeze(-1).unsqueeze(-1)
+    nb = rr(b.square().sum(dim=-2)).sum(dim=-1).sqrt().unsqueeze(-1).unsqueeze(-1)
     ok = (na > 0) & (nb > 0)
     c = torch.where(ok, (nb / torch.where(ok, na, 1.0)).sqrt(), 1.0)
     return a * c, b / c

@@ -23,8 +23,8 @@ def symmetrize(x: torch.Tensor) -> torch.Tensor:
     return (x + x.mT) * 0.5
 
 
-def _eigh(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``eigh`` in the compute dtype, retried in float64 when LAPACK does not converge."""
+def eigh_safe(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``eigh`` of the symmetric part in ``promote_types(dtype, float32)``, retried in float64 when LAPACK does not converge."""
     work = symmetrize(v.to(compute_dtype(v.dtype)))
     try:
         return torch.linalg.eigh(work)
@@ -60,12 +60,22 @@ def inverse_root(
     is retried in float64 when LAPACK fails to converge. With ``shift = eps = 0`` a zero eigenvalue
     maps to ``inf`` by design (callers pass a positive ``eps``).
     """
-    lam, q = _eigh(v)
+    lam, q = eigh_safe(v)
+    return inverse_root_eig(lam, q, root, shift=shift, eps=eps)
+
+
+def inverse_root_eig(
+    lam: torch.Tensor, q: torch.Tensor, root: int = 2, *, shift: torch.Tensor | float = 0.0, eps: float = 0.0
+) -> torch.Tensor:
+    """:func:`inverse_root` from a given eigendecomposition ``V = Q diag(λ) Qᵀ`` (``(..., r)``, ``(..., r, r)``)."""
     if isinstance(shift, torch.Tensor):
         shift = shift.to(lam.dtype).unsqueeze(-1)
     lam = lam.clamp_min(0.0) + shift
     inv = 1.0 / (lam.pow(1.0 / root) + eps)
     return symmetrize((q * inv.unsqueeze(-2)) @ q.mT)
+
+
+_eigh = eigh_safe
 
 
 def eigenvalue_distance(v_old: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,12 @@ r"""LoRA-RITE (Yen et al., ICLR 2025, arXiv 2410.20625): Algorithm 1, for A and 
 
 Every function is batched over a leading pair dim ``P`` and named after the paper's quantity.
 The A side reads the B factor's basis and magnitude (``B = U_B R_B``) and vice versa.
+
+Two engines compute the same step. ``engine="gram"`` (default) never factorizes an m×r matrix:
+it keeps the first moment and the second moment *magnified* (``M̃ = M̄ R_B⁻ᵀ``, ``W = R_B⁻¹ V̄ R_B⁻ᵀ``,
+both independent of the basis ``U_B``), reads ``R_B`` from the Cholesky factor of ``B_tᵀB_t`` and the
+transport from ``C = B_tᵀB_{t−1}``, and updates ``M̃`` with one m×2r×r product. ``engine="qr"``
+transcribes Algorithm 1 with a Householder QR (or polar) basis of every factor.
 """
 
 from __future__ import annotations
@@ -11,15 +17,25 @@ from typing import Any
 import torch
 
 from lowrank_geom.geometry import (
+    GRAM_DTYPE,
     basis_transport,
+    compute_dtype,
     eigenvalue_distance,
+    eigh_safe,
+    gram,
+    gram_cutoff,
+    gram_pinv,
+    inverse_magnitude,
     inverse_root,
+    inverse_root_eig,
+    magnify,
     magnitude_pinv,
     norm_balance,
     orthonormal_basis,
     symmetrize,
     transport_first_moment,
     transport_second_moment,
+    unmagnify,
 )
 from lowrank_geom.strategies.base import (
     PairBatch,
@@ -98,6 +114,65 @@ def magnitude_restoration(m: torch.Tensor, r_pinv_other: torch.Tensor) -> torch.
     return m @ r_pinv_other.mT
 
 
+# ------------------------------------------------------------------------------ Gram engine
+def magnitude_grams(other: torch.Tensor, other_prev: torch.Tensor, row_reduce) -> tuple[torch.Tensor, torch.Tensor]:
+    """``G_B = B_tᵀB_t`` (``R_BᵀR_B``) and ``C = B_tᵀB_{t−1}`` (``P_A = R_{B,t}⁻ᵀ C R_{B,t−1}⁻¹``), float64 ``(P, r, r)``."""
+    return gram(other, None, row_reduce), gram(other, other_prev, row_reduce)
+
+
+def unmagnified_grad_gram(grad_gram: torch.Tensor, rinv_other: torch.Tensor) -> torch.Tensor:
+    """``∇̄ᵀ∇̄ = R_B⁻ᵀ (∇Aᵀ∇A) R_B⁻¹`` (Alg. 1 line 7 before normalization); its trace is ``‖∇̄A‖²_F``."""
+    return unmagnify(grad_gram, rinv_other)
+
+
+def skip_mask(sq_norm: torch.Tensor, numel: int, threshold: float) -> torch.Tensor:
+    """Update skipping (authors' code): 1 where ``RMS(∇̄) = (‖∇̄‖²/(m r))^{1/2} ≤ threshold``, else 0. ``(P,)``."""
+    return ((sq_norm / numel).sqrt() <= threshold).to(sq_norm.dtype)
+
+
+def transported_second_moment(w: torch.Tensor, transport_gram: torch.Tensor, rinv_other: torch.Tensor) -> torch.Tensor:
+    """``P V̄_{t−1} Pᵀ = R_{B,t}⁻ᵀ (C W_{t−1} Cᵀ) R_{B,t}⁻¹`` with ``W = R_B⁻¹ V̄ R_B⁻ᵀ`` (Alg. 1 line 7's transport)."""
+    return unmagnify(transport_gram @ w @ transport_gram.mT, rinv_other)
+
+
+def eigenvalue_drop(lam_old: torch.Tensor, v_transported: torch.Tensor) -> torch.Tensor:
+    """``d_λ(V̄_{t−1}, P V̄_{t−1} Pᵀ) = max_i [λ_i(V̄_{t−1}) − λ_i(P V̄ Pᵀ)]⁺`` from the kept sorted ``λ(V̄_{t−1})``."""
+    lam_new = torch.linalg.eigvalsh(symmetrize(v_transported))
+    return (lam_old.to(lam_new.dtype) - lam_new).amax(dim=-1).clamp_min(0.0)
+
+
+def magnified_first_moment(
+    m_mag: torch.Tensor, grad: torch.Tensor, keep: torch.Tensor, apply: torch.Tensor
+) -> torch.Tensor:
+    """``M̃_t = M̄_t R_B⁻ᵀ = M̃_{t−1}·[d₁ Cᵀ G_B⁺] + ∇A·[(1−d₁) s R_B⁻¹ (V̄+ρI)^{-1/2} R_B⁻ᵀ]`` (Alg. 1 lines 9–11).
+
+    ``keep`` and ``apply`` are the two bracketed r×r matrices; one m×2r×r product per factor.
+    """
+    return torch.baddbmm(grad @ apply.to(grad.dtype), m_mag, keep.to(m_mag.dtype))
+
+
+def capped_scale(m_mag: torch.Tensor, g_other: torch.Tensor, cap: float, row_reduce) -> torch.Tensor:
+    """Update capping (authors' code): ``1 / max(1, RMS(M̄)/cap)`` with ``‖M̄‖² = tr(M̃ᵀM̃ G_B)``. ``(P,)``."""
+    sq = (gram(m_mag, None, row_reduce) * g_other).sum(dim=(-2, -1)).clamp_min(0.0)
+    rms_m = (sq / (m_mag.shape[-2] * m_mag.shape[-1])).sqrt()
+    return 1.0 / torch.clamp(rms_m / cap, min=1.0)
+
+
+def _decays(hp: dict[str, Any], step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    beta1, beta2 = hp["betas"]
+    if hp["bias_correction"]:
+        return bias_corrected_decay(beta1, step), bias_corrected_decay(beta2, step)
+    return (torch.full_like(step, beta1, dtype=torch.float64), torch.full_like(step, beta2, dtype=torch.float64))
+
+
+def _balanced(batch: PairBatch, upd: PairUpdate, hp: dict[str, Any]) -> PairUpdate:
+    """With ``balance``: the updates that also norm-balance the new pair (``Z`` unchanged)."""
+    if not hp["balance"]:
+        return upd
+    a1, b1 = norm_balance(batch.a + upd.delta_a, batch.b + upd.delta_b, batch.row_reduce)
+    return upd._replace(delta_a=a1 - batch.a, delta_b=b1 - batch.b)
+
+
 @register
 class LoRARITEStrategy(Strategy):
     r"""LoRA-RITE: transformation-invariant adaptive matrix preconditioning of LoRA factors.
@@ -106,15 +181,39 @@ class LoRARITEStrategy(Strategy):
 
     .. math::
         \begin{aligned}
-        B_t &= U_{B,t} R_{B,t} && \text{(QR, or polar with basis="polar")}\\
+        B_t &= U_{B,t} R_{B,t} && \text{(magnitude: } R_{B,t}^\top R_{B,t} = B_t^\top B_t\text{)}\\
         \bar\nabla A_t &= \nabla A_t\, R_{B,t}^{-1} && \text{(unmagnified gradient)}\\
-        P_{A,t} &= U_{B,t}^\top U_{B,t-1} && \text{(basis transport)}\\
+        P_{A,t} &= U_{B,t}^\top U_{B,t-1} = R_{B,t}^{-\top} (B_t^\top B_{t-1}) R_{B,t-1}^{-1} && \text{(basis transport)}\\
         \bar V_{A,t} &= P_{A,t} \bar V_{A,t-1} P_{A,t}^\top + \bar\nabla A_t^\top \bar\nabla A_t\\
         \rho_{A,t} &= \rho_{A,t-1} + d_\lambda(\bar V_{A,t-1}, P_{A,t} \bar V_{A,t-1} P_{A,t}^\top)\\
         \bar S_{A,t} &= \bar\nabla A_t (\bar V_{A,t} + \rho_{A,t} I)^{-1/2}\\
         \bar M_{A,t} &= \beta_1 \bar M_{A,t-1} P_{A,t}^\top + (1-\beta_1) \bar S_{A,t}\\
         A_{t+1} &= A_t - \eta_t\, \bar M_{A,t} R_{B,t}^{-\top}
         \end{aligned}
+
+    ``engine="gram"`` (default) computes this without any m×r factorization. With
+    ``G = BᵀB = L Lᵀ`` (Cholesky, ``R_B = Lᵀ``), ``C = B_tᵀB_{t−1}`` and the moments kept
+    magnified, ``M̃ = M̄ R_B⁻ᵀ`` and ``W = R_B⁻¹ V̄ R_B⁻ᵀ`` (both independent of the basis):
+    ``∇̄ᵀ∇̄ = R⁻ᵀ(∇Aᵀ∇A)R⁻¹``, ``P V̄ Pᵀ = R⁻ᵀ(C W Cᵀ)R⁻¹`` and
+    ``M̃_t = M̃_{t−1}·d₁CᵀG⁺ + ∇A·(1−d₁) s R⁻¹(V̄+ρI)^{-1/2}R⁻ᵀ``, ``δA = −η(M̃_t + λA)``, where
+    ``s`` is the clipping scale times the skip mask. Per factor that is three m×r×r GEMMs
+    (``BᵀB``, ``BᵀB_{t−1}``, ``∇ᵀ∇``) and one m×2r×r GEMM, plus r×r work in float64; every row
+    sum goes through ``PairBatch.row_reduce``. A zero or rank-deficient factor uses a filtered
+    pseudo-inverse (:func:`~lowrank_geom.geometry.inverse_magnitude`). State per factor:
+    ``magnified_exp_avg`` (m×r, ``M̃``), ``magnified_second_moment`` (r×r, ``W``),
+    ``previous_factor`` (m×r, the factor at its last step, which the partner's transport
+    reads), and with ``escape=True`` ``escaped_mass`` (ρ) and ``second_moment_eigenvalues``
+    (``λ(V̄)``, r floats, for ``d_λ``). The unmagnified moments of the paper are
+    ``M̄ = M̃ R_Bᵀ`` and ``V̄ = R_B W R_Bᵀ``.
+
+    ``engine="qr"`` is the literal transcription with a Householder QR (``basis="qr"``) or polar
+    (``basis="polar"``) basis of each factor and pseudo-inverses ``R⁺``
+    (:func:`~lowrank_geom.magnitude_pinv`); state ``exp_avg`` (``M̄``), ``second_moment``
+    (``V̄``), ``basis`` (``U``), ``escaped_mass``. It is about 2× slower and more accurate for
+    ill-conditioned float32 factors: a Gram squares the condition number, so the gram engine's
+    float32 error grows like ``cond(B)²·1e-7`` against QR's ``cond(B)·1e-7`` (see
+    :doc:`/numerics`). The update does not depend on ``basis`` in exact arithmetic (``R`` enters
+    only through ``RᵀR``); ``basis`` only selects the QR engine's state coordinates.
 
     Defaults reproduce the authors' published PyTorch code: ``second_moment="ema"`` with
     ``bias_correction`` (decay ``β(1−β^k)/(1−β^{k+1})`` for both moments and ρ), ``row_normalize``
@@ -141,6 +240,7 @@ class LoRARITEStrategy(Strategy):
         update_capping=0.0,
         balance=False,
         basis="qr",
+        engine="gram",
     )
 
     def validate(self, hp: dict[str, Any]) -> None:
@@ -152,25 +252,126 @@ class LoRARITEStrategy(Strategy):
             check_non_negative(key, hp[key])
         check_choice("second_moment", hp["second_moment"], ("ema", "sum"))
         check_choice("basis", hp["basis"], ("qr", "polar"))
+        check_choice("engine", hp["engine"], ("gram", "qr"))
         for key in ("escape", "bias_correction", "row_normalize", "balance"):
             check_choice(key, hp[key], (True, False))
 
     def init(self, a: torch.Tensor, b: torch.Tensor, hp: dict[str, Any]) -> tuple[State, State]:
+        gram_engine = hp["engine"] == "gram"
+
+        # gram: magnified moments and the factor of the last step (a zero previous factor makes the
+        # first transport C = BᵀB_{t−1} zero); qr: moments in the basis and the basis itself (a
+        # zero basis makes the first P zero). Either way the (zero) moments start afresh.
+        keys = ("magnified_exp_avg", "magnified_second_moment", "previous_factor") if gram_engine else (
+            "exp_avg", "second_moment", "basis")
+
         def side(x: torch.Tensor) -> State:
             r = x.shape[-1]
-            s = {
-                "exp_avg": torch.zeros_like(x),
-                "second_moment": x.new_zeros(r, r),
-                # zero basis: the first transport is P = 0, so the (zero) moments start afresh
-                "basis": torch.zeros_like(x),
-            }
+            s = {keys[0]: torch.zeros_like(x), keys[1]: x.new_zeros(r, r), keys[2]: torch.zeros_like(x)}
             if hp["escape"]:
                 s["escaped_mass"] = x.new_zeros(())
+                if gram_engine:
+                    s["second_moment_eigenvalues"] = x.new_zeros(r)
             return s
 
         return side(a), side(b)
 
     def update(self, batches: list[PairBatch], hp: dict[str, Any]) -> list[PairUpdate]:
+        if hp["engine"] == "gram":
+            return self._update_gram(batches, hp)
+        return self._update_qr(batches, hp)
+
+    # -------------------------------------------------------------------------- gram engine
+    def _update_gram(self, batches: list[PairBatch], hp: dict[str, Any]) -> list[PairUpdate]:
+        # Phase 1: Grams, inverse magnitudes and ‖∇̄‖² of every batch, so the global clipping
+        # norm is reduced over all pairs of the group before any moment is touched.
+        prepared = []
+        sq_total = None
+        thr = hp["update_skipping"]
+        for batch in batches:
+            rr = batch.row_reduce
+            sides = []
+            for x, x_prev, grad_other in (
+                (batch.b, batch.state_b["previous_factor"], batch.grad_a),  # A side reads B
+                (batch.a, batch.state_a["previous_factor"], batch.grad_b),  # B side reads A
+            ):
+                g, c = magnitude_grams(x, x_prev, rr)
+                t = inverse_magnitude(g, gram_cutoff(g, compute_dtype(x.dtype)))
+                s_gram = unmagnified_grad_gram(gram(grad_other, None, rr), t)
+                sq = torch.diagonal(s_gram, dim1=-2, dim2=-1).sum(-1)
+                keep = skip_mask(sq, grad_other.shape[-2] * grad_other.shape[-1], thr) if thr > 0 else torch.ones_like(sq)
+                part = (keep * sq).sum()
+                sq_total = part if sq_total is None else sq_total + part
+                sides.append((g, c, t, s_gram, keep))
+            prepared.append(sides)
+
+        clip = hp["clip_unmagnified_grad"]
+        if clip > 0 and sq_total is not None:
+            norm = sq_total.sqrt()
+            scale = torch.where(norm > clip, clip / norm, torch.ones_like(norm))
+        else:
+            scale = None
+
+        out = []
+        for batch, ((g_b, c_b, t_b, s_a, keep_a), (g_a, c_a, t_a, s_b, keep_b)) in zip(batches, prepared):
+            d1, d2 = _decays(hp, batch.step)
+            sa = keep_a if scale is None else keep_a * scale
+            sb = keep_b if scale is None else keep_b * scale
+            new_a, delta_a = self._gram_side(batch.a, batch.grad_a, batch.state_a, g_b, c_b, t_b, s_a, sa, d1, d2, batch.row_reduce, hp)
+            new_b, delta_b = self._gram_side(batch.b, batch.grad_b, batch.state_b, g_a, c_a, t_a, s_b, sb, d1, d2, batch.row_reduce, hp)
+            new_a["previous_factor"], new_b["previous_factor"] = batch.a, batch.b
+            out.append(_balanced(batch, PairUpdate(delta_a, delta_b, new_a, new_b), hp))
+        return out
+
+    @staticmethod
+    def _gram_side(
+        x: torch.Tensor,
+        grad: torch.Tensor,
+        state: State,
+        g_other: torch.Tensor,
+        c_other: torch.Tensor,
+        t_other: torch.Tensor,
+        grad_gram_unmag: torch.Tensor,
+        s: torch.Tensor,
+        d1: torch.Tensor,
+        d2: torch.Tensor,
+        row_reduce,
+        hp: dict[str, Any],
+    ) -> tuple[State, torch.Tensor]:
+        """One factor's magnified moments and update; returns (new state without previous_factor, delta)."""
+        ema = hp["second_moment"] == "ema"
+        w_old = state["magnified_second_moment"].to(GRAM_DTYPE)
+        v_transported = transported_second_moment(w_old, c_other, t_other)
+        inc = grad_gram_unmag * expand(s.square(), grad_gram_unmag)
+        if hp["row_normalize"]:
+            inc = inc / grad.shape[-2]
+        v = accumulate_second_moment(v_transported, inc, d2 if ema else None)
+        lam, q = eigh_safe(v)
+        new: State = {}
+        rho: torch.Tensor | float = 0.0
+        if hp["escape"]:
+            rho = state["escaped_mass"].to(GRAM_DTYPE) + eigenvalue_drop(state["second_moment_eigenvalues"], v_transported)
+            if ema:
+                rho = d2 * rho
+            new["escaped_mass"] = rho.to(state["escaped_mass"].dtype)
+            new["second_moment_eigenvalues"] = lam.to(state["second_moment_eigenvalues"].dtype)
+        x_root = inverse_root_eig(lam, q, 2, shift=rho, eps=hp["eps"])
+        new["magnified_second_moment"] = magnify(v, t_other).to(state["magnified_second_moment"].dtype)
+        d1e = expand(d1, g_other)
+        keep = d1e * (c_other.mT @ gram_pinv(t_other))
+        apply = expand((1.0 - d1) * s, g_other) * (t_other @ x_root @ t_other.mT)
+        m_mag = magnified_first_moment(state["magnified_exp_avg"], grad, keep, apply)
+        new["magnified_exp_avg"] = m_mag
+        direction = m_mag
+        if hp["update_capping"] > 0:
+            direction = m_mag * expand(capped_scale(m_mag, g_other, hp["update_capping"], row_reduce), m_mag)
+        lr, wd = hp["lr"], hp["weight_decay"]
+        if wd != 0:
+            return new, torch.add(direction, x, alpha=wd).mul_(-lr)
+        return new, direction * (-lr)
+
+    # ---------------------------------------------------------------------------- QR engine
+    def _update_qr(self, batches: list[PairBatch], hp: dict[str, Any]) -> list[PairUpdate]:
         # Phase 1: bases, magnitudes and unmagnified gradients of every batch, so the global
         # clipping norm can be reduced over all pairs of the group before any moment is touched.
         prepared = []
@@ -203,10 +404,7 @@ class LoRARITEStrategy(Strategy):
             new_a, delta_a = self._side(batch.a, gbar_a, batch.state_a, batch.state_b["basis"], u_b, rinv_b, batch.step, hp)
             new_b, delta_b = self._side(batch.b, gbar_b, batch.state_b, batch.state_a["basis"], u_a, rinv_a, batch.step, hp)
             new_a["basis"], new_b["basis"] = u_a, u_b
-            if hp["balance"]:
-                a1, b1 = norm_balance(batch.a + delta_a, batch.b + delta_b)
-                delta_a, delta_b = a1 - batch.a, b1 - batch.b
-            out.append(PairUpdate(delta_a, delta_b, new_a, new_b))
+            out.append(_balanced(batch, PairUpdate(delta_a, delta_b, new_a, new_b), hp))
         return out
 
     @staticmethod

@@ -1,0 +1,102 @@
+"""QR-free factor geometry from r×r Gram matrices: ``G = XᵀX``, ``R⁻¹`` by Cholesky, transports.
+
+A factor ``X = U R`` (``Uᵀ U = I``) enters every invariant optimizer only through its magnitude
+``R`` with ``RᵀR = G = XᵀX``: the update of the partner factor does not change when ``R`` is
+replaced by ``Q R`` for an orthogonal ``Q`` (the basis absorbs ``Qᵀ``). So ``R`` can be taken from
+the Cholesky factor of the Gram — ``R = Lᵀ`` with ``G = L Lᵀ``, equal to Householder QR's ``R``
+with ``diag(R) ≥ 0`` in exact arithmetic — and ``U = X R⁻¹`` is never formed. Every sum over the
+rows of a factor is one GEMM ``XᵀY`` passed through ``row_reduce`` (identity on one process, an
+all-reduce for row-sharded factors), so nothing here reads the full rows of a factor.
+
+Precision: the Grams are formed in the factor's compute dtype ``promote_types(dtype, float32)``
+(the m×r GEMMs are the cost); everything r×r runs in float64 (:data:`GRAM_DTYPE`), where it
+is a negligible share of a step. A Gram squares the condition number: with float32 factors the
+inverse magnitude is accurate to about ``cond(X)² · 1e-7`` (measured in
+``tests/geometry/test_gram.py``), against ``cond(X) · 1e-7`` for Householder QR.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from lowrank_geom.geometry.psd import compute_dtype, symmetrize
+
+#: dtype of all r×r work (Cholesky, inverses, eigendecompositions of the Gram engine)
+GRAM_DTYPE = torch.float64
+
+RowReduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def gram(x: torch.Tensor, y: torch.Tensor | None = None, row_reduce: RowReduce = _identity) -> torch.Tensor:
+    """``XᵀY`` (``XᵀX`` when ``y`` is None), summed over the rows through ``row_reduce``, in float64. ``(..., r, r)``.
+
+    The GEMM runs in ``promote_types(x.dtype, float32)``; the r×r result is returned in
+    :data:`GRAM_DTYPE`.
+    """
+    work = compute_dtype(x.dtype)
+    x = x.to(work)
+    out = x.mT @ (x if y is None else y.to(work))
+    return row_reduce(out).to(GRAM_DTYPE)
+
+
+def gram_cutoff(g: torch.Tensor, gram_dtype: torch.dtype) -> torch.Tensor:
+    """``τ = r · eps(gram_dtype) · max_i G_ii``: a Gram pivot at or below it counts as zero. ``(...,)``.
+
+    ``matrix_rank``'s cutoff for a Hermitian r×r matrix, relative to the largest diagonal entry
+    (within a factor r of ``λ_max``): the rounding of a Gram formed in ``gram_dtype`` is of that
+    order, so smaller pivots carry no information.
+    """
+    r = g.shape[-1]
+    return r * torch.finfo(gram_dtype).eps * torch.diagonal(g, dim1=-2, dim2=-1).amax(dim=-1)
+
+
+def inverse_magnitude(g: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """``R⁻¹`` for ``RᵀR = G`` (paper §3.2: ``B = U_B R_B``), from the Cholesky factor of the Gram. ``(..., r, r)``.
+
+    Full rank (Cholesky succeeds and every pivot exceeds ``τ``): ``R⁻¹ = L⁻ᵀ`` with ``G = L Lᵀ``,
+    the inverse of QR's ``R`` with ``diag(R) ≥ 0``. Otherwise — a zero factor (LoRA's init), a
+    rank-deficient or numerically singular one — the filtered pseudo-inverse
+    ``T = G (G + τI)⁻¹ L_τ⁻ᵀ`` with ``G + τI = L_τ L_τᵀ``: ``T Tᵀ = G² (G + τI)⁻³`` and
+    ``Tᵀ G T`` has eigenvalues ``λ³/(λ + τ)³``, so ``T`` acts as ``R⁺`` on the eigen-directions
+    with ``λ ≫ τ`` (relative error ``O(τ/λ)``) and is exactly zero on the null space of ``G``: a
+    zero factor gives ``T = 0``, as ``R⁺`` does. The two are selected per pair with
+    ``torch.where``, no data-dependent branch. ``g`` and ``tau`` in :data:`GRAM_DTYPE`.
+    """
+    r = g.shape[-1]
+    eye = torch.eye(r, dtype=g.dtype, device=g.device)
+    l, info = torch.linalg.cholesky_ex(g)
+    piv = torch.diagonal(l, dim1=-2, dim2=-1)
+    ok = (info == 0) & (piv.square().amin(dim=-1) > tau) & torch.isfinite(piv).all(dim=-1)
+    l = torch.where(ok[..., None, None], l, eye)
+    t_full = torch.linalg.solve_triangular(l, eye.expand_as(g), upper=False).mT  # L⁻ᵀ
+
+    shift = torch.where(tau > 0, tau, torch.ones_like(tau))[..., None, None]
+    l_tau, _ = torch.linalg.cholesky_ex(g + shift * eye)
+    l_tau_inv = torch.linalg.solve_triangular(l_tau, eye.expand_as(g), upper=False)
+    t_filtered = g @ (l_tau_inv.mT @ l_tau_inv) @ l_tau_inv.mT
+    return torch.where(ok[..., None, None], t_full, t_filtered)
+
+
+def gram_pinv(t: torch.Tensor) -> torch.Tensor:
+    """``G⁺ = R⁻¹ R⁻ᵀ`` from an inverse magnitude ``T = R⁻¹`` (:func:`inverse_magnitude`). ``(..., r, r)``."""
+    return symmetrize(t @ t.mT)
+
+
+def unmagnify(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``Tᵀ S T``: an r×r quadratic form in factor coordinates expressed in the basis ``U = X T``.
+
+    ``∇̄ᵀ∇̄ = R⁻ᵀ (∇ᵀ∇) R⁻¹`` and the transported second moment ``R⁻ᵀ (C W Cᵀ) R⁻¹`` are both of
+    this form. ``(..., r, r)``.
+    """
+    return symmetrize(t.mT @ s @ t)
+
+
+def magnify(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``T V Tᵀ`` (``R⁻¹ V̄ R⁻ᵀ``): a basis-``U`` quadratic form in factor coordinates, basis-free. ``(..., r, r)``."""
+    return symmetrize(t @ v @ t.mT)
