@@ -195,6 +195,14 @@ class LowRankOptimizer(Optimizer):
         return loss
 
     def _step_pairs(self, group: dict[str, Any]) -> None:
+        """One step of every pair with gradients in ``group``, batched by (shapes, layout, dtype, device).
+
+        Per bucket the factors and gradients are stacked in their stored layout (one contiguous
+        copy each) and viewed as ``(P, rows, r)``; the state stays stacked between steps: each
+        pair's ``self.state[p][k]`` is a view ``stacked[i]`` of the bucket's tensor, so the next
+        step reuses the stacked tensor as long as every view is still in place (a checkpoint load
+        or any replacement of a state tensor rebuilds the stack from the per-parameter tensors).
+        """
         strat = self._strategy(group["strategy"])
         buckets: dict[tuple, list] = defaultdict(list)
         for a, b, ad, bd, name in self._pairs(group):
@@ -208,67 +216,69 @@ class LowRankOptimizer(Optimizer):
                 )
             if a.grad.is_sparse or b.grad.is_sparse:
                 raise RuntimeError(f"LowRankOptimizer does not support sparse gradients ({name})")
-            av, bv = factor_view(a, ad), factor_view(b, bd)
-            buckets[(tuple(av.shape), tuple(bv.shape), a.dtype, a.device)].append((a, b, ad, bd, name, av, bv))
+            key = (tuple(a.shape), ad % a.ndim, tuple(b.shape), bd % b.ndim, a.dtype, a.device)
+            buckets[key].append((a, b, name))
         if not buckets:
             return
 
+        cache = self.__dict__.setdefault("_stacked_state", {})
         batches, members, masks = [], [], []
-        for (_, _, dtype, device), items in buckets.items():
+        for (_, ad, _, bd, dtype, device), items in buckets.items():
             cdt = compute_dtype(dtype)
-            for a, b, ad, bd, name, av, bv in items:
+            pa = [it[0] for it in items]
+            pb = [it[1] for it in items]
+            for a, b, _ in items:
                 if not self.state[a]:
-                    sa, sb = strat.init(av.to(cdt), bv.to(cdt), group)
+                    sa, sb = strat.init(factor_view(a, ad).to(cdt), factor_view(b, bd).to(cdt), group)
                     self.state[a].update(
                         step=torch.zeros((), dtype=torch.float32, device=device),
                         nonfinite_skips=torch.zeros((), dtype=torch.float32, device=device),
                         **sa,
                     )
                     self.state[b].update(sb)
-            a_s = torch.stack([it[5] for it in items]).to(cdt)
-            b_s = torch.stack([it[6] for it in items]).to(cdt)
-            ga = torch.stack([factor_view(it[0].grad, it[2]) for it in items]).to(cdt)
-            gb = torch.stack([factor_view(it[1].grad, it[3]) for it in items]).to(cdt)
+            a_s = _stacked_view(torch.stack(pa), ad).to(cdt)
+            b_s = _stacked_view(torch.stack(pb), bd).to(cdt)
+            ga = _stacked_view(torch.stack([p.grad for p in pa]), ad).to(cdt)
+            gb = _stacked_view(torch.stack([p.grad for p in pb]), bd).to(cdt)
             # a sum is non-finite iff some entry is (or, for |entries| ~ 1e38, overflows): one pass
             finite = torch.isfinite(ga.sum(dim=(1, 2)) + gb.sum(dim=(1, 2)))
             # one host sync per bucket buys the common all-finite case every masking pass below
             all_finite = bool(finite.all())
             if group["nonfinite"] == "raise" and not all_finite:
-                bad = [it[4] for it, ok in zip(items, finite.tolist()) if not ok]
+                bad = [it[2] for it, ok in zip(items, finite.tolist()) if not ok]
                 raise FloatingPointError(f"non-finite gradient in {', '.join(bad)}")
             if not all_finite:
                 keep = finite.view(-1, 1, 1)
                 ga = torch.where(keep, ga, torch.zeros((), dtype=cdt, device=device))
                 gb = torch.where(keep, gb, torch.zeros((), dtype=cdt, device=device))
-            state_a = _stack_state([self.state[it[0]] for it in items], exclude=("step", "nonfinite_skips"))
-            state_b = _stack_state([self.state[it[1]] for it in items])
-            step = torch.stack([self.state[it[0]]["step"] for it in items])
-            batches.append(PairBatch(a_s, b_s, ga, gb, state_a, state_b, step))
-            members.append(items)
+            full_a = _cached_stack(cache, self.state, pa, "a")
+            state_b = _cached_stack(cache, self.state, pb, "b")
+            state_a = {k: v for k, v in full_a.items() if k not in ("step", "nonfinite_skips")}
+            batches.append(PairBatch(a_s, b_s, ga, gb, state_a, state_b, full_a["step"]))
+            members.append((pa, pb, ad, bd, full_a))
             masks.append(None if all_finite else finite)
 
         updates = strat.update(batches, group)
-        for batch, upd, items, finite in zip(batches, updates, members, masks):
-            delta_a, delta_b, new_a, new_b = upd
+        for batch, upd, (pa, pb, ad, bd, full_a), finite in zip(batches, updates, members, masks):
+            delta_a, delta_b, new_a, new_b = upd[:4]
             if finite is None:
-                fin = torch.ones(len(items), dtype=torch.float32, device=delta_a.device)
+                step, skips = batch.step + 1.0, full_a["nonfinite_skips"]
+                _apply(pa, delta_a, ad, upd.scale, upd.decay)
+                _apply(pb, delta_b, bd, upd.scale, upd.decay)
             else:
+                delta_a, delta_b = upd.additive(batch.a, batch.b)
                 keep = finite.view(-1, 1, 1)
                 delta_a = torch.where(keep, delta_a, torch.zeros((), dtype=delta_a.dtype, device=keep.device))
                 delta_b = torch.where(keep, delta_b, torch.zeros((), dtype=delta_b.dtype, device=keep.device))
                 new_a = _select_state(finite, new_a, batch.state_a)
                 new_b = _select_state(finite, new_b, batch.state_b)
                 fin = finite.to(torch.float32)
-            for i, (a, b, ad, bd, _name, _av, _bv) in enumerate(items):
-                a.add_(factor_unview(delta_a[i], a, ad))
-                b.add_(factor_unview(delta_b[i], b, bd))
-                sa, sb = self.state[a], self.state[b]
-                for k, v in new_a.items():
-                    sa[k] = v[i]
-                for k, v in new_b.items():
-                    sb[k] = v[i]
-                sa["step"] = sa["step"] + fin[i]
-                sa["nonfinite_skips"] = sa["nonfinite_skips"] + (1.0 - fin[i])
+                step, skips = batch.step + fin, full_a["nonfinite_skips"] + (1.0 - fin)
+                _apply(pa, delta_a, ad, 1.0, 0.0)
+                _apply(pb, delta_b, bd, 1.0, 0.0)
+            # keys a strategy does not return keep their stacked value
+            _install(cache, self.state, pa, "a", {**full_a, **new_a, "step": step, "nonfinite_skips": skips})
+            _install(cache, self.state, pb, "b", {**batch.state_b, **new_b})
 
     # ------------------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -376,9 +386,55 @@ def _validate_pair(pair: LoRAPair, label: str) -> None:
         raise ValueError(f"{label}: rank r={ra} exceeds min(m, n) = min({m}, {n})")
 
 
-def _stack_state(states: list[dict[str, torch.Tensor]], exclude: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    keys = [k for k in states[0] if k not in exclude]
-    return {k: torch.stack([s[k] for s in states]) for k in keys}
+def _stacked_view(x: torch.Tensor, rank_dim: int) -> torch.Tensor:
+    """``(P, *stored)`` stacked factors as ``(P, rows, r)``: :func:`factor_view` of each, a view for 2-D factors."""
+    moved = x.movedim(rank_dim + 1, -1)
+    return moved.reshape(moved.shape[0], -1, moved.shape[-1])
+
+
+def _unstacked(y: torch.Tensor, like: torch.Tensor, rank_dim: int) -> list[torch.Tensor]:
+    """Inverse of :func:`_stacked_view`: per-pair views of ``(P, rows, r)`` in the stored layout of ``like``."""
+    moved_shape = like.movedim(rank_dim, -1).shape
+    return list(y.reshape((y.shape[0],) + tuple(moved_shape)).movedim(-1, rank_dim + 1).unbind(0))
+
+
+def _apply(params: list[torch.Tensor], delta: torch.Tensor, rank_dim: int, scale, decay) -> None:
+    """``p ← (1 − decay)·p + scale·δ_p`` in place for every parameter, with foreach kernels."""
+    if isinstance(decay, torch.Tensor) or decay != 0:
+        torch._foreach_mul_(params, 1.0 - decay)
+    if isinstance(scale, torch.Tensor):
+        delta = delta * scale.to(delta)
+        scale = 1.0
+    torch._foreach_add_(params, _unstacked(delta, params[0], rank_dim), alpha=scale)
+
+
+def _cached_stack(cache: dict, state: dict, params: list[torch.Tensor], side: str) -> dict[str, torch.Tensor]:
+    """The stacked state of ``params``: the cached stack when every ``state[p][k]`` is still its view, else a fresh ``torch.stack``."""
+    key = (side, tuple(id(p) for p in params))
+    hit = cache.get(key)
+    if hit is not None:
+        stacked, views = hit
+        if all(
+            len(state[p]) == len(stacked) and all(state[p].get(k) is views[k][i] for k in stacked)
+            for i, p in enumerate(params)
+        ):
+            return dict(stacked)
+    keys = list(state[params[0]])
+    return {k: torch.stack([state[p][k] for p in params]) for k in keys}
+
+
+def _install(cache: dict, state: dict, params: list[torch.Tensor], side: str, new: dict[str, torch.Tensor]) -> None:
+    """Make ``state[p_i][k]`` the view ``new[k][i]`` for every key and remember the stack for the next step."""
+    views = {k: v.unbind(0) for k, v in new.items()}
+    for i, p in enumerate(params):
+        sp = state[p]
+        for k, vs in views.items():
+            sp[k] = vs[i]
+    key = (side, tuple(id(p) for p in params))
+    # one cached stack per side and member list; drop stacks of other member lists of these params
+    for other in [k for k in cache if k[0] == side and k != key and set(k[1]) & set(key[1])]:
+        del cache[other]
+    cache[key] = (dict(new), views)
 
 
 def _select_state(finite: torch.Tensor, new: dict, old: dict) -> dict[str, torch.Tensor]:

@@ -39,12 +39,31 @@ class PairBatch(NamedTuple):
 
 
 class PairUpdate(NamedTuple):
-    """Additive updates (``A ← A + delta_a``, learning rate already applied) and the new state."""
+    """Updates ``A ← (1 − decay)·A + scale·delta_a`` (B alike) and the new state.
+
+    ``scale = 1, decay = 0`` (the defaults): ``delta_a`` is the additive update with the learning
+    rate applied. A strategy may instead return its unscaled direction with ``scale = −lr`` and
+    the coupled weight decay as ``decay = lr·λ``, so the driver applies both in its in-place
+    update of the parameters without materializing ``δA`` (one pass less over every factor).
+    """
 
     delta_a: torch.Tensor
     delta_b: torch.Tensor
     state_a: State
     state_b: State
+    scale: float | torch.Tensor = 1.0
+    decay: float | torch.Tensor = 0.0
+
+    def additive(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The additive updates ``(δA, δB)`` of factors ``a``, ``b`` (materialized)."""
+        out = []
+        for delta, x in ((self.delta_a, a), (self.delta_b, b)):
+            if not (isinstance(self.scale, float) and self.scale == 1.0):
+                delta = delta * (self.scale.to(delta) if isinstance(self.scale, torch.Tensor) else self.scale)
+            if isinstance(self.decay, torch.Tensor) or self.decay != 0:
+                delta = delta - (self.decay.to(x) if isinstance(self.decay, torch.Tensor) else self.decay) * x
+            out.append(delta)
+        return out[0], out[1]
 
 
 class Strategy:

@@ -148,7 +148,7 @@ def magnified_first_moment(
 
     ``keep`` and ``apply`` are the two bracketed r×r matrices; one m×2r×r product per factor.
     """
-    return torch.baddbmm(grad @ apply.to(grad.dtype), m_mag, keep.to(m_mag.dtype))
+    return torch.bmm(grad, apply.to(grad.dtype)).baddbmm_(m_mag, keep.to(m_mag.dtype))
 
 
 def capped_scale(m_mag: torch.Tensor, g_other: torch.Tensor, cap: float, row_reduce) -> torch.Tensor:
@@ -169,8 +169,9 @@ def _balanced(batch: PairBatch, upd: PairUpdate, hp: dict[str, Any]) -> PairUpda
     """With ``balance``: the updates that also norm-balance the new pair (``Z`` unchanged)."""
     if not hp["balance"]:
         return upd
-    a1, b1 = norm_balance(batch.a + upd.delta_a, batch.b + upd.delta_b, batch.row_reduce)
-    return upd._replace(delta_a=a1 - batch.a, delta_b=b1 - batch.b)
+    delta_a, delta_b = upd.additive(batch.a, batch.b)
+    a1, b1 = norm_balance(batch.a + delta_a, batch.b + delta_b, batch.row_reduce)
+    return PairUpdate(a1 - batch.a, b1 - batch.b, upd.state_a, upd.state_b)
 
 
 @register
@@ -320,7 +321,9 @@ class LoRARITEStrategy(Strategy):
             new_a, delta_a = self._gram_side(batch.a, batch.grad_a, batch.state_a, g_b, c_b, t_b, s_a, sa, d1, d2, batch.row_reduce, hp)
             new_b, delta_b = self._gram_side(batch.b, batch.grad_b, batch.state_b, g_a, c_a, t_a, s_b, sb, d1, d2, batch.row_reduce, hp)
             new_a["previous_factor"], new_b["previous_factor"] = batch.a, batch.b
-            out.append(_balanced(batch, PairUpdate(delta_a, delta_b, new_a, new_b), hp))
+            lr = hp["lr"]
+            upd = PairUpdate(delta_a, delta_b, new_a, new_b, scale=-lr, decay=lr * hp["weight_decay"])
+            out.append(_balanced(batch, upd, hp))
         return out
 
     @staticmethod
@@ -362,13 +365,9 @@ class LoRARITEStrategy(Strategy):
         apply = expand((1.0 - d1) * s, g_other) * (t_other @ x_root @ t_other.mT)
         m_mag = magnified_first_moment(state["magnified_exp_avg"], grad, keep, apply)
         new["magnified_exp_avg"] = m_mag
-        direction = m_mag
         if hp["update_capping"] > 0:
-            direction = m_mag * expand(capped_scale(m_mag, g_other, hp["update_capping"], row_reduce), m_mag)
-        lr, wd = hp["lr"], hp["weight_decay"]
-        if wd != 0:
-            return new, torch.add(direction, x, alpha=wd).mul_(-lr)
-        return new, direction * (-lr)
+            return new, m_mag * expand(capped_scale(m_mag, g_other, hp["update_capping"], row_reduce), m_mag)
+        return new, m_mag  # δA = −η(M̃ + λA): applied by the driver (PairUpdate.scale, .decay)
 
     # ---------------------------------------------------------------------------- QR engine
     def _update_qr(self, batches: list[PairBatch], hp: dict[str, Any]) -> list[PairUpdate]:
