@@ -236,10 +236,11 @@ class LowRankOptimizer(Optimizer):
                         **sa,
                     )
                     self.state[b].update(sb)
-            a_s = _stacked_view(torch.stack(pa), ad).to(cdt)
-            b_s = _stacked_view(torch.stack(pb), bd).to(cdt)
-            ga = _stacked_view(torch.stack([p.grad for p in pa]), ad).to(cdt)
-            gb = _stacked_view(torch.stack([p.grad for p in pb]), bd).to(cdt)
+            buffers = self.__dict__.setdefault("_stack_buffers", {})
+            a_s = _stacked_view(_stack_into(buffers, cache, ("a", id(pa[0]), len(pa)), pa, 2), ad).to(cdt)
+            b_s = _stacked_view(_stack_into(buffers, cache, ("b", id(pa[0]), len(pa)), pb, 2), bd).to(cdt)
+            ga = _stacked_view(_stack_into(buffers, cache, ("ga", id(pa[0]), len(pa)), [p.grad for p in pa], 1), ad).to(cdt)
+            gb = _stacked_view(_stack_into(buffers, cache, ("gb", id(pa[0]), len(pa)), [p.grad for p in pb], 1), bd).to(cdt)
             # a sum is non-finite iff some entry is (or, for |entries| ~ 1e38, overflows): one pass
             finite = torch.isfinite(ga.sum(dim=(1, 2)) + gb.sum(dim=(1, 2)))
             # one host sync per bucket buys the common all-finite case every masking pass below
@@ -406,6 +407,29 @@ def _apply(params: list[torch.Tensor], delta: torch.Tensor, rank_dim: int, scale
         delta = delta * scale.to(delta)
         scale = 1.0
     torch._foreach_add_(params, _unstacked(delta, params[0], rank_dim), alpha=scale)
+
+
+def _stack_into(buffers: dict, cache: dict, key: tuple, tensors: list[torch.Tensor], count: int) -> torch.Tensor:
+    """``torch.stack(tensors)`` into a buffer kept between steps (fresh multi-MB tensors cost page faults).
+
+    ``count`` buffers rotate; a buffer that some cached state tensor still views (LoRA-RITE keeps
+    the stacked factors as ``previous_factor``) is never written: with two buffers the other one is
+    free. Returns a fresh tensor if neither is.
+    """
+    shape = (len(tensors),) + tuple(tensors[0].shape)
+    bufs = buffers.get(key)
+    if bufs is None or bufs[0].shape != shape or bufs[0].dtype != tensors[0].dtype or bufs[0].device != tensors[0].device:
+        bufs = buffers[key] = [torch.empty(shape, dtype=tensors[0].dtype, device=tensors[0].device) for _ in range(count)]
+    in_use = {
+        v.untyped_storage().data_ptr()
+        for stacked, _ in cache.values()
+        for v in stacked.values()
+        if v.numel() >= tensors[0].numel()
+    }
+    for buf in bufs:
+        if buf.untyped_storage().data_ptr() not in in_use:
+            return torch.stack(tensors, out=buf)
+    return torch.stack(tensors)
 
 
 def _cached_stack(cache: dict, state: dict, params: list[torch.Tensor], side: str) -> dict[str, torch.Tensor]:
