@@ -26,14 +26,19 @@ def adam_direction(
     d: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: torch.Tensor,
     betas: tuple[float, float], eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Adam's ``m̂ / (√v̂ + ε)`` over ``d`` elementwise (Kingma & Ba, Alg. 1); returns (direction, m, v)."""
+    """Adam's ``m̂ / (√v̂ + ε)`` over ``d`` elementwise (Kingma & Ba, Alg. 1); returns (direction, m, v).
+
+    Three m×r outputs and no other m×r temporary: ``m`` by ``lerp``, ``v`` by ``mul``/``addcmul_``,
+    the direction in place.
+    """
     beta1, beta2 = betas
-    m = beta1 * exp_avg + (1.0 - beta1) * d
-    v = beta2 * exp_avg_sq + (1.0 - beta2) * d * d
+    m = torch.lerp(exp_avg, d, 1.0 - beta1)
+    v = exp_avg_sq.mul(beta2).addcmul_(d, d, value=1.0 - beta2)
     t = step.to(torch.float64) + 1.0
     c1 = expand(1.0 - beta1**t, d)
-    c2 = expand(1.0 - beta2**t, d)
-    return (m / c1) / ((v / c2).sqrt() + eps), m, v
+    c2 = expand((1.0 - beta2**t).rsqrt(), d)
+    direction = v.sqrt().mul_(c2).add_(eps)
+    return torch.div(m, direction, out=direction).div_(c1), m, v
 
 
 @register
@@ -48,7 +53,9 @@ class ScaledAdamStrategy(Strategy):
         A_{t+1} &= A_t (1 - \eta_t \lambda) - \eta_t\, \hat m_{A,t} / (\sqrt{\hat v_{A,t}} + \epsilon)
         \end{aligned}
 
-    Zhang & Pilanci (2024), Alg. 2 (scaled AdamW). The elementwise normalization makes it
+    Zhang & Pilanci (2024), Alg. 2 (scaled AdamW). ``D`` by :func:`~lowrank_geom.strategies.scaled_gd.scaled_gradient`
+    (QR-free: a Gram GEMM, an r×r float64 inverse, an m×r×r GEMM); state ``exp_avg``,
+    ``exp_avg_sq`` (m×r each). The elementwise normalization makes it
     non-invariant even to scalar gauges (it is scale-free in the gradient, but ``δA`` then fails
     to scale with ``A``); it is here as the paper's comparison method.
     """
@@ -72,16 +79,13 @@ class ScaledAdamStrategy(Strategy):
 
     def update_batch(self, batch: PairBatch, hp: dict[str, Any]) -> PairUpdate:
         deltas, states = [], []
-        for x, grad, other, state in (
-            (batch.a, batch.grad_a, batch.b, batch.state_a),
-            (batch.b, batch.grad_b, batch.a, batch.state_b),
-        ):
-            d = scaled_gradient(grad, other, hp["delta"])
+        for grad, other, state in ((batch.grad_a, batch.b, batch.state_a), (batch.grad_b, batch.a, batch.state_b)):
+            d = scaled_gradient(grad, other, hp["delta"], batch.row_reduce)
             direction, m, v = adam_direction(
                 d, state["exp_avg"], state["exp_avg_sq"], batch.step, hp["betas"], hp["eps"]
             )
-            if hp["weight_decay"] != 0:
-                direction = direction + hp["weight_decay"] * x
-            deltas.append(-hp["lr"] * direction)
+            deltas.append(direction)
             states.append({"exp_avg": m, "exp_avg_sq": v})
-        return PairUpdate(deltas[0], deltas[1], states[0], states[1])
+        # A ← A(1 − ηλ) − η·m̂/(√v̂ + ε): applied by the driver's in-place update
+        lr = hp["lr"]
+        return PairUpdate(deltas[0], deltas[1], states[0], states[1], scale=-lr, decay=lr * hp["weight_decay"])

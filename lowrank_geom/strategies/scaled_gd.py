@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from lowrank_geom.geometry import magnitude_pinv, orthonormal_basis
+from lowrank_geom.geometry import compute_dtype, gram, gram_cutoff, gram_pinv, inverse_magnitude
 from lowrank_geom.strategies.base import (
     PairBatch,
     PairUpdate,
@@ -20,20 +20,22 @@ from lowrank_geom.strategies.base import (
 )
 
 
-def scaled_gradient(grad: torch.Tensor, other: torch.Tensor, delta: float) -> torch.Tensor:
+def scaled_gradient(grad: torch.Tensor, other: torch.Tensor, delta: float, row_reduce=None) -> torch.Tensor:
     """``∇A (BᵀB + δI)⁻¹`` (Tong et al. Eq. 6). ``(P, m, r)``, ``(P, n, r)`` → ``(P, m, r)``.
 
-    ``δ = 0`` is the Riemannian gradient of the preconditioned metric; it is computed as
-    ``∇A R_B⁺ R_B⁺ᵀ`` from the QR of ``B`` (conditioning of ``B``, not of the squared Gram) and a
-    zero factor gives a zero direction. ``δ > 0`` solves the damped system by Cholesky.
+    QR-free: the r×r Gram ``G = BᵀB`` (one GEMM, summed over rows through ``row_reduce``) is
+    inverted in float64 and applied with one m×r×r GEMM. ``δ = 0`` is the Riemannian gradient of
+    the preconditioned metric, ``∇A G⁺`` with ``G⁺ = R⁻¹R⁻ᵀ`` from the Cholesky factor
+    (:func:`~lowrank_geom.geometry.inverse_magnitude`): a zero factor gives a zero direction and
+    a rank-deficient one the filtered pseudo-inverse. ``δ > 0`` inverts ``G + δI`` by Cholesky.
     """
+    g = gram(other, None, row_reduce or (lambda t: t))
     if delta == 0:
-        _, r = orthonormal_basis(other, "qr")
-        rinv = magnitude_pinv(r, rows=other.shape[-2])
-        return grad @ rinv @ rinv.mT
-    gram = other.mT @ other
-    gram = gram + delta * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    return torch.cholesky_solve(grad.mT, torch.linalg.cholesky(gram)).mT
+        inv = gram_pinv(inverse_magnitude(g, gram_cutoff(g, compute_dtype(other.dtype))))
+    else:
+        eye = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
+        inv = torch.cholesky_inverse(torch.linalg.cholesky(g + delta * eye))
+    return grad @ inv.to(grad.dtype)
 
 
 @register
@@ -47,6 +49,11 @@ class ScaledGDStrategy(Strategy):
         \mathrm{buf}_t &= \mu\, \mathrm{buf}_{t-1} + D_t \quad (\mathrm{buf}_1 = D_1)\\
         A_{t+1} &= A_t - \eta_t\, \mathrm{buf}_{A,t}
         \end{aligned}
+
+    Computed without any m×r factorization: one Gram GEMM ``BᵀB`` and one m×r×r GEMM per factor,
+    the r×r inverse in float64 (:func:`scaled_gradient`); the learning rate and the weight decay
+    are applied by the driver's in-place update. State: ``momentum_buffer`` (m×r) with
+    ``momentum > 0``, none otherwise.
 
     Tong, Ma & Chi (2021) Eq. (6); with ``delta=0`` the direction is the Riemannian gradient of
     the metric ``tr(BᵀB ξ_Aᵀ η_A) + tr(AᵀA ξ_Bᵀ η_B)`` (Mishra & Sepulchre 2016), see
@@ -72,17 +79,16 @@ class ScaledGDStrategy(Strategy):
         return {"momentum_buffer": torch.zeros_like(a)}, {"momentum_buffer": torch.zeros_like(b)}
 
     def update_batch(self, batch: PairBatch, hp: dict[str, Any]) -> PairUpdate:
-        d_a = scaled_gradient(batch.grad_a, batch.b, hp["delta"])
-        d_b = scaled_gradient(batch.grad_b, batch.a, hp["delta"])
-        if hp["weight_decay"] != 0:
-            d_a = d_a + hp["weight_decay"] * batch.a
-            d_b = d_b + hp["weight_decay"] * batch.b
-        new_a: State = {}
-        new_b: State = {}
-        mu = hp["momentum"]
-        if mu != 0:
-            first = expand(batch.step == 0, d_a)
-            d_a = torch.where(first, d_a, mu * batch.state_a["momentum_buffer"] + d_a)
-            d_b = torch.where(first, d_b, mu * batch.state_b["momentum_buffer"] + d_b)
-            new_a["momentum_buffer"], new_b["momentum_buffer"] = d_a, d_b
-        return PairUpdate(-hp["lr"] * d_a, -hp["lr"] * d_b, new_a, new_b)
+        d_a = scaled_gradient(batch.grad_a, batch.b, hp["delta"], batch.row_reduce)
+        d_b = scaled_gradient(batch.grad_b, batch.a, hp["delta"], batch.row_reduce)
+        lr, wd, mu = hp["lr"], hp["weight_decay"], hp["momentum"]
+        if mu == 0:
+            # δA = −η(D + λA): scale and decay are applied by the driver in its in-place update
+            return PairUpdate(d_a, d_b, {}, {}, scale=-lr, decay=lr * wd)
+        if wd != 0:
+            d_a = d_a.add_(batch.a, alpha=wd)
+            d_b = d_b.add_(batch.b, alpha=wd)
+        first = expand(batch.step == 0, d_a)
+        d_a = torch.where(first, d_a, torch.add(d_a, batch.state_a["momentum_buffer"], alpha=mu))
+        d_b = torch.where(first, d_b, torch.add(d_b, batch.state_b["momentum_buffer"], alpha=mu))
+        return PairUpdate(d_a, d_b, {"momentum_buffer": d_a}, {"momentum_buffer": d_b}, scale=-lr)
