@@ -236,11 +236,13 @@ class LowRankOptimizer(Optimizer):
                         **sa,
                     )
                     self.state[b].update(sb)
-            buffers = self.__dict__.setdefault("_stack_buffers", {})
-            a_s = _stacked_view(_stack_into(buffers, cache, ("a", id(pa[0]), len(pa)), pa, 2), ad).to(cdt)
-            b_s = _stacked_view(_stack_into(buffers, cache, ("b", id(pa[0]), len(pa)), pb, 2), bd).to(cdt)
-            ga = _stacked_view(_stack_into(buffers, cache, ("ga", id(pa[0]), len(pa)), [p.grad for p in pa], 1), ad).to(cdt)
-            gb = _stacked_view(_stack_into(buffers, cache, ("gb", id(pa[0]), len(pa)), [p.grad for p in pb], 1), bd).to(cdt)
+            ws = _Workspace(self.__dict__.setdefault("_workspaces", {}), tuple(map(id, pa)), self.state, pa + pb)
+            a_s = _stacked_view(torch.stack(pa, out=ws.empty("a", (len(pa),) + pa[0].shape, dtype, device)), ad).to(cdt)
+            b_s = _stacked_view(torch.stack(pb, out=ws.empty("b", (len(pb),) + pb[0].shape, dtype, device)), bd).to(cdt)
+            ga = [p.grad for p in pa]
+            gb = [p.grad for p in pb]
+            ga = _stacked_view(torch.stack(ga, out=ws.empty("grad_a", (len(ga),) + ga[0].shape, ga[0].dtype, device)), ad).to(cdt)
+            gb = _stacked_view(torch.stack(gb, out=ws.empty("grad_b", (len(gb),) + gb[0].shape, gb[0].dtype, device)), bd).to(cdt)
             # a sum is non-finite iff some entry is (or, for |entries| ~ 1e38, overflows): one pass
             finite = torch.isfinite(ga.sum(dim=(1, 2)) + gb.sum(dim=(1, 2)))
             # one host sync per bucket buys the common all-finite case every masking pass below
@@ -255,7 +257,7 @@ class LowRankOptimizer(Optimizer):
             full_a = _cached_stack(cache, self.state, pa, "a")
             state_b = _cached_stack(cache, self.state, pb, "b")
             state_a = {k: v for k, v in full_a.items() if k not in ("step", "nonfinite_skips")}
-            batches.append(PairBatch(a_s, b_s, ga, gb, state_a, state_b, full_a["step"]))
+            batches.append(PairBatch(a_s, b_s, ga, gb, state_a, state_b, full_a["step"], workspace=ws))
             members.append((pa, pb, ad, bd, full_a))
             masks.append(None if all_finite else finite)
 
@@ -409,27 +411,40 @@ def _apply(params: list[torch.Tensor], delta: torch.Tensor, rank_dim: int, scale
     torch._foreach_add_(params, _unstacked(delta, params[0], rank_dim), alpha=scale)
 
 
-def _stack_into(buffers: dict, cache: dict, key: tuple, tensors: list[torch.Tensor], count: int) -> torch.Tensor:
-    """``torch.stack(tensors)`` into a buffer kept between steps (fresh multi-MB tensors cost page faults).
+class _Workspace:
+    """Buffers of one bucket kept between steps, for its stacked factors and gradients and for the
+    strategy's large outputs (``PairBatch.workspace``): fresh multi-MB tensors every step cost a
+    page fault per 4 KiB here, about as much as the arithmetic.
 
-    ``count`` buffers rotate; a buffer that some cached state tensor still views (LoRA-RITE keeps
-    the stacked factors as ``previous_factor``) is never written: with two buffers the other one is
-    free. Returns a fresh tensor if neither is.
+    ``empty(name, shape)`` returns one of two rotating buffers of that name, never one whose
+    storage a state tensor of the bucket's pairs still views. Buffers belong to one member list;
+    a new member list drops the buffers of overlapping ones (state views keep those alive), so a
+    buffer can only be viewed by the state of its own members, which is what is checked.
     """
-    shape = (len(tensors),) + tuple(tensors[0].shape)
-    bufs = buffers.get(key)
-    if bufs is None or bufs[0].shape != shape or bufs[0].dtype != tensors[0].dtype or bufs[0].device != tensors[0].device:
-        bufs = buffers[key] = [torch.empty(shape, dtype=tensors[0].dtype, device=tensors[0].device) for _ in range(count)]
-    in_use = {
-        v.untyped_storage().data_ptr()
-        for stacked, _ in cache.values()
-        for v in stacked.values()
-        if v.numel() >= tensors[0].numel()
-    }
-    for buf in bufs:
-        if buf.untyped_storage().data_ptr() not in in_use:
-            return torch.stack(tensors, out=buf)
-    return torch.stack(tensors)
+
+    def __init__(self, store: dict, members: tuple, state: dict, params: list[torch.Tensor]) -> None:
+        self.store, self.members = store, members
+        if not any(k[0] == members for k in store):
+            for k in [k for k in store if set(k[0]) & set(members)]:
+                del store[k]
+        self.in_use = {
+            v.untyped_storage().data_ptr() for p in params for v in state[p].values() if isinstance(v, torch.Tensor)
+        }
+
+    def empty(self, name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        shape = tuple(shape)
+        bufs = self.store.get((self.members, name))
+        if bufs is None or bufs[0].shape != shape or bufs[0].dtype != dtype or bufs[0].device != device:
+            bufs = self.store[(self.members, name)] = [torch.empty(shape, dtype=dtype, device=device) for _ in range(2)]
+        for buf in bufs:
+            ptr = buf.untyped_storage().data_ptr()
+            if ptr not in self.in_use:
+                self.in_use.add(ptr)  # one live tensor per name and step
+                return buf
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    def __call__(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        return self.empty(name, like.shape, like.dtype, like.device)
 
 
 def _cached_stack(cache: dict, state: dict, params: list[torch.Tensor], side: str) -> dict[str, torch.Tensor]:

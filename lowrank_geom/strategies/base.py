@@ -36,6 +36,7 @@ class PairBatch(NamedTuple):
     state_b: State
     step: torch.Tensor
     row_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    workspace: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, like: torch.empty_like(like)
 
 
 class PairUpdate(NamedTuple):

@@ -12,6 +12,7 @@ transcribes Algorithm 1 with a Householder QR (or polar) basis of every factor.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -142,13 +143,14 @@ def eigenvalue_drop(lam_old: torch.Tensor, v_transported: torch.Tensor) -> torch
 
 
 def magnified_first_moment(
-    m_mag: torch.Tensor, grad: torch.Tensor, keep: torch.Tensor, apply: torch.Tensor
+    m_mag: torch.Tensor, grad: torch.Tensor, keep: torch.Tensor, apply: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``M̃_t = M̄_t R_B⁻ᵀ = M̃_{t−1}·[d₁ Cᵀ G_B⁺] + ∇A·[(1−d₁) s R_B⁻¹ (V̄+ρI)^{-1/2} R_B⁻ᵀ]`` (Alg. 1 lines 9–11).
 
-    ``keep`` and ``apply`` are the two bracketed r×r matrices; one m×2r×r product per factor.
+    ``keep`` and ``apply`` are the two bracketed r×r matrices; one m×2r×r product per factor,
+    written to ``out`` (which must not alias ``m_mag`` or ``grad``) when given.
     """
-    return torch.bmm(grad, apply.to(grad.dtype)).baddbmm_(m_mag, keep.to(m_mag.dtype))
+    return torch.bmm(grad, apply.to(grad.dtype), out=out).baddbmm_(m_mag, keep.to(m_mag.dtype))
 
 
 def capped_scale(m_mag: torch.Tensor, g_other: torch.Tensor, cap: float, row_reduce) -> torch.Tensor:
@@ -318,8 +320,10 @@ class LoRARITEStrategy(Strategy):
             d1, d2 = _decays(hp, batch.step)
             sa = keep_a if scale is None else keep_a * scale
             sb = keep_b if scale is None else keep_b * scale
-            new_a, delta_a = self._gram_side(batch.a, batch.grad_a, batch.state_a, g_b, c_b, t_b, s_a, sa, d1, d2, batch.row_reduce, hp)
-            new_b, delta_b = self._gram_side(batch.b, batch.grad_b, batch.state_b, g_a, c_a, t_a, s_b, sb, d1, d2, batch.row_reduce, hp)
+            new_a, delta_a = self._gram_side(batch.a, batch.grad_a, batch.state_a, g_b, c_b, t_b, s_a, sa, d1, d2, batch.row_reduce,
+                                            partial(batch.workspace, "magnified_exp_avg_a"), hp)
+            new_b, delta_b = self._gram_side(batch.b, batch.grad_b, batch.state_b, g_a, c_a, t_a, s_b, sb, d1, d2, batch.row_reduce,
+                                            partial(batch.workspace, "magnified_exp_avg_b"), hp)
             new_a["previous_factor"], new_b["previous_factor"] = batch.a, batch.b
             lr = hp["lr"]
             upd = PairUpdate(delta_a, delta_b, new_a, new_b, scale=-lr, decay=lr * hp["weight_decay"])
@@ -339,9 +343,10 @@ class LoRARITEStrategy(Strategy):
         d1: torch.Tensor,
         d2: torch.Tensor,
         row_reduce,
+        workspace,
         hp: dict[str, Any],
     ) -> tuple[State, torch.Tensor]:
-        """One factor's magnified moments and update; returns (new state without previous_factor, delta)."""
+        """One factor's magnified moments and update; returns (new state without previous_factor, direction)."""
         ema = hp["second_moment"] == "ema"
         w_old = state["magnified_second_moment"].to(GRAM_DTYPE)
         v_transported = transported_second_moment(w_old, c_other, t_other)
@@ -363,7 +368,7 @@ class LoRARITEStrategy(Strategy):
         d1e = expand(d1, g_other)
         keep = d1e * (c_other.mT @ gram_pinv(t_other))
         apply = expand((1.0 - d1) * s, g_other) * (t_other @ x_root @ t_other.mT)
-        m_mag = magnified_first_moment(state["magnified_exp_avg"], grad, keep, apply)
+        m_mag = magnified_first_moment(state["magnified_exp_avg"], grad, keep, apply, out=workspace(grad))
         new["magnified_exp_avg"] = m_mag
         if hp["update_capping"] > 0:
             return new, m_mag * expand(capped_scale(m_mag, g_other, hp["update_capping"], row_reduce), m_mag)

@@ -24,20 +24,21 @@ from lowrank_geom.strategies.scaled_gd import scaled_gradient
 
 def adam_direction(
     d: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: torch.Tensor,
-    betas: tuple[float, float], eps: float,
+    betas: tuple[float, float], eps: float, out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Adam's ``m̂ / (√v̂ + ε)`` over ``d`` elementwise (Kingma & Ba, Alg. 1); returns (direction, m, v).
 
-    Three m×r outputs and no other m×r temporary: ``m`` by ``lerp``, ``v`` by ``mul``/``addcmul_``,
-    the direction in place.
+    No m×r temporary: ``m`` by ``lerp`` and ``v`` by ``mul``/``addcmul_`` (into ``out`` when
+    given), the direction in place over ``d``, which is overwritten.
     """
     beta1, beta2 = betas
-    m = torch.lerp(exp_avg, d, 1.0 - beta1)
-    v = exp_avg_sq.mul(beta2).addcmul_(d, d, value=1.0 - beta2)
+    out_m, out_v = out if out is not None else (None, None)
+    m = torch.lerp(exp_avg, d, 1.0 - beta1, out=out_m)
+    v = torch.mul(exp_avg_sq, beta2, out=out_v).addcmul_(d, d, value=1.0 - beta2)
     t = step.to(torch.float64) + 1.0
     c1 = expand(1.0 - beta1**t, d)
     c2 = expand((1.0 - beta2**t).rsqrt(), d)
-    direction = v.sqrt().mul_(c2).add_(eps)
+    direction = torch.sqrt(v, out=d).mul_(c2).add_(eps)
     return torch.div(m, direction, out=direction).div_(c1), m, v
 
 
@@ -79,10 +80,14 @@ class ScaledAdamStrategy(Strategy):
 
     def update_batch(self, batch: PairBatch, hp: dict[str, Any]) -> PairUpdate:
         deltas, states = [], []
-        for grad, other, state in ((batch.grad_a, batch.b, batch.state_a), (batch.grad_b, batch.a, batch.state_b)):
-            d = scaled_gradient(grad, other, hp["delta"], batch.row_reduce)
+        ws = batch.workspace
+        for side, grad, other, state in (
+            ("a", batch.grad_a, batch.b, batch.state_a), ("b", batch.grad_b, batch.a, batch.state_b)
+        ):
+            d = scaled_gradient(grad, other, hp["delta"], batch.row_reduce, ws("direction_" + side, grad))
             direction, m, v = adam_direction(
-                d, state["exp_avg"], state["exp_avg_sq"], batch.step, hp["betas"], hp["eps"]
+                d, state["exp_avg"], state["exp_avg_sq"], batch.step, hp["betas"], hp["eps"],
+                out=(ws("exp_avg_" + side, grad), ws("exp_avg_sq_" + side, grad)),
             )
             deltas.append(direction)
             states.append({"exp_avg": m, "exp_avg_sq": v})

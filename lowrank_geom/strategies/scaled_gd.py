@@ -15,12 +15,13 @@ from lowrank_geom.strategies.base import (
     _check_lr,
     check_non_negative,
     check_weight_decay,
-    expand,
     register,
 )
 
 
-def scaled_gradient(grad: torch.Tensor, other: torch.Tensor, delta: float, row_reduce=None) -> torch.Tensor:
+def scaled_gradient(
+    grad: torch.Tensor, other: torch.Tensor, delta: float, row_reduce=None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``∇A (BᵀB + δI)⁻¹`` (Tong et al. Eq. 6). ``(P, m, r)``, ``(P, n, r)`` → ``(P, m, r)``.
 
     QR-free: the r×r Gram ``G = BᵀB`` (one GEMM, summed over rows through ``row_reduce``) is
@@ -28,6 +29,7 @@ def scaled_gradient(grad: torch.Tensor, other: torch.Tensor, delta: float, row_r
     the preconditioned metric, ``∇A G⁺`` with ``G⁺ = R⁻¹R⁻ᵀ`` from the Cholesky factor
     (:func:`~lowrank_geom.geometry.inverse_magnitude`): a zero factor gives a zero direction and
     a rank-deficient one the filtered pseudo-inverse. ``δ > 0`` inverts ``G + δI`` by Cholesky.
+    Written to ``out`` when given.
     """
     g = gram(other, None, row_reduce or (lambda t: t))
     if delta == 0:
@@ -35,7 +37,7 @@ def scaled_gradient(grad: torch.Tensor, other: torch.Tensor, delta: float, row_r
     else:
         eye = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
         inv = torch.cholesky_inverse(torch.linalg.cholesky(g + delta * eye))
-    return grad @ inv.to(grad.dtype)
+    return torch.matmul(grad, inv.to(grad.dtype), out=out)
 
 
 @register
@@ -79,8 +81,9 @@ class ScaledGDStrategy(Strategy):
         return {"momentum_buffer": torch.zeros_like(a)}, {"momentum_buffer": torch.zeros_like(b)}
 
     def update_batch(self, batch: PairBatch, hp: dict[str, Any]) -> PairUpdate:
-        d_a = scaled_gradient(batch.grad_a, batch.b, hp["delta"], batch.row_reduce)
-        d_b = scaled_gradient(batch.grad_b, batch.a, hp["delta"], batch.row_reduce)
+        ws = batch.workspace
+        d_a = scaled_gradient(batch.grad_a, batch.b, hp["delta"], batch.row_reduce, ws("direction_a", batch.grad_a))
+        d_b = scaled_gradient(batch.grad_b, batch.a, hp["delta"], batch.row_reduce, ws("direction_b", batch.grad_b))
         lr, wd, mu = hp["lr"], hp["weight_decay"], hp["momentum"]
         if mu == 0:
             # δA = −η(D + λA): scale and decay are applied by the driver in its in-place update
@@ -88,7 +91,7 @@ class ScaledGDStrategy(Strategy):
         if wd != 0:
             d_a = d_a.add_(batch.a, alpha=wd)
             d_b = d_b.add_(batch.b, alpha=wd)
-        first = expand(batch.step == 0, d_a)
-        d_a = torch.where(first, d_a, torch.add(d_a, batch.state_a["momentum_buffer"], alpha=mu))
-        d_b = torch.where(first, d_b, torch.add(d_b, batch.state_b["momentum_buffer"], alpha=mu))
+        # buf_t = μ buf_{t−1} + D_t; the buffer starts at zero, so buf_1 = D_1 exactly
+        d_a = d_a.add_(batch.state_a["momentum_buffer"], alpha=mu)
+        d_b = d_b.add_(batch.state_b["momentum_buffer"], alpha=mu)
         return PairUpdate(d_a, d_b, {"momentum_buffer": d_a}, {"momentum_buffer": d_b}, scale=-lr)
