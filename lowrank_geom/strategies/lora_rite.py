@@ -12,7 +12,6 @@ transcribes Algorithm 1 with a Householder QR (or polar) basis of every factor.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import torch
@@ -126,7 +125,7 @@ def unmagnified_grad_gram(grad_gram: torch.Tensor, rinv_other: torch.Tensor) -> 
     return unmagnify(grad_gram, rinv_other)
 
 
-def skip_mask(sq_norm: torch.Tensor, numel: int, threshold: float) -> torch.Tensor:
+def skip_mask(sq_norm: torch.Tensor, numel: torch.Tensor | int, threshold: float) -> torch.Tensor:
     """Update skipping (authors' code): 1 where ``RMS(∇̄) = (‖∇̄‖²/(m r))^{1/2} ≤ threshold``, else 0. ``(P,)``."""
     return ((sq_norm / numel).sqrt() <= threshold).to(sq_norm.dtype)
 
@@ -150,7 +149,12 @@ def magnified_first_moment(
     ``keep`` and ``apply`` are the two bracketed r×r matrices; one m×2r×r product per factor,
     written to ``out`` (which must not alias ``m_mag`` or ``grad``) when given.
     """
-    return torch.bmm(grad, apply.to(grad.dtype), out=out).baddbmm_(m_mag, keep.to(m_mag.dtype))
+    apply, keep = apply.to(grad.dtype), keep.to(m_mag.dtype)
+    if out is not None and out.mT.is_contiguous() and not out.is_contiguous():
+        # factor stored r×rows (PEFT's lora_A): the same product transposed, on contiguous data
+        torch.bmm(apply.mT, grad.mT, out=out.mT).baddbmm_(keep.mT, m_mag.mT)
+        return out
+    return torch.bmm(grad, apply, out=out).baddbmm_(m_mag, keep)
 
 
 def capped_scale(m_mag: torch.Tensor, g_other: torch.Tensor, cap: float, row_reduce) -> torch.Tensor:
@@ -158,6 +162,14 @@ def capped_scale(m_mag: torch.Tensor, g_other: torch.Tensor, cap: float, row_red
     sq = (gram(m_mag, None, row_reduce) * g_other).sum(dim=(-2, -1)).clamp_min(0.0)
     rms_m = (sq / (m_mag.shape[-2] * m_mag.shape[-1])).sqrt()
     return 1.0 / torch.clamp(rms_m / cap, min=1.0)
+
+
+def _workspace_like(workspace, name: str, like: torch.Tensor) -> torch.Tensor:
+    """An output buffer for a ``(P, rows, r)`` result laid out as ``like``: a transposed view of a
+    contiguous ``(P, r, rows)`` buffer when ``like`` is one (factors stored r×rows), else contiguous."""
+    if like.mT.is_contiguous() and not like.is_contiguous():
+        return workspace(name, like.mT).mT
+    return workspace(name, like)
 
 
 def _decays(hp: dict[str, Any], step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,93 +298,100 @@ class LoRARITEStrategy(Strategy):
 
     # -------------------------------------------------------------------------- gram engine
     def _update_gram(self, batches: list[PairBatch], hp: dict[str, Any]) -> list[PairUpdate]:
-        # Phase 1: Grams, inverse magnitudes and ‖∇̄‖² of every batch, so the global clipping
-        # norm is reduced over all pairs of the group before any moment is touched.
-        prepared = []
-        sq_total = None
-        thr = hp["update_skipping"]
+        # Phase 1 (m×r): the Grams of every side of every batch — G = BᵀB, C = BᵀB_{t−1}, ∇Aᵀ∇A.
+        sides = []
         for batch in batches:
-            rr = batch.row_reduce
-            sides = []
-            for x, x_prev, grad_other in (
-                (batch.b, batch.state_b["previous_factor"], batch.grad_a),  # A side reads B
-                (batch.a, batch.state_a["previous_factor"], batch.grad_b),  # B side reads A
+            for x, grad, state, other, other_prev in (
+                (batch.a, batch.grad_a, batch.state_a, batch.b, batch.state_b["previous_factor"]),
+                (batch.b, batch.grad_b, batch.state_b, batch.a, batch.state_a["previous_factor"]),
             ):
-                g, c = magnitude_grams(x, x_prev, rr)
-                t = inverse_magnitude(g, gram_cutoff(g, compute_dtype(x.dtype)))
-                s_gram = unmagnified_grad_gram(gram(grad_other, None, rr), t)
-                sq = torch.diagonal(s_gram, dim1=-2, dim2=-1).sum(-1)
-                keep = skip_mask(sq, grad_other.shape[-2] * grad_other.shape[-1], thr) if thr > 0 else torch.ones_like(sq)
-                part = (keep * sq).sum()
-                sq_total = part if sq_total is None else sq_total + part
-                sides.append((g, c, t, s_gram, keep))
-            prepared.append(sides)
-
+                g, c = magnitude_grams(other, other_prev, batch.row_reduce)
+                sides.append(dict(x=x, grad=grad, state=state, g=g, c=c, n=gram(grad, None, batch.row_reduce),
+                                  step=batch.step, tau_dtype=compute_dtype(other.dtype)))
+        # Phase 2 (r×r): every side of every batch of one rank in one batch of r×r matrices, so
+        # the global clipping norm is one sum and each r×r operation one call.
+        by_rank: dict[int, list[int]] = {}
+        for i, sd in enumerate(sides):
+            by_rank.setdefault(sd["g"].shape[-1], []).append(i)
+        parts = {r: self._gram_rr([sides[i] for i in idx], hp) for r, idx in by_rank.items()}
+        sq_total = sum(p["sq"] for p in parts.values())
         clip = hp["clip_unmagnified_grad"]
-        if clip > 0 and sq_total is not None:
+        scale = None
+        if clip > 0:
             norm = sq_total.sqrt()
             scale = torch.where(norm > clip, clip / norm, torch.ones_like(norm))
-        else:
-            scale = None
-
+        for r, idx in by_rank.items():
+            self._gram_rr_moments(parts[r], [sides[i] for i in idx], scale, hp)
+        # Phase 3 (m×r): one m×2r×r product per side.
         out = []
-        for batch, ((g_b, c_b, t_b, s_a, keep_a), (g_a, c_a, t_a, s_b, keep_b)) in zip(batches, prepared):
-            d1, d2 = _decays(hp, batch.step)
-            sa = keep_a if scale is None else keep_a * scale
-            sb = keep_b if scale is None else keep_b * scale
-            new_a, delta_a = self._gram_side(batch.a, batch.grad_a, batch.state_a, g_b, c_b, t_b, s_a, sa, d1, d2, batch.row_reduce,
-                                            partial(batch.workspace, "magnified_exp_avg_a"), hp)
-            new_b, delta_b = self._gram_side(batch.b, batch.grad_b, batch.state_b, g_a, c_a, t_a, s_b, sb, d1, d2, batch.row_reduce,
-                                            partial(batch.workspace, "magnified_exp_avg_b"), hp)
-            new_a["previous_factor"], new_b["previous_factor"] = batch.a, batch.b
-            lr = hp["lr"]
-            upd = PairUpdate(delta_a, delta_b, new_a, new_b, scale=-lr, decay=lr * hp["weight_decay"])
+        lr = hp["lr"]
+        for bi, batch in enumerate(batches):
+            deltas, states = [], []
+            for k, sd in enumerate(sides[2 * bi:2 * bi + 2]):
+                new = sd["new"]
+                m_mag = magnified_first_moment(sd["state"]["magnified_exp_avg"], sd["grad"], sd["keep_rr"], sd["apply_rr"],
+                                               out=_workspace_like(batch.workspace, "magnified_exp_avg_" + "ab"[k], sd["grad"]))
+                new["magnified_exp_avg"] = m_mag
+                new["previous_factor"] = sd["x"]
+                if hp["update_capping"] > 0:
+                    m_mag = m_mag * expand(capped_scale(m_mag, sd["g"], hp["update_capping"], batch.row_reduce), m_mag)
+                deltas.append(m_mag)  # δ = −η(M̃ + λX): applied by the driver (PairUpdate.scale, .decay)
+                states.append(new)
+            upd = PairUpdate(deltas[0], deltas[1], states[0], states[1], scale=-lr, decay=lr * hp["weight_decay"])
             out.append(_balanced(batch, upd, hp))
         return out
 
     @staticmethod
-    def _gram_side(
-        x: torch.Tensor,
-        grad: torch.Tensor,
-        state: State,
-        g_other: torch.Tensor,
-        c_other: torch.Tensor,
-        t_other: torch.Tensor,
-        grad_gram_unmag: torch.Tensor,
-        s: torch.Tensor,
-        d1: torch.Tensor,
-        d2: torch.Tensor,
-        row_reduce,
-        workspace,
-        hp: dict[str, Any],
-    ) -> tuple[State, torch.Tensor]:
-        """One factor's magnified moments and update; returns (new state without previous_factor, direction)."""
-        ema = hp["second_moment"] == "ema"
-        w_old = state["magnified_second_moment"].to(GRAM_DTYPE)
-        v_transported = transported_second_moment(w_old, c_other, t_other)
-        inc = grad_gram_unmag * expand(s.square(), grad_gram_unmag)
+    def _gram_rr(sides: list[dict], hp: dict[str, Any]) -> dict[str, Any]:
+        """Inverse magnitudes, ``∇̄ᵀ∇̄`` and the skip masks of the given sides, concatenated."""
+        cat = lambda key: torch.cat([sd[key] for sd in sides])  # noqa: E731
+        g, n = cat("g"), cat("n")
+        counts = [sd["g"].shape[0] for sd in sides]
+        t = inverse_magnitude(g, torch.cat([gram_cutoff(sd["g"], sd["tau_dtype"]) for sd in sides]))
+        s_gram = unmagnified_grad_gram(n, t)
+        sq = torch.diagonal(s_gram, dim1=-2, dim2=-1).sum(-1)
+        rows = torch.cat([torch.full((c,), float(sd["grad"].shape[-2]), dtype=g.dtype, device=g.device)
+                          for c, sd in zip(counts, sides)])
+        thr = hp["update_skipping"]
+        keep = skip_mask(sq, rows * g.shape[-1], thr) if thr > 0 else torch.ones_like(sq)
+        return dict(g=g, t=t, s_gram=s_gram, keep=keep, rows=rows, counts=counts, sq=(keep * sq).sum())
+
+    @staticmethod
+    def _gram_rr_moments(part: dict[str, Any], sides: list[dict], scale: torch.Tensor | None, hp: dict[str, Any]) -> None:
+        """The r×r moment updates of the given sides; stores each side's new state and r×r factors."""
+        cat = lambda get: torch.cat([get(sd) for sd in sides])  # noqa: E731
+        t, counts = part["t"], part["counts"]
+        c = cat(lambda sd: sd["c"])
+        w_old = cat(lambda sd: sd["state"]["magnified_second_moment"].to(GRAM_DTYPE))
+        d1, d2 = _decays(hp, cat(lambda sd: sd["step"]))
+        s = part["keep"] if scale is None else part["keep"] * scale
+        inc = part["s_gram"] * expand(s.square(), part["s_gram"])
         if hp["row_normalize"]:
-            inc = inc / grad.shape[-2]
+            inc = inc / expand(part["rows"], inc)
+        ema = hp["second_moment"] == "ema"
+        v_transported = transported_second_moment(w_old, c, t)
         v = accumulate_second_moment(v_transported, inc, d2 if ema else None)
         lam, q = eigh_safe(v)
-        new: State = {}
         rho: torch.Tensor | float = 0.0
         if hp["escape"]:
-            rho = state["escaped_mass"].to(GRAM_DTYPE) + eigenvalue_drop(state["second_moment_eigenvalues"], v_transported)
+            rho = cat(lambda sd: sd["state"]["escaped_mass"].to(GRAM_DTYPE))
+            rho = rho + eigenvalue_drop(cat(lambda sd: sd["state"]["second_moment_eigenvalues"]), v_transported)
             if ema:
                 rho = d2 * rho
-            new["escaped_mass"] = rho.to(state["escaped_mass"].dtype)
-            new["second_moment_eigenvalues"] = lam.to(state["second_moment_eigenvalues"].dtype)
         x_root = inverse_root_eig(lam, q, 2, shift=rho, eps=hp["eps"])
-        new["magnified_second_moment"] = magnify(v, t_other).to(state["magnified_second_moment"].dtype)
-        d1e = expand(d1, g_other)
-        keep = d1e * (c_other.mT @ gram_pinv(t_other))
-        apply = expand((1.0 - d1) * s, g_other) * (t_other @ x_root @ t_other.mT)
-        m_mag = magnified_first_moment(state["magnified_exp_avg"], grad, keep, apply, out=workspace(grad))
-        new["magnified_exp_avg"] = m_mag
-        if hp["update_capping"] > 0:
-            return new, m_mag * expand(capped_scale(m_mag, g_other, hp["update_capping"], row_reduce), m_mag)
-        return new, m_mag  # δA = −η(M̃ + λA): applied by the driver (PairUpdate.scale, .decay)
+        w_new = magnify(v, t)
+        keep_rr = expand(d1, c) * (c.mT @ gram_pinv(t))
+        apply_rr = expand((1.0 - d1) * s, c) * (t @ x_root @ t.mT)
+        chunks = {k: torch.split(val, counts) for k, val in
+                  dict(w=w_new, keep=keep_rr, apply=apply_rr, lam=lam,
+                       rho=rho if hp["escape"] else torch.zeros_like(d1)).items()}
+        for i, sd in enumerate(sides):
+            st = sd["state"]
+            new = {"magnified_second_moment": chunks["w"][i].to(st["magnified_second_moment"].dtype)}
+            if hp["escape"]:
+                new["escaped_mass"] = chunks["rho"][i].to(st["escaped_mass"].dtype)
+                new["second_moment_eigenvalues"] = chunks["lam"][i].to(st["second_moment_eigenvalues"].dtype)
+            sd["new"], sd["keep_rr"], sd["apply_rr"] = new, chunks["keep"][i], chunks["apply"][i]
 
     # ---------------------------------------------------------------------------- QR engine
     def _update_qr(self, batches: list[PairBatch], hp: dict[str, Any]) -> list[PairUpdate]:
