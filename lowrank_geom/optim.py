@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 
 from lowrank_geom import fallback
 from lowrank_geom.geometry import compute_dtype
-from lowrank_geom.pairs import LoRAPair, factor_unview, factor_view
+from lowrank_geom.pairs import LoRAPair, factor_view
 from lowrank_geom.strategies import PairBatch, Strategy, get_strategy
 
 #: keys that torch's lr schedulers add to param groups; accepted in any group.

@@ -56,17 +56,27 @@ def gram_cutoff(g: torch.Tensor, gram_dtype: torch.dtype) -> torch.Tensor:
     return r * torch.finfo(gram_dtype).eps * torch.diagonal(g, dim1=-2, dim2=-1).amax(dim=-1)
 
 
+#: the filtered pseudo-inverse shifts by this multiple of the cutoff: eigenvalues at the cutoff
+#: (round-off of a rank-deficient Gram) are suppressed by (1/1000)⁸, eigenvalues above 1e5× the
+#: cutoff are inverted to 1e-2 relative
+FILTER_SHIFT = 1e3
+#: the filter is (G (G + sI)⁻¹)^FILTER_POWER: sharp enough to tell round-off from signal
+FILTER_POWER = 4
+
+
 def inverse_magnitude(g: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """``R⁻¹`` for ``RᵀR = G`` (paper §3.2: ``B = U_B R_B``), from the Cholesky factor of the Gram. ``(..., r, r)``.
 
     Full rank (Cholesky succeeds and every pivot exceeds ``τ``): ``R⁻¹ = L⁻ᵀ`` with ``G = L Lᵀ``,
     the inverse of QR's ``R`` with ``diag(R) ≥ 0``. Otherwise — a zero factor (LoRA's init), a
-    rank-deficient or numerically singular one — the filtered pseudo-inverse
-    ``T = G (G + τI)⁻¹ L_τ⁻ᵀ`` with ``G + τI = L_τ L_τᵀ``: ``T Tᵀ = G² (G + τI)⁻³`` and
-    ``Tᵀ G T`` has eigenvalues ``λ³/(λ + τ)³``, so ``T`` acts as ``R⁺`` on the eigen-directions
-    with ``λ ≫ τ`` (relative error ``O(τ/λ)``) and is exactly zero on the null space of ``G``: a
-    zero factor gives ``T = 0``, as ``R⁺`` does. The two are selected per pair with
-    ``torch.where``, no data-dependent branch. ``g`` and ``tau`` in :data:`GRAM_DTYPE`.
+    rank-deficient or numerically singular one — a filtered pseudo-inverse: with ``s`` =
+    :data:`FILTER_SHIFT`·τ, ``G + sI = L_s L_sᵀ`` and ``E = G (G + sI)⁻¹``, ``T = E⁴ L_s⁻ᵀ``. Then
+    ``T Tᵀ`` has eigenvalues ``(λ/(λ+s))⁸ / (λ+s)`` and ``Tᵀ G T`` about ``(λ/(λ+s))⁹``: ``T`` acts
+    as ``R⁺`` on eigen-directions with ``λ ≫ s`` (relative error ``≈ 8 s/λ``) and vanishes on the
+    null space and on round-off eigenvalues ``≲ τ`` (by ``(τ/s)⁸``). A zero factor gives
+    ``T = 0``, as ``R⁺ = 0``. Unlike a hard ``matrix_rank`` cutoff this needs no eigendecomposition;
+    the two branches are selected per pair with ``torch.where``, no data-dependent branch.
+    ``g`` and ``tau`` in :data:`GRAM_DTYPE`.
     """
     r = g.shape[-1]
     eye = torch.eye(r, dtype=g.dtype, device=g.device)
@@ -76,11 +86,14 @@ def inverse_magnitude(g: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     l = torch.where(ok[..., None, None], l, eye)
     t_full = torch.linalg.solve_triangular(l, eye.expand_as(g), upper=False).mT  # L⁻ᵀ
 
-    shift = torch.where(tau > 0, tau, torch.ones_like(tau))[..., None, None]
-    l_tau, _ = torch.linalg.cholesky_ex(g + shift * eye)
-    l_tau_inv = torch.linalg.solve_triangular(l_tau, eye.expand_as(g), upper=False)
-    t_filtered = g @ (l_tau_inv.mT @ l_tau_inv) @ l_tau_inv.mT
-    return torch.where(ok[..., None, None], t_full, t_filtered)
+    shift = torch.where(tau > 0, FILTER_SHIFT * tau, torch.ones_like(tau))[..., None, None]
+    l_s, _ = torch.linalg.cholesky_ex(g + shift * eye)
+    l_s_inv = torch.linalg.solve_triangular(l_s, eye.expand_as(g), upper=False)
+    e = symmetrize(eye - shift * (l_s_inv.mT @ l_s_inv))  # G (G + sI)⁻¹
+    f = e
+    for _ in range(FILTER_POWER.bit_length() - 1):  # E⁴ by squaring
+        f = symmetrize(f @ f)
+    return torch.where(ok[..., None, None], t_full, f @ l_s_inv.mT)
 
 
 def gram_pinv(t: torch.Tensor) -> torch.Tensor:
