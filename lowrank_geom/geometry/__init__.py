@@ -5,7 +5,7 @@ orientation ``Z = A Bᵀ``. Nothing here keeps optimizer state or imports from a
 """
 
 from lowrank_geom.geometry.factors import balance, magnitude_pinv, orthonormal_basis
-from lowrank_geom.geometry.gram import (
+from lowrank_geom.geometry.gramian import (
     GRAM_DTYPE,
     gram,
     gram_cutoff,

@@ -1,10 +1,10 @@
-"""QR-free factor geometry (lowrank_geom/geometry/gram.py): Grams through row_reduce, R⁻¹ from Cholesky."""
+"""QR-free factor geometry (lowrank_geom/geometry/gramian.py): Grams through row_reduce, R⁻¹ from Cholesky."""
 
 from __future__ import annotations
 
 import torch
 
-from lowrank_geom.geometry.gram import FILTER_POWER, FILTER_SHIFT
+from lowrank_geom.geometry.gramian import FILTER_POWER, FILTER_SHIFT
 from lowrank_geom.geometry import gram, gram_cutoff, gram_pinv, inverse_magnitude, magnitude_pinv, orthonormal_basis
 
 
