@@ -9,8 +9,9 @@ median reported, after one untimed warm-up step that creates the state. Times ar
 ratio to ``torch.optim.Adam(foreach=True)`` (config ``adam``) measured in the same run on the same set.
 
 * **Parameter sets**: Gemma-2B-shaped LoRA — 18 layers × q, k, v, o; hidden 2048, kv dim 256
-  (``(m, n)`` = q ``2048×2048``, k/v ``256×2048``, o ``2048×2048``), ``r ∈ {8, 16, 64}`` — and (full
-  size only) a 7B-shaped set at ``r = 16`` (32 layers × q, k, v, o, all ``4096×4096``).
+  (``(m, n)`` = q ``2048×2048``, k/v ``256×2048``, o ``2048×2048``), ``r ∈ {8, 16, 64}`` — and
+  (default and full sizes) a 7B-shaped set at ``r = 16`` (32 layers × q, k, v, o, all
+  ``4096×4096``; Shampoo skipped there).
 * **m sweep**: ``P`` square pairs ``m×m`` at fixed ``r``, ``m`` doubling — how time grows with m.
 * **State bytes**: exact ``Σ numel · element_size`` over every tensor in ``optimizer.state``
   (:func:`benchmarks.optimizers.state_bytes`; checked against ``LowRankOptimizer.state_bytes()``).
@@ -35,9 +36,9 @@ minus our own CPU time, :class:`CpuMonitor`); contended ones are marked † and 
 feed are reported as unreliable.
 
 Sizes (wall time on this idle 2-core CPU): ``quick`` a tiny set (4 layers, hidden 128, kv 32, r 8;
-one thread; ≈3 s plus imports), ``default`` Gemma-2B shapes at r ∈ {8, 16, 64} and the m sweep to
-2048 (≈80 s with 2 threads, ≈115 s with ``--threads 1``), ``full`` adds Shampoo's 1-layer subset at
-every r, the 7B set and m = 4096, with ``min_run_time`` 1 s (≈255 s). Run-to-run spread of the
+one thread; ≈3 s plus imports), ``default`` Gemma-2B shapes at r ∈ {8, 16, 64}, the 7B set at
+r = 16 and the m sweep to 2048, ``full`` adds Shampoo's 1-layer subset at every r and m = 4096,
+with ``min_run_time`` 1 s. Run-to-run spread of the
 medians on this shared VM is up to ±30 % (Adam(foreach) on Gemma r=16 measured 8.5–14 ms).
 """
 
@@ -65,10 +66,13 @@ SIZES: dict[str, dict[str, Any]] = {
         threads=1,  # a smoke test of tiny sets: one thread keeps it fast on a busy CI machine
     ),
     "default": dict(
-        sets={"gemma-2b": dict(layers=18, hidden=2048, kv=256, ranks=[8, 16, 64])},
+        sets={
+            "gemma-2b": dict(layers=18, hidden=2048, kv=256, ranks=[8, 16, 64]),
+            "7b": dict(layers=32, hidden=4096, kv=4096, ranks=[16]),
+        },
         m_sweep=dict(ms=[256, 512, 1024, 2048], r=16, pairs=8),
         min_run_time=0.25,
-        shampoo=dict(layers=1, ranks=[16], max_dim=512),
+        shampoo=dict(layers=1, ranks=[16], max_dim=512, sets=["gemma-2b"]),
     ),
     "full": dict(
         sets={
