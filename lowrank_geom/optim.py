@@ -236,7 +236,12 @@ class LowRankOptimizer(Optimizer):
                         **sa,
                     )
                     self.state[b].update(sb)
-            ws = _Workspace(self.__dict__.setdefault("_workspaces", {}), tuple(map(id, pa)), self.state, pa + pb)
+            full_a, hit_a = _cached_stack(cache, self.state, pa, "a")
+            state_b, hit_b = _cached_stack(cache, self.state, pb, "b")
+            # storages the members' state views: on a cache hit exactly the cached stacks
+            views = [v for st in (full_a, state_b) for v in st.values()] if hit_a and hit_b else \
+                [v for p in pa + pb for v in self.state[p].values() if isinstance(v, torch.Tensor)]
+            ws = _Workspace(self.__dict__.setdefault("_workspaces", {}), tuple(map(id, pa)), views)
             a_s = _stacked_view(torch.stack(pa, out=ws.empty("a", (len(pa),) + pa[0].shape, dtype, device)), ad).to(cdt)
             b_s = _stacked_view(torch.stack(pb, out=ws.empty("b", (len(pb),) + pb[0].shape, dtype, device)), bd).to(cdt)
             ga = [p.grad for p in pa]
@@ -254,8 +259,6 @@ class LowRankOptimizer(Optimizer):
                 keep = finite.view(-1, 1, 1)
                 ga = torch.where(keep, ga, torch.zeros((), dtype=cdt, device=device))
                 gb = torch.where(keep, gb, torch.zeros((), dtype=cdt, device=device))
-            full_a = _cached_stack(cache, self.state, pa, "a")
-            state_b = _cached_stack(cache, self.state, pb, "b")
             state_a = {k: v for k, v in full_a.items() if k not in ("step", "nonfinite_skips")}
             batches.append(PairBatch(a_s, b_s, ga, gb, state_a, state_b, full_a["step"], workspace=ws))
             members.append((pa, pb, ad, bd, full_a))
@@ -422,14 +425,12 @@ class _Workspace:
     buffer can only be viewed by the state of its own members, which is what is checked.
     """
 
-    def __init__(self, store: dict, members: tuple, state: dict, params: list[torch.Tensor]) -> None:
+    def __init__(self, store: dict, members: tuple, views: list[torch.Tensor]) -> None:
         self.store, self.members = store, members
         if not any(k[0] == members for k in store):
             for k in [k for k in store if set(k[0]) & set(members)]:
                 del store[k]
-        self.in_use = {
-            v.untyped_storage().data_ptr() for p in params for v in state[p].values() if isinstance(v, torch.Tensor)
-        }
+        self.in_use = {v.untyped_storage().data_ptr() for v in views}
 
     def empty(self, name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
         shape = tuple(shape)
@@ -447,8 +448,8 @@ class _Workspace:
         return self.empty(name, like.shape, like.dtype, like.device)
 
 
-def _cached_stack(cache: dict, state: dict, params: list[torch.Tensor], side: str) -> dict[str, torch.Tensor]:
-    """The stacked state of ``params``: the cached stack when every ``state[p][k]`` is still its view, else a fresh ``torch.stack``."""
+def _cached_stack(cache: dict, state: dict, params: list[torch.Tensor], side: str) -> tuple[dict[str, torch.Tensor], bool]:
+    """The stacked state of ``params`` and whether it is the cached stack (every ``state[p][k]`` still its view) or a fresh ``torch.stack``."""
     key = (side, tuple(id(p) for p in params))
     hit = cache.get(key)
     if hit is not None:
@@ -457,9 +458,9 @@ def _cached_stack(cache: dict, state: dict, params: list[torch.Tensor], side: st
             len(state[p]) == len(stacked) and all(state[p].get(k) is views[k][i] for k in stacked)
             for i, p in enumerate(params)
         ):
-            return dict(stacked)
+            return dict(stacked), True
     keys = list(state[params[0]])
-    return {k: torch.stack([state[p][k] for p in params]) for k in keys}
+    return {k: torch.stack([state[p][k] for p in params]) for k in keys}, False
 
 
 def _install(cache: dict, state: dict, params: list[torch.Tensor], side: str, new: dict[str, torch.Tensor]) -> None:

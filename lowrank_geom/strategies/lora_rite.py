@@ -12,6 +12,7 @@ transcribes Algorithm 1 with a Householder QR (or polar) basis of every factor.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -371,7 +372,9 @@ class LoRARITEStrategy(Strategy):
         ema = hp["second_moment"] == "ema"
         v_transported = transported_second_moment(w_old, c, t)
         v = accumulate_second_moment(v_transported, inc, d2 if ema else None)
-        lam, q = eigh_safe(v)
+        # eigh in the factors' compute dtype (float32 for float32/bf16 factors): the costliest r×r call
+        eig_dtype = functools.reduce(torch.promote_types, (sd["tau_dtype"] for sd in sides))
+        lam, q = (y.to(GRAM_DTYPE) for y in eigh_safe(v.to(eig_dtype)))
         rho: torch.Tensor | float = 0.0
         if hp["escape"]:
             rho = cat(lambda sd: sd["state"]["escaped_mass"].to(GRAM_DTYPE))
