@@ -136,6 +136,26 @@ def expand(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape + (1,) * (like.ndim - x.ndim))
 
 
+def workspace_like(workspace: Callable[[str, torch.Tensor], torch.Tensor], name: str, like: torch.Tensor) -> torch.Tensor:
+    """An output buffer for a ``(P, rows, r)`` result laid out as ``like``: a transposed view of a
+    contiguous ``(P, r, rows)`` buffer when ``like`` is one (factors stored r×rows, PEFT's
+    ``lora_A``), else contiguous; so elementwise work and the driver's per-pair update stay on
+    contiguous memory."""
+    if like.mT.is_contiguous() and not like.is_contiguous():
+        return workspace(name, like.mT).mT
+    return workspace(name, like)
+
+
+def right_multiply(x: torch.Tensor, k: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``X K`` for ``(P, rows, r)`` ``X`` and ``(P, r, r)`` ``K``, into ``out``; computed as
+    ``(Kᵀ Xᵀ)ᵀ`` on contiguous data when ``out`` is a transposed view (:func:`workspace_like`)."""
+    k = k.to(x.dtype)
+    if out is not None and out.mT.is_contiguous() and not out.is_contiguous():
+        torch.bmm(k.mT, x.mT, out=out.mT)
+        return out
+    return torch.bmm(x, k, out=out)
+
+
 def rms(x: torch.Tensor) -> torch.Tensor:
     """Root mean square over the last two dims: ``(P, m, r)`` → ``(P,)``."""
     return torch.linalg.vector_norm(x, dim=(-2, -1)) / (x.shape[-2] * x.shape[-1]) ** 0.5

@@ -53,6 +53,7 @@ from lowrank_geom.strategies.base import (
     expand,
     register,
     rms,
+    workspace_like,
 )
 
 
@@ -163,14 +164,6 @@ def capped_scale(m_mag: torch.Tensor, g_other: torch.Tensor, cap: float, row_red
     sq = (gram(m_mag, None, row_reduce) * g_other).sum(dim=(-2, -1)).clamp_min(0.0)
     rms_m = (sq / (m_mag.shape[-2] * m_mag.shape[-1])).sqrt()
     return 1.0 / torch.clamp(rms_m / cap, min=1.0)
-
-
-def _workspace_like(workspace, name: str, like: torch.Tensor) -> torch.Tensor:
-    """An output buffer for a ``(P, rows, r)`` result laid out as ``like``: a transposed view of a
-    contiguous ``(P, r, rows)`` buffer when ``like`` is one (factors stored r×rows), else contiguous."""
-    if like.mT.is_contiguous() and not like.is_contiguous():
-        return workspace(name, like.mT).mT
-    return workspace(name, like)
 
 
 def _decays(hp: dict[str, Any], step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,7 +324,7 @@ class LoRARITEStrategy(Strategy):
             for k, sd in enumerate(sides[2 * bi:2 * bi + 2]):
                 new = sd["new"]
                 m_mag = magnified_first_moment(sd["state"]["magnified_exp_avg"], sd["grad"], sd["keep_rr"], sd["apply_rr"],
-                                               out=_workspace_like(batch.workspace, "magnified_exp_avg_" + "ab"[k], sd["grad"]))
+                                               out=workspace_like(batch.workspace, "magnified_exp_avg_" + "ab"[k], sd["grad"]))
                 new["magnified_exp_avg"] = m_mag
                 new["previous_factor"] = sd["x"]
                 if hp["update_capping"] > 0:

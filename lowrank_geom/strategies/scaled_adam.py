@@ -18,6 +18,7 @@ from lowrank_geom.strategies.base import (
     check_weight_decay,
     expand,
     register,
+    workspace_like,
 )
 from lowrank_geom.strategies.scaled_gd import scaled_gradient
 
@@ -84,10 +85,10 @@ class ScaledAdamStrategy(Strategy):
         for side, grad, other, state in (
             ("a", batch.grad_a, batch.b, batch.state_a), ("b", batch.grad_b, batch.a, batch.state_b)
         ):
-            d = scaled_gradient(grad, other, hp["delta"], batch.row_reduce, ws("direction_" + side, grad))
+            d = scaled_gradient(grad, other, hp["delta"], batch.row_reduce, workspace_like(ws, "direction_" + side, grad))
             direction, m, v = adam_direction(
                 d, state["exp_avg"], state["exp_avg_sq"], batch.step, hp["betas"], hp["eps"],
-                out=(ws("exp_avg_" + side, grad), ws("exp_avg_sq_" + side, grad)),
+                out=(workspace_like(ws, "exp_avg_" + side, grad), workspace_like(ws, "exp_avg_sq_" + side, grad)),
             )
             deltas.append(direction)
             states.append({"exp_avg": m, "exp_avg_sq": v})

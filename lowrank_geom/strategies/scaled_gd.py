@@ -16,6 +16,8 @@ from lowrank_geom.strategies.base import (
     check_non_negative,
     check_weight_decay,
     register,
+    right_multiply,
+    workspace_like,
 )
 
 
@@ -37,7 +39,7 @@ def scaled_gradient(
     else:
         eye = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
         inv = torch.cholesky_inverse(torch.linalg.cholesky(g + delta * eye))
-    return torch.matmul(grad, inv.to(grad.dtype), out=out)
+    return right_multiply(grad, inv, out)
 
 
 @register
@@ -82,8 +84,8 @@ class ScaledGDStrategy(Strategy):
 
     def update_batch(self, batch: PairBatch, hp: dict[str, Any]) -> PairUpdate:
         ws = batch.workspace
-        d_a = scaled_gradient(batch.grad_a, batch.b, hp["delta"], batch.row_reduce, ws("direction_a", batch.grad_a))
-        d_b = scaled_gradient(batch.grad_b, batch.a, hp["delta"], batch.row_reduce, ws("direction_b", batch.grad_b))
+        d_a = scaled_gradient(batch.grad_a, batch.b, hp["delta"], batch.row_reduce, workspace_like(ws, "direction_a", batch.grad_a))
+        d_b = scaled_gradient(batch.grad_b, batch.a, hp["delta"], batch.row_reduce, workspace_like(ws, "direction_b", batch.grad_b))
         lr, wd, mu = hp["lr"], hp["weight_decay"], hp["momentum"]
         if mu == 0:
             # δA = −η(D + λA): scale and decay are applied by the driver in its in-place update
