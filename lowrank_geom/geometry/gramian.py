@@ -9,8 +9,8 @@ rows of a factor is one GEMM ``XᵀY`` passed through ``row_reduce`` (identity o
 all-reduce for row-sharded factors), so nothing here reads the full rows of a factor.
 
 Precision: the Grams are formed in the factor's compute dtype ``promote_types(dtype, float32)``
-(the m×r GEMMs are the cost); the r×r work runs in float64 (:data:`GRAM_DTYPE`), where it is a
-small share of a step (LoRA-RITE takes its one ``eigh`` in the factors' compute dtype). A Gram squares the condition number: with float32 factors the
+(the m×r GEMMs are the cost) and returned in float64 (:data:`GRAM_DTYPE`); a caller may run the
+r×r work in float64 or, cheaper at large r, in the compute dtype (LoRA-RITE does). A Gram squares the condition number: with float32 factors the
 inverse magnitude is accurate to about ``cond(X)² · 1e-7`` (measured in
 ``tests/geometry/test_gram.py``), against ``cond(X) · 1e-7`` for Householder QR.
 """

@@ -166,6 +166,11 @@ def capped_scale(m_mag: torch.Tensor, g_other: torch.Tensor, cap: float, row_red
     return 1.0 / torch.clamp(rms_m / cap, min=1.0)
 
 
+#: dtype of the gram engine's r×r work; None: the factors' compute dtype (float32 for float32/bf16
+#: factors: at r = 64 float64 r×r products cost more than the m×r GEMMs)
+RR_DTYPE: torch.dtype | None = None
+
+
 def _decays(hp: dict[str, Any], step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     beta1, beta2 = hp["betas"]
     if hp["bias_correction"]:
@@ -206,7 +211,8 @@ class LoRARITEStrategy(Strategy):
     ``∇̄ᵀ∇̄ = R⁻ᵀ(∇Aᵀ∇A)R⁻¹``, ``P V̄ Pᵀ = R⁻ᵀ(C W Cᵀ)R⁻¹`` and
     ``M̃_t = M̃_{t−1}·d₁CᵀG⁺ + ∇A·(1−d₁) s R⁻¹(V̄+ρI)^{-1/2}R⁻ᵀ``, ``δA = −η(M̃_t + λA)``, where
     ``s`` is the clipping scale times the skip mask. Per factor that is three m×r×r GEMMs
-    (``BᵀB``, ``BᵀB_{t−1}``, ``∇ᵀ∇``) and one m×2r×r GEMM, plus r×r work in float64; every row
+    (``BᵀB``, ``BᵀB_{t−1}``, ``∇ᵀ∇``) and one m×2r×r GEMM, plus r×r work in the factors' compute
+    dtype (:data:`RR_DTYPE`), batched over the whole param group; every row
     sum goes through ``PairBatch.row_reduce``. A zero or rank-deficient factor uses a filtered
     pseudo-inverse (:func:`~lowrank_geom.geometry.inverse_magnitude`). State per factor:
     ``magnified_exp_avg`` (m×r, ``M̃``), ``magnified_second_moment`` (r×r, ``W``),
@@ -338,10 +344,12 @@ class LoRARITEStrategy(Strategy):
     @staticmethod
     def _gram_rr(sides: list[dict], hp: dict[str, Any]) -> dict[str, Any]:
         """Inverse magnitudes, ``∇̄ᵀ∇̄`` and the skip masks of the given sides, concatenated."""
-        cat = lambda key: torch.cat([sd[key] for sd in sides])  # noqa: E731
+        # r×r work in the factors' compute dtype (RR_DTYPE=None) or float64
+        work = RR_DTYPE or functools.reduce(torch.promote_types, (sd["tau_dtype"] for sd in sides))
+        cat = lambda key: torch.cat([sd[key] for sd in sides]).to(work)  # noqa: E731
         g, n = cat("g"), cat("n")
         counts = [sd["g"].shape[0] for sd in sides]
-        t = inverse_magnitude(g, torch.cat([gram_cutoff(sd["g"], sd["tau_dtype"]) for sd in sides]))
+        t = inverse_magnitude(g, torch.cat([gram_cutoff(sd["g"], sd["tau_dtype"]) for sd in sides]).to(work))
         s_gram = unmagnified_grad_gram(n, t)
         sq = torch.diagonal(s_gram, dim1=-2, dim2=-1).sum(-1)
         rows = torch.cat([torch.full((c,), float(sd["grad"].shape[-2]), dtype=g.dtype, device=g.device)
@@ -353,10 +361,10 @@ class LoRARITEStrategy(Strategy):
     @staticmethod
     def _gram_rr_moments(part: dict[str, Any], sides: list[dict], scale: torch.Tensor | None, hp: dict[str, Any]) -> None:
         """The r×r moment updates of the given sides; stores each side's new state and r×r factors."""
-        cat = lambda get: torch.cat([get(sd) for sd in sides])  # noqa: E731
         t, counts = part["t"], part["counts"]
+        cat = lambda get: torch.cat([get(sd) for sd in sides]).to(t.dtype)  # noqa: E731
         c = cat(lambda sd: sd["c"])
-        w_old = cat(lambda sd: sd["state"]["magnified_second_moment"].to(GRAM_DTYPE))
+        w_old = cat(lambda sd: sd["state"]["magnified_second_moment"])
         d1, d2 = _decays(hp, cat(lambda sd: sd["step"]))
         s = part["keep"] if scale is None else part["keep"] * scale
         inc = part["s_gram"] * expand(s.square(), part["s_gram"])
@@ -366,11 +374,10 @@ class LoRARITEStrategy(Strategy):
         v_transported = transported_second_moment(w_old, c, t)
         v = accumulate_second_moment(v_transported, inc, d2 if ema else None)
         # eigh in the factors' compute dtype (float32 for float32/bf16 factors): the costliest r×r call
-        eig_dtype = functools.reduce(torch.promote_types, (sd["tau_dtype"] for sd in sides))
-        lam, q = (y.to(GRAM_DTYPE) for y in eigh_safe(v.to(eig_dtype)))
+        lam, q = eigh_safe(v)
         rho: torch.Tensor | float = 0.0
         if hp["escape"]:
-            rho = cat(lambda sd: sd["state"]["escaped_mass"].to(GRAM_DTYPE))
+            rho = cat(lambda sd: sd["state"]["escaped_mass"])
             rho = rho + eigenvalue_drop(cat(lambda sd: sd["state"]["second_moment_eigenvalues"]), v_transported)
             if ema:
                 rho = d2 * rho
