@@ -139,13 +139,13 @@ class LowRankOptimizer(Optimizer):
         strat.validate(group)
         if group["nonfinite"] not in _NONFINITE:
             raise ValueError(f"Invalid nonfinite policy: {group['nonfinite']!r}")
-        params, rank_dims, names = [], [], []
+        params, rank_dims, names, layouts = [], [], [], []
         seen: dict[int, str] = {}
         for i, item in enumerate(raw):
             pair = _as_pair(item, f"param group {index}, pair {i}")
             label = pair.name or f"pair {i} of param group {index}"
             _validate_pair(pair, label)
-            distributed.check_strategy(distributed.pair_layout(pair, label), strat, label)
+            layouts.append((distributed.pair_layout(pair, label), label))
             for t, which in ((pair.a, "A"), (pair.b, "B")):
                 if id(t) in seen:
                     raise ValueError(f"{label}: factor {which} already appears in {seen[id(t)]}")
@@ -153,6 +153,8 @@ class LowRankOptimizer(Optimizer):
             params += [pair.a, pair.b]
             rank_dims.append([pair.a_rank_dim, pair.b_rank_dim])
             names.append(label)
+        for layout, label in layouts:  # after every pair's layout is known to be valid
+            distributed.check_strategy(layout, strat, label)
         group.update(params=params, rank_dims=rank_dims, pair_names=names)
         return group
 

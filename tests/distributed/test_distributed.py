@@ -1,0 +1,135 @@
+"""LowRankOptimizer under FSDP2 (row-sharded DTensor factors) and DDP, with 2 CPU gloo processes.
+
+The two processes are spawned once for this module (``_results``; under pytest-xdist the first
+worker that needs them spawns them, the other waits for the same results) and run every scenario
+of :mod:`tests.distributed.workers`; each test asserts on one scenario's results from both
+ranks. Run the scenarios by hand, with a summary of the communication volume, with
+``python -m tests.distributed.workers``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+
+import pytest
+import torch
+
+from tests.distributed import workers
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with the gloo backend",
+)
+
+WORLD = 2
+TOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def _results(tmp_path_factory) -> list[dict]:
+    # the base temp dir's parent is shared by all xdist workers of one run
+    root = tmp_path_factory.getbasetemp().parent / "lowrank_geom_distributed"
+    root.mkdir(exist_ok=True)
+    with open(root / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            done = root / "done"
+            if not done.exists():
+                import torch.multiprocessing as mp
+
+                init = root / "init"
+                if init.exists():
+                    init.unlink()
+                mp.spawn(workers.run_all, args=(WORLD, str(init), str(root)), nprocs=WORLD, join=True)
+                done.write_text("ok")
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return [json.loads((root / f"rank{k}.json").read_text()) for k in range(WORLD)]
+
+
+def scenario(results: list[dict], name: str) -> list[dict]:
+    """One scenario's value on every rank; fails with the rank's traceback if it raised."""
+    values = []
+    for rank, res in enumerate(results):
+        entry = res[name]
+        if not entry["ok"]:
+            pytest.fail(f"scenario {name!r} raised on rank {rank}:\n{entry['error']}")
+        values.append(entry["value"])
+    return values
+
+
+FSDP = [label for label, *_ in workers.STRATEGIES]
+
+
+@pytest.mark.parametrize("label", FSDP)
+def test_fsdp_row_sharded_trajectory_equals_single_process(_results, label):
+    values = scenario(_results, f"fsdp_{label}")
+    for rank, v in enumerate(values):
+        assert v["max_rel_err"] <= TOL, f"rank {rank}: max relative error {v['max_rel_err']:.3g} over {workers.STEPS} steps"
+    # the set-up really has uneven shards, an empty shard and a Shard(1) (lora_A-style) factor
+    shapes = [v["local_shapes"] for v in values]
+    assert shapes[0] != shapes[1] and [0, 1] in shapes[1]
+    assert "(Shard(dim=1),)" in values[0]["placements"]
+
+
+@pytest.mark.parametrize("label", FSDP)
+def test_fsdp_step_all_reduces_only_r_by_r_tensors(_results, label):
+    for v in scenario(_results, f"fsdp_{label}"):
+        assert v["other_collectives"] == [], "the optimizer step must use no collective but small all-reduces"
+        per_step = set(v["bytes_per_step"])
+        assert len(per_step) == 1, "the same bytes every step"
+        # independent of the row counts m, n: the same pairs with 8× the rows all-reduce as much
+        assert set(v["bytes_per_step_big"]) == per_step
+        # O(pairs · r²): at most 16 r×r (or smaller) float64 reductions per pair and step
+        (nbytes,) = per_step
+        assert 0 < nbytes <= 16 * (v["sum_r2"] + v["pairs"]) * 8
+        assert nbytes < v["param_bytes_big"]
+
+
+@pytest.mark.parametrize("label", [label for label, *_ in workers.DDP_STRATEGIES])
+def test_ddp_ranks_stay_bit_identical(_results, label):
+    for v in scenario(_results, f"ddp_{label}"):
+        assert v["bit_identical"], "DDP ranks diverged: the optimizer step is not deterministic"
+        assert v["max_rel_err"] <= TOL
+
+
+def test_unsupported_layouts_raise_clear_errors(_results):
+    for v in scenario(_results, "errors"):
+        rank_dim = v["rank_dim"]
+        assert rank_dim["type"] == "ValueError"
+        for needle in ("pair2", "factor B", "rank dim 0", "shard_placement_fn", "Shard(1)", "row_shard_placement"):
+            assert needle in rank_dim["message"], (needle, rank_dim["message"])
+        assert v["hsdp_placements"] == "(Replicate(), Shard(dim=0))"
+        assert v["hsdp"]["type"] == "ValueError" and "2-D device mesh" in v["hsdp"]["message"]
+        assert v["mixed"]["type"] == "ValueError" and "laid out alike" in v["mixed"]["message"]
+        strat = v["strategy"]
+        assert strat["type"] == "NotImplementedError"
+        assert "'one_sided_adagrad' does not declare row-sharding support" in strat["message"]
+
+
+def test_nonfinite_gradient_on_one_shard_skips_the_pair_on_every_rank(_results):
+    for v in scenario(_results, "nonfinite"):
+        assert v["skips"] == 1 and v["pair0_unchanged"] and v["others_moved"]
+
+
+def test_per_rank_state_dict_resumes_bit_identically(_results):
+    for v in scenario(_results, "checkpoint"):
+        assert v["bit_identical"]
+        assert v["state_kinds"] == ["Tensor"]  # local shards as plain tensors (weights_only loads)
+
+
+def test_distributed_module_keeps_working_without_a_process_group():
+    # a plain single-process optimizer never touches torch.distributed
+    from lowrank_geom import LowRankOptimizer
+    from lowrank_geom.distributed import LOCAL, pair_layout
+    from lowrank_geom.pairs import LoRAPair
+
+    a = torch.randn(5, 2, requires_grad=True)
+    b = torch.randn(4, 2, requires_grad=True)
+    assert pair_layout(LoRAPair(a, b), "p") == LOCAL
+    assert not torch.distributed.is_initialized()
+    opt = LowRankOptimizer([(a, b)], strategy="scaled_gd", lr=1e-2)
+    (a @ b.T).square().sum().backward()
+    opt.step()
+    assert not torch.distributed.is_initialized()

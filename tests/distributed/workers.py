@@ -1,0 +1,428 @@
+"""What each of the 2 gloo processes runs for ``tests/distributed/test_distributed.py``.
+
+The processes are started once per test module (``torch.multiprocessing.spawn``; start-up is
+most of the cost). Each runs every scenario below in turn and writes a JSON-able result per
+scenario and rank; the tests then only assert on those results. A scenario that raises is
+recorded with its traceback, so one failure does not hide the others. Every reference
+trajectory is computed in the same process on plain tensors (no collectives), in float64.
+
+Set-up shared by the scenarios (``SPECS``): four pairs, ``r`` = 3 except the last (``r`` = 1),
+
+- two same-shape pairs ``A: 7×3``, ``B: 5×3`` (stacked in one batch; 7 and 5 rows split 4/3 and
+  3/2: uneven shards);
+- a PEFT-style pair: ``A: 9×3`` initialised to zero, ``B`` stored ``3×6`` (rank dim 0, like
+  ``lora_A.weight``), sharded ``Shard(1)`` by :func:`lowrank_geom.distributed.row_shard_placement`;
+- ``A: 1×1``, ``B: 4×1``: rank 1's shard of ``A`` is empty.
+
+The loss on rank ``k`` at step ``t`` is ``Σ_i ‖W_i^{(k,t)} ⊙ (A_i B_iᵀ − T_i)‖²`` with random
+positive weights ``W``; FSDP2 and DDP average the gradients over ranks, so the reference
+minimises the mean over ranks of the same losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+DTYPE = torch.float64
+STEPS = 20
+# (m, n, r, zero A, B stored r×n (rank dim 0))
+SPECS = [(7, 5, 3, False, False), (7, 5, 3, False, False), (9, 6, 3, True, True), (1, 4, 1, False, False)]
+# the same pairs with every row dim 8× larger: the all-reduced bytes must not change
+BIG_SPECS = [(8 * m, 8 * n, r, z, t) for m, n, r, z, t in SPECS]
+# strategies whose sharded trajectories must equal single-process ones: (label, strategy, hp)
+STRATEGIES = [
+    ("lora_rite", "lora_rite", dict(lr=2e-2)),
+    ("scaled_gd", "scaled_gd", dict(lr=5e-2)),
+    ("gram_test", "_test_gram_scaled_gd", dict(lr=5e-2)),
+]
+DDP_STRATEGIES = [("lora_rite", "lora_rite", dict(lr=2e-2)), ("scaled_gd", "scaled_gd", dict(lr=5e-2))]
+
+
+# ------------------------------------------------------------------------------ test strategy
+def register_test_strategy() -> None:
+    """A Gram-based ScaledGD with momentum and a group-wide gradient clip, declared row-shardable.
+
+    It exercises every kind of row sum the driver must complete (``r×r`` Grams, per-pair
+    scalars, a reduction over all batches of a group, the global row count) and row-indexed
+    plus ``r×r`` state, independently of how the built-in strategies are written.
+    """
+    from lowrank_geom.strategies.base import PairUpdate, Strategy, register
+
+    class GramScaledGD(Strategy):
+        name = "_test_gram_scaled_gd"
+        supports_row_sharding = True
+        defaults = dict(delta=1e-3, momentum=0.5, clip=1.0)
+
+        def validate(self, hp: dict[str, Any]) -> None:
+            pass
+
+        def init(self, a, b, hp):
+            r = a.shape[-1]
+            return {"buf": torch.zeros_like(a), "gram": a.new_zeros(r, r)}, {"buf": torch.zeros_like(b)}
+
+        def update(self, batches, hp):
+            sq = None
+            for batch in batches:
+                part = batch.row_reduce(batch.grad_a.square().sum((1, 2)) + batch.grad_b.square().sum((1, 2))).sum()
+                sq = part if sq is None else sq + part
+            scale = torch.clamp(hp["clip"] / sq.sqrt(), max=1.0)
+            out = []
+            for batch in batches:
+                r = batch.a.shape[-1]
+                eye = torch.eye(r, dtype=batch.a.dtype)
+                rows = batch.row_reduce(torch.tensor(float(batch.a.shape[-2]), dtype=batch.a.dtype))
+                gram_a = batch.row_reduce(batch.a.mT @ batch.a)
+                gram_b = batch.row_reduce(batch.b.mT @ batch.b)
+                d_a = scale * batch.grad_a @ torch.linalg.inv(gram_b + hp["delta"] * eye)
+                d_b = scale * batch.grad_b @ torch.linalg.inv(gram_a / rows * 7.0 + hp["delta"] * eye)
+                d_a = hp["momentum"] * batch.state_a["buf"] + d_a
+                d_b = hp["momentum"] * batch.state_b["buf"] + d_b
+                new_a = {"buf": d_a, "gram": gram_a}
+                out.append(PairUpdate(-hp["lr"] * d_a, -hp["lr"] * d_b, new_a, {"buf": d_b}))
+            return out
+
+    register(GramScaledGD)
+
+
+# ------------------------------------------------------------------------------------ problem
+def init_tensors(specs, seed: int = 0) -> list[torch.Tensor]:
+    """Initial factors in stored layout: A (m, r), B (n, r) or (r, n)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for m, n, r, zero_a, b_transposed in specs:
+        a = torch.zeros(m, r, dtype=DTYPE) if zero_a else torch.randn(m, r, generator=g, dtype=DTYPE)
+        b = torch.randn(n, r, generator=g, dtype=DTYPE)
+        out += [a, b.T.contiguous() if b_transposed else b]
+    return out
+
+
+def targets(specs, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(m, n, generator=g, dtype=DTYPE) for m, n, *_ in specs]
+
+
+def weights(specs, rank: int, step: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + rank + 7)
+    return [0.5 + torch.rand(m, n, generator=g, dtype=DTYPE) for m, n, *_ in specs]
+
+
+def loss_of(specs, params, tgts, wts) -> torch.Tensor:
+    loss = 0.0
+    for i, (_m, _n, _r, _z, b_transposed) in enumerate(specs):
+        a, b = params[2 * i], params[2 * i + 1]
+        b = b.T if b_transposed else b
+        loss = loss + (wts[i] * (a @ b.T - tgts[i])).square().sum()
+    return loss
+
+
+class PairModel(torch.nn.Module):
+    """The factors as parameters ``a0, b0, a1, ...``; ``forward`` returns one rank's loss."""
+
+    def __init__(self, specs, tensors):
+        super().__init__()
+        self.specs = specs
+        self.factors = torch.nn.ParameterList([torch.nn.Parameter(t.clone()) for t in tensors])
+
+    def forward(self, tgts, wts):
+        return loss_of(self.specs, list(self.factors), tgts, wts)
+
+
+def lora_pairs_of(specs, params) -> list:
+    from lowrank_geom import LoRAPair
+
+    return [
+        LoRAPair(params[2 * i], params[2 * i + 1], -1, 0 if s[4] else -1, name=f"pair{i}")
+        for i, s in enumerate(specs)
+    ]
+
+
+def reference(specs, strategy: str, hp: dict, world: int, steps: int = STEPS) -> list[list[torch.Tensor]]:
+    """Single-process trajectory (factors after every step) on the mean of the ranks' losses."""
+    from lowrank_geom import LowRankOptimizer
+
+    params = [torch.nn.Parameter(t.clone()) for t in init_tensors(specs)]
+    opt = LowRankOptimizer(lora_pairs_of(specs, params), strategy=strategy, **hp)
+    tgts, out = targets(specs), []
+    for step in range(steps):
+        opt.zero_grad()
+        loss = sum(loss_of(specs, params, tgts, weights(specs, k, step)) for k in range(world)) / world
+        loss.backward()
+        opt.step()
+        out.append([p.detach().clone() for p in params])
+    return out
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(x - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
+
+
+# ------------------------------------------------------------------------------ communication
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+               "broadcast", "reduce", "gather", "scatter", "all_to_all", "all_to_all_single")
+
+
+@contextlib.contextmanager
+def count_collectives():
+    """Counts the bytes passed to ``torch.distributed.all_reduce`` and the calls of every other
+    collective while active (the optimizer must use all-reduces of small tensors only)."""
+    import torch.distributed as dist
+
+    log: dict[str, Any] = {"all_reduce_bytes": [], "other": []}
+    saved = {name: getattr(dist, name) for name in COLLECTIVES}
+
+    def wrap(name, fn):
+        def counted(tensor, *args, **kwargs):
+            if name == "all_reduce":
+                log["all_reduce_bytes"].append(tensor.numel() * tensor.element_size())
+            else:
+                log["other"].append(name)
+            return fn(tensor, *args, **kwargs)
+
+        return counted
+
+    for name, fn in saved.items():
+        setattr(dist, name, wrap(name, fn))
+    try:
+        yield log
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
+
+
+# ---------------------------------------------------------------------------------- scenarios
+def _fsdp_model(specs, placement_fn=None, mesh=None):
+    from torch.distributed.fsdp import fully_shard
+
+    model = PairModel(specs, init_tensors(specs))
+    if placement_fn is None:
+        from lowrank_geom.distributed import row_shard_placement
+
+        placement_fn = row_shard_placement(lora_pairs_of(specs, list(model.factors)))
+    fully_shard(model, shard_placement_fn=placement_fn, mesh=mesh)
+    return model
+
+
+def fsdp_trajectory(rank: int, world: int, strategy: str, hp: dict) -> dict:
+    """FSDP2 row-sharded run vs the single-process reference; bytes all-reduced per step."""
+    from lowrank_geom import LowRankOptimizer
+
+    model = _fsdp_model(SPECS)
+    params = list(model.factors)
+    opt = LowRankOptimizer(lora_pairs_of(SPECS, params), strategy=strategy, **hp)
+    ref = reference(SPECS, strategy, hp, world)
+    tgts = targets(SPECS)
+    worst, comm = 0.0, []
+    for step in range(STEPS):
+        opt.zero_grad()
+        model(tgts, weights(SPECS, rank, step)).backward()
+        with count_collectives() as log:
+            opt.step()
+        comm.append(log)
+        full = [p.full_tensor().detach() for p in params]
+        worst = max(worst, max(rel_err(x, y) for x, y in zip(full, ref[step])))
+    # the same pairs with 8× the rows: a few steps, to compare the all-reduced bytes
+    big = _fsdp_model(BIG_SPECS)
+    opt_big = LowRankOptimizer(lora_pairs_of(BIG_SPECS, list(big.factors)), strategy=strategy, **hp)
+    comm_big = []
+    for step in range(3):
+        opt_big.zero_grad()
+        big(targets(BIG_SPECS), weights(BIG_SPECS, rank, step)).backward()
+        with count_collectives() as log:
+            opt_big.step()
+        comm_big.append(log)
+
+    def nbytes(specs):
+        return sum((m + n) * r for m, n, r, *_ in specs) * torch.finfo(DTYPE).bits // 8
+
+    return dict(
+        max_rel_err=worst,
+        bytes_per_step=[sum(c["all_reduce_bytes"]) for c in comm],
+        calls_per_step=[len(c["all_reduce_bytes"]) for c in comm],
+        other_collectives=sorted({o for c in comm + comm_big for o in c["other"]}),
+        bytes_per_step_big=[sum(c["all_reduce_bytes"]) for c in comm_big],
+        param_bytes=nbytes(SPECS),
+        param_bytes_big=nbytes(BIG_SPECS),
+        pairs=len(SPECS),
+        sum_r2=sum(s[2] ** 2 for s in SPECS),
+        local_shapes=[tuple(p.to_local().shape) for p in params],
+        placements=[str(tuple(p.placements)) for p in params],
+    )
+
+
+def ddp_trajectory(rank: int, world: int, strategy: str, hp: dict) -> dict:
+    """DDP (replicated factors, different data per rank): ranks must stay bit-identical."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lowrank_geom import LowRankOptimizer
+
+    model = PairModel(SPECS, init_tensors(SPECS))
+    ddp = DistributedDataParallel(model)
+    params = list(model.factors)
+    opt = LowRankOptimizer(lora_pairs_of(SPECS, params), strategy=strategy, **hp)
+    ref = reference(SPECS, strategy, hp, world)
+    tgts = targets(SPECS)
+    worst, identical = 0.0, True
+    for step in range(STEPS):
+        opt.zero_grad()
+        ddp(tgts, weights(SPECS, rank, step)).backward()
+        opt.step()
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        identical = identical and all(torch.equal(gathered[0], g) for g in gathered)
+        worst = max(worst, max(rel_err(p.detach(), y) for p, y in zip(params, ref[step])))
+    return dict(bit_identical=identical, max_rel_err=worst, steps=STEPS)
+
+
+def _error_of(fn: Callable[[], Any]) -> dict:
+    try:
+        fn()
+    except Exception as err:  # noqa: BLE001 - the test checks type and message
+        return dict(type=type(err).__name__, message=str(err))
+    return dict(type=None, message="no error")
+
+
+def layout_errors(rank: int, world: int) -> dict:
+    """Unsupported layouts raise at construction (on every rank, before any collective)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lowrank_geom import LowRankOptimizer
+
+    out = {}
+    # FSDP2's default Shard(0) on a PEFT-style B stored r×n shards the rank dim (with any strategy)
+    default = _fsdp_model(SPECS, placement_fn=lambda p: None)
+    out["rank_dim"] = _error_of(
+        lambda: LowRankOptimizer(lora_pairs_of(SPECS, list(default.factors)), strategy="_test_gram_scaled_gd", lr=1e-2)
+    )
+    # HSDP: a 2-D (replicate × shard) mesh
+    mesh2d = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
+    hsdp = _fsdp_model(SPECS[:1], mesh=mesh2d)
+    out["hsdp"] = _error_of(
+        lambda: LowRankOptimizer(lora_pairs_of(SPECS[:1], list(hsdp.factors)), strategy="_test_gram_scaled_gd", lr=1e-2)
+    )
+    out["hsdp_placements"] = str(tuple(hsdp.factors[0].placements))
+    # A sharded, B a plain tensor
+    mesh = init_device_mesh("cpu", (world,))
+    a = torch.nn.Parameter(distribute_tensor(torch.randn(7, 3, dtype=DTYPE), mesh, [Shard(0)]))
+    b = torch.nn.Parameter(torch.randn(5, 3, dtype=DTYPE))
+    out["mixed"] = _error_of(lambda: LowRankOptimizer([(a, b)], strategy="_test_gram_scaled_gd", lr=1e-2))
+    # a strategy that does not declare row-sharding support
+    model = _fsdp_model(SPECS)
+    out["strategy"] = _error_of(
+        lambda: LowRankOptimizer(lora_pairs_of(SPECS, list(model.factors)), strategy="one_sided_adagrad", lr=1e-2)
+    )
+    return out
+
+
+def nonfinite_skip(rank: int, world: int) -> dict:
+    """A non-finite gradient on one rank's shard only: every rank skips that pair."""
+    from lowrank_geom import LowRankOptimizer
+
+    model = _fsdp_model(SPECS)
+    params = list(model.factors)
+    opt = LowRankOptimizer(lora_pairs_of(SPECS, params), strategy="_test_gram_scaled_gd", lr=5e-2)
+    tgts = targets(SPECS)
+    for step in range(2):
+        opt.zero_grad()
+        model(tgts, weights(SPECS, rank, step)).backward()
+        if step == 1 and rank == 1:
+            params[0].grad.to_local()[0, 0] = float("inf")
+        before = [p.full_tensor().detach() for p in params]
+        opt.step()
+    after = [p.full_tensor().detach() for p in params]
+    return dict(
+        skips=opt.nonfinite_skips(),
+        pair0_unchanged=bool(torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])),
+        others_moved=all(not torch.equal(x, y) for x, y in zip(before[2:], after[2:]) if y.abs().sum() > 0),
+    )
+
+
+def checkpoint_resume(rank: int, world: int) -> dict:
+    """Per-rank ``state_dict`` (local shards) saved mid-run and loaded: the run continues exactly."""
+    import io
+
+    from lowrank_geom import LowRankOptimizer
+
+    def make():
+        model = _fsdp_model(SPECS)
+        opt = LowRankOptimizer(lora_pairs_of(SPECS, list(model.factors)), strategy="_test_gram_scaled_gd", lr=5e-2)
+        return model, opt
+
+    def steps(model, opt, start, stop):
+        tgts = targets(SPECS)
+        for step in range(start, stop):
+            opt.zero_grad()
+            model(tgts, weights(SPECS, rank, step)).backward()
+            opt.step()
+
+    model, opt = make()
+    steps(model, opt, 0, 10)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    saved_params = [p.to_local().clone() for p in model.factors]
+    state_kinds = sorted({type(v).__name__ for s in opt.state_dict()["state"].values() for v in s.values()})
+    steps(model, opt, 10, 20)
+    model2, opt2 = make()
+    with torch.no_grad():
+        for p, v in zip(model2.factors, saved_params):
+            p.to_local().copy_(v)
+    buf.seek(0)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    steps(model2, opt2, 10, 20)
+    same = all(torch.equal(p.to_local(), q.to_local()) for p, q in zip(model.factors, model2.factors))
+    return dict(bit_identical=same, state_kinds=state_kinds)
+
+
+def scenarios() -> list[tuple[str, Callable[[int, int], dict]]]:
+    out = []
+    for label, strategy, hp in STRATEGIES:
+        out.append((f"fsdp_{label}", lambda rank, world, s=strategy, h=hp: fsdp_trajectory(rank, world, s, h)))
+    for label, strategy, hp in DDP_STRATEGIES:
+        out.append((f"ddp_{label}", lambda rank, world, s=strategy, h=hp: ddp_trajectory(rank, world, s, h)))
+    out += [("errors", layout_errors), ("nonfinite", nonfinite_skip), ("checkpoint", checkpoint_resume)]
+    return out
+
+
+# -------------------------------------------------------------------------------------- entry
+def run_all(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """``torch.multiprocessing.spawn`` target: every scenario on this rank, results as JSON."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    register_test_strategy()
+    results = {}
+    try:
+        for name, fn in scenarios():
+            try:
+                results[name] = dict(ok=True, value=fn(rank, world))
+            except Exception:  # noqa: BLE001 - reported by the test of that scenario
+                results[name] = dict(ok=False, error=traceback.format_exc())
+            dist.barrier()
+    finally:
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results, default=str))
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # python -m tests.distributed.workers OUT_DIR: run by hand
+    import sys
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    out = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp()
+    os.makedirs(out, exist_ok=True)
+    mp.spawn(run_all, args=(2, os.path.join(out, "init"), out), nprocs=2)
+    print(Path(out, "rank0.json").read_text())
