@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 
 import pytest
 import torch
@@ -28,8 +29,10 @@ TOL = 1e-6
 
 @pytest.fixture(scope="module")
 def _results(tmp_path_factory) -> list[dict]:
-    # the base temp dir's parent is shared by all xdist workers of one run
-    root = tmp_path_factory.getbasetemp().parent / "lowrank_geom_distributed"
+    # under xdist, the base temp dir's parent is shared by all workers of one run (and only them)
+    base = tmp_path_factory.getbasetemp()
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    root = (base.parent / f"lowrank_geom_distributed_{run}") if run else (base / "lowrank_geom_distributed")
     root.mkdir(exist_ok=True)
     with open(root / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -133,3 +136,15 @@ def test_distributed_module_keeps_working_without_a_process_group():
     (a @ b.T).square().sum().backward()
     opt.step()
     assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("strategy", ["_test_gram_scaled_gd", "lora_rite", "scaled_gd"])
+def test_peft_recipe_with_fully_shard(_results, strategy):
+    for v in scenario(_results, "peft"):
+        if "skipped" in v:
+            pytest.skip(v["skipped"])
+        res = v[strategy]
+        assert "error" not in res, res.get("error")
+        # lora_B.weight (out×r) keeps Shard(0); lora_A.weight (r×in) is sharded Shard(1)
+        assert res["placements"][:2] == ["(Shard(dim=0),)", "(Shard(dim=1),)"]
+        assert res["max_rel_err"] <= TOL

@@ -383,13 +383,67 @@ def checkpoint_resume(rank: int, world: int) -> dict:
     return dict(bit_identical=same, state_kinds=state_kinds)
 
 
+def peft_recipe(rank: int, world: int) -> dict:
+    """The documented recipe: a PEFT model, ``row_shard_placement`` for ``fully_shard``, then
+    ``lora_pairs`` of the sharded model; 20 steps vs the same model in one process."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        return dict(skipped="peft is not installed")
+    from torch.distributed.fsdp import fully_shard
+
+    from lowrank_geom import LowRankOptimizer
+    from lowrank_geom.distributed import row_shard_placement
+    from lowrank_geom.peft import lora_pairs
+
+    def build():
+        torch.manual_seed(0)
+        base = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5)).to(DTYPE)
+        return get_peft_model(base, LoraConfig(r=2, lora_alpha=2, target_modules=["0", "2"]))
+
+    def data(k, step):
+        g = torch.Generator().manual_seed(100 * step + k)
+        return torch.randn(4, 6, generator=g, dtype=DTYPE), torch.randn(4, 5, generator=g, dtype=DTYPE)
+
+    def loss(model, k, step):
+        x, y = data(k, step)
+        return (model(x) - y).square().mean()
+
+    out = {}
+    for strategy, hp in (("_test_gram_scaled_gd", dict(lr=5e-2)), ("lora_rite", dict(lr=2e-2)), ("scaled_gd", dict(lr=5e-2))):
+        try:
+            ref_model = build()
+            ref_opt = LowRankOptimizer(lora_pairs(ref_model), strategy=strategy, **hp)
+            model = build()
+            fully_shard(model, shard_placement_fn=row_shard_placement(lora_pairs(model)))
+            pairs = lora_pairs(model)  # after fully_shard: the DTensor parameters
+            opt = LowRankOptimizer(pairs, strategy=strategy, **hp)
+            worst = 0.0
+            for step in range(STEPS):
+                ref_opt.zero_grad()
+                (sum(loss(ref_model, k, step) for k in range(world)) / world).backward()
+                ref_opt.step()
+                opt.zero_grad()
+                loss(model, rank, step).backward()
+                opt.step()
+                for p, q in zip(lora_pairs(model), lora_pairs(ref_model)):
+                    worst = max(worst, rel_err(p.a.full_tensor().detach(), q.a.detach()))
+                    worst = max(worst, rel_err(p.b.full_tensor().detach(), q.b.detach()))
+            out[strategy] = dict(
+                max_rel_err=worst, placements=[str(tuple(t.placements)) for p in pairs for t in (p.a, p.b)]
+            )
+        except Exception as err:  # noqa: BLE001 - reported per strategy
+            out[strategy] = dict(error=f"{type(err).__name__}: {err}")
+    return out
+
+
 def scenarios() -> list[tuple[str, Callable[[int, int], dict]]]:
     out = []
     for label, strategy, hp in STRATEGIES:
         out.append((f"fsdp_{label}", lambda rank, world, s=strategy, h=hp: fsdp_trajectory(rank, world, s, h)))
     for label, strategy, hp in DDP_STRATEGIES:
         out.append((f"ddp_{label}", lambda rank, world, s=strategy, h=hp: ddp_trajectory(rank, world, s, h)))
-    out += [("errors", layout_errors), ("nonfinite", nonfinite_skip), ("checkpoint", checkpoint_resume)]
+    out += [("errors", layout_errors), ("nonfinite", nonfinite_skip), ("checkpoint", checkpoint_resume), ("peft", peft_recipe)]
     return out
 
 
