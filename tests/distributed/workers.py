@@ -470,7 +470,46 @@ def run_all(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":  # python -m tests.distributed.workers OUT_DIR: run by hand
+def comm_volume(rank: int, world: int, strategy: str, layers: int, hidden: int, r: int, steps: int = 3) -> dict:
+    """All-reduced bytes per optimizer step for ``4·layers`` pairs ``hidden×r``, ``hidden×r`` (FSDP2)."""
+    from lowrank_geom import LowRankOptimizer
+
+    specs = [(hidden, hidden, r, True, True)] * (4 * layers)
+    model = _fsdp_model(specs)
+    opt = LowRankOptimizer(lora_pairs_of(specs, list(model.factors)), strategy=strategy, lr=1e-3)
+    tgts, logs = targets(specs), []
+    for step in range(steps):
+        opt.zero_grad()
+        model(tgts, weights(specs, rank, step)).backward()
+        with count_collectives() as log:
+            opt.step()
+        logs.append(log)
+    nbytes = sum(logs[-1]["all_reduce_bytes"])
+    return dict(
+        strategy=strategy, pairs=len(specs), rows=hidden, r=r, bytes_per_step=nbytes,
+        calls_per_step=len(logs[-1]["all_reduce_bytes"]), other=sorted({o for c in logs for o in c["other"]}),
+        param_bytes=sum((m + n) * rr for m, n, rr, *_ in specs) * 8,
+    )
+
+
+def _summary(rank: int, world: int, init_file: str, out_dir: str, strategies: list[str]) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    register_test_strategy()
+    rows = []
+    for strategy in strategies:
+        try:
+            rows.append(comm_volume(rank, world, strategy, layers=8, hidden=1024, r=16))
+        except Exception as err:  # noqa: BLE001
+            rows.append(dict(strategy=strategy, error=f"{type(err).__name__}: {str(err)[:120]}"))
+    if rank == 0:
+        Path(out_dir, "summary.json").write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # python -m tests.distributed.workers [OUT_DIR]: all-reduce volume per step
     import sys
     import tempfile
 
@@ -478,5 +517,16 @@ if __name__ == "__main__":  # python -m tests.distributed.workers OUT_DIR: run b
 
     out = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp()
     os.makedirs(out, exist_ok=True)
-    mp.spawn(run_all, args=(2, os.path.join(out, "init"), out), nprocs=2)
-    print(Path(out, "rank0.json").read_text())
+    names = ["lora_rite", "scaled_gd", "_test_gram_scaled_gd"]
+    mp.spawn(_summary, args=(2, os.path.join(out, "init"), out, names), nprocs=2)
+    print("FSDP2, 2 gloo processes, float64; each pair A: rows×r (Shard(0)), B stored r×rows (Shard(1))")
+    print(f"{'strategy':22} {'pairs':>5} {'rows':>5} {'r':>3} {'all-reduced B/step':>18} {'calls':>5} {'param B':>10} {'ratio':>8}")
+    for row in json.loads(Path(out, "summary.json").read_text()):
+        if "error" in row:
+            print(f"{row['strategy']:22} {row['error']}")
+            continue
+        print(
+            f"{row['strategy']:22} {row['pairs']:>5} {row['rows']:>5} {row['r']:>3} {row['bytes_per_step']:>18,} "
+            f"{row['calls_per_step']:>5} {row['param_bytes']:>10,} {row['bytes_per_step'] / row['param_bytes']:>8.2e}"
+            + (f"  other collectives: {row['other']}" if row["other"] else "")
+        )
