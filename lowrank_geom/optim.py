@@ -223,6 +223,7 @@ class LowRankOptimizer(Optimizer):
             # The key has the global shapes: same-layout pairs then have same-shape local shards
             # on every rank, and every rank forms the same buckets (so the same collectives).
             layout = distributed.pair_layout(LoRAPair(a, b, ad, bd), name)
+            distributed.check_strategy(layout, strat, name)  # parameters may be swapped after init
             loc = distributed.local_pair(a, b, layout, name)
             key = (tuple(a.shape), ad % a.ndim, tuple(b.shape), bd % b.ndim, a.dtype, a.device, layout)
             buckets[key].append((a, b, name, loc))

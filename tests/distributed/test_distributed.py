@@ -147,4 +147,5 @@ def test_peft_recipe_with_fully_shard(_results, strategy):
         assert "error" not in res, res.get("error")
         # lora_B.weight (out×r) keeps Shard(0); lora_A.weight (r×in) is sharded Shard(1)
         assert res["placements"][:2] == ["(Shard(dim=0),)", "(Shard(dim=1),)"]
+        assert len(res["fallback"]) == 2  # the two biases, as DTensors in the AdamW fallback group
         assert res["max_rel_err"] <= TOL

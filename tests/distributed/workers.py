@@ -394,12 +394,18 @@ def peft_recipe(rank: int, world: int) -> dict:
 
     from lowrank_geom import LowRankOptimizer
     from lowrank_geom.distributed import row_shard_placement
-    from lowrank_geom.peft import lora_pairs
+    from lowrank_geom.peft import lora_pairs, non_pair_parameters
 
     def build():
         torch.manual_seed(0)
         base = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5)).to(DTYPE)
-        return get_peft_model(base, LoraConfig(r=2, lora_alpha=2, target_modules=["0", "2"]))
+        # bias="lora_only": the LoRA layers' biases train too, in the AdamW fallback group
+        return get_peft_model(base, LoraConfig(r=2, lora_alpha=2, target_modules=["0", "2"], bias="lora_only"))
+
+    def optimizer(model, strategy, hp):
+        pairs = lora_pairs(model)
+        rest = non_pair_parameters(model, pairs)
+        return LowRankOptimizer([{"pairs": pairs}, {"params": rest, "lr": 1e-2}], strategy=strategy, **hp), rest
 
     def data(k, step):
         g = torch.Generator().manual_seed(100 * step + k)
@@ -413,11 +419,11 @@ def peft_recipe(rank: int, world: int) -> dict:
     for strategy, hp in (("_test_gram_scaled_gd", dict(lr=5e-2)), ("lora_rite", dict(lr=2e-2)), ("scaled_gd", dict(lr=5e-2))):
         try:
             ref_model = build()
-            ref_opt = LowRankOptimizer(lora_pairs(ref_model), strategy=strategy, **hp)
+            ref_opt, ref_rest = optimizer(ref_model, strategy, hp)
             model = build()
             fully_shard(model, shard_placement_fn=row_shard_placement(lora_pairs(model)))
-            pairs = lora_pairs(model)  # after fully_shard: the DTensor parameters
-            opt = LowRankOptimizer(pairs, strategy=strategy, **hp)
+            opt, rest = optimizer(model, strategy, hp)  # after fully_shard: the DTensor parameters
+            pairs = lora_pairs(model)
             worst = 0.0
             for step in range(STEPS):
                 ref_opt.zero_grad()
@@ -429,7 +435,10 @@ def peft_recipe(rank: int, world: int) -> dict:
                 for p, q in zip(lora_pairs(model), lora_pairs(ref_model)):
                     worst = max(worst, rel_err(p.a.full_tensor().detach(), q.a.detach()))
                     worst = max(worst, rel_err(p.b.full_tensor().detach(), q.b.detach()))
+                for p, q in zip(rest, ref_rest):
+                    worst = max(worst, rel_err(p.full_tensor().detach(), q.detach()))
             out[strategy] = dict(
+                fallback=[str(tuple(p.placements)) for p in rest],
                 max_rel_err=worst, placements=[str(tuple(t.placements)) for p in pairs for t in (p.a, p.b)]
             )
         except Exception as err:  # noqa: BLE001 - reported per strategy
