@@ -149,3 +149,18 @@ def test_peft_recipe_with_fully_shard(_results, strategy):
         assert res["placements"][:2] == ["(Shard(dim=0),)", "(Shard(dim=1),)"]
         assert len(res["fallback"]) == 2  # the two biases, as DTensors in the AdamW fallback group
         assert res["max_rel_err"] <= TOL
+
+
+def test_row_shard_placement_shards_each_factor_on_its_first_row_dim():
+    from torch.distributed.tensor import Shard
+
+    from lowrank_geom import LoRAPair
+    from lowrank_geom.distributed import row_shard_placement
+
+    a = torch.nn.Parameter(torch.zeros(8, 2))        # lora_B.weight: out×r, rank dim 1
+    b = torch.nn.Parameter(torch.zeros(2, 6))        # lora_A.weight: r×in, rank dim 0
+    conv = torch.nn.Parameter(torch.zeros(2, 3, 3, 3))  # conv lora_A: r×in×kh×kw
+    other = torch.nn.Parameter(torch.zeros(4, 4))
+    placement = row_shard_placement([LoRAPair(a, b, 1, 0), LoRAPair(torch.zeros(5, 2), conv, -1, 0)])
+    assert placement(a) == Shard(0) and placement(b) == Shard(1) and placement(conv) == Shard(1)
+    assert placement(other) is None  # FSDP2's default

@@ -210,40 +210,50 @@ def _fsdp_model(specs, placement_fn=None, mesh=None):
     return model
 
 
-def fsdp_trajectory(rank: int, world: int, strategy: str, hp: dict) -> dict:
-    """FSDP2 row-sharded run vs the single-process reference; bytes all-reduced per step."""
+def sharded_run(specs, strategy: str, hp: dict, rank: int, steps: int, after_step=None) -> list[dict]:
+    """``steps`` FSDP2 steps; the collectives of each ``opt.step()`` (``count_collectives`` logs).
+
+    ``after_step(step, params)`` is called after each step with the (DTensor) factors.
+    """
     from lowrank_geom import LowRankOptimizer
 
-    model = _fsdp_model(SPECS)
+    model = _fsdp_model(specs)
     params = list(model.factors)
-    opt = LowRankOptimizer(lora_pairs_of(SPECS, params), strategy=strategy, **hp)
-    ref = reference(SPECS, strategy, hp, world)
-    tgts = targets(SPECS)
-    worst, comm = 0.0, []
-    for step in range(STEPS):
+    opt = LowRankOptimizer(lora_pairs_of(specs, params), strategy=strategy, **hp)
+    tgts, logs = targets(specs), []
+    for step in range(steps):
         opt.zero_grad()
-        model(tgts, weights(SPECS, rank, step)).backward()
+        model(tgts, weights(specs, rank, step)).backward()
         with count_collectives() as log:
             opt.step()
-        comm.append(log)
+        logs.append(log)
+        if after_step is not None:
+            after_step(step, params)
+    return logs
+
+
+def fsdp_trajectory(rank: int, world: int, strategy: str, hp: dict) -> dict:
+    """FSDP2 row-sharded run vs the single-process reference; bytes all-reduced per step."""
+    ref = reference(SPECS, strategy, hp, world)
+    worst, shards = [0.0], {}
+
+    def compare(step, params):
         full = [p.full_tensor().detach() for p in params]
-        worst = max(worst, max(rel_err(x, y) for x, y in zip(full, ref[step])))
+        worst[0] = max(worst[0], max(rel_err(x, y) for x, y in zip(full, ref[step])))
+        shards.update(
+            local_shapes=[tuple(p.to_local().shape) for p in params],
+            placements=[str(tuple(p.placements)) for p in params],
+        )
+
+    comm = sharded_run(SPECS, strategy, hp, rank, STEPS, compare)
     # the same pairs with 8× the rows: a few steps, to compare the all-reduced bytes
-    big = _fsdp_model(BIG_SPECS)
-    opt_big = LowRankOptimizer(lora_pairs_of(BIG_SPECS, list(big.factors)), strategy=strategy, **hp)
-    comm_big = []
-    for step in range(3):
-        opt_big.zero_grad()
-        big(targets(BIG_SPECS), weights(BIG_SPECS, rank, step)).backward()
-        with count_collectives() as log:
-            opt_big.step()
-        comm_big.append(log)
+    comm_big = sharded_run(BIG_SPECS, strategy, hp, rank, 3)
 
     def nbytes(specs):
         return sum((m + n) * r for m, n, r, *_ in specs) * torch.finfo(DTYPE).bits // 8
 
     return dict(
-        max_rel_err=worst,
+        max_rel_err=worst[0],
         bytes_per_step=[sum(c["all_reduce_bytes"]) for c in comm],
         calls_per_step=[len(c["all_reduce_bytes"]) for c in comm],
         other_collectives=sorted({o for c in comm + comm_big for o in c["other"]}),
@@ -252,8 +262,7 @@ def fsdp_trajectory(rank: int, world: int, strategy: str, hp: dict) -> dict:
         param_bytes_big=nbytes(BIG_SPECS),
         pairs=len(SPECS),
         sum_r2=sum(s[2] ** 2 for s in SPECS),
-        local_shapes=[tuple(p.to_local().shape) for p in params],
-        placements=[str(tuple(p.placements)) for p in params],
+        **shards,
     )
 
 
@@ -481,18 +490,8 @@ def run_all(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 def comm_volume(rank: int, world: int, strategy: str, layers: int, hidden: int, r: int, steps: int = 3) -> dict:
     """All-reduced bytes per optimizer step for ``4·layers`` pairs ``hidden×r``, ``hidden×r`` (FSDP2)."""
-    from lowrank_geom import LowRankOptimizer
-
     specs = [(hidden, hidden, r, True, True)] * (4 * layers)
-    model = _fsdp_model(specs)
-    opt = LowRankOptimizer(lora_pairs_of(specs, list(model.factors)), strategy=strategy, lr=1e-3)
-    tgts, logs = targets(specs), []
-    for step in range(steps):
-        opt.zero_grad()
-        model(tgts, weights(specs, rank, step)).backward()
-        with count_collectives() as log:
-            opt.step()
-        logs.append(log)
+    logs = sharded_run(specs, strategy, dict(lr=1e-3), rank, steps)
     nbytes = sum(logs[-1]["all_reduce_bytes"])
     return dict(
         strategy=strategy, pairs=len(specs), rows=hidden, r=r, bytes_per_step=nbytes,
