@@ -14,8 +14,9 @@ driver (:mod:`lowrank_geom.optim`) passes that all-reduce to the strategy as
 
 Supported: both factors of a pair sharded ``Shard(d)`` with ``d`` not the rank dim, on the same
 1-D mesh (uneven shards included: FSDP2 pads, ``to_local()`` does not), or both ``Replicate()``
-DTensors, or both plain tensors; and only with a strategy that declares row-sharding support
-(:func:`supports_row_sharding`). Anything else raises at construction, naming the pair.
+DTensors, or both plain tensors; and only with a strategy (and hyperparameters) that support row
+sharding (:func:`row_sharding_requirements`). Anything else raises at construction, naming the
+pair.
 """
 
 from __future__ import annotations
@@ -27,15 +28,38 @@ import torch
 
 from lowrank_geom.pairs import LoRAPair
 
-#: built-in strategies whose every row sum goes through ``PairBatch.row_reduce`` (checked by
-#: ``tests/distributed``). A strategy can also declare it with a class attribute
-#: ``supports_row_sharding = True``.
-ROW_SHARDED_STRATEGIES: frozenset[str] = frozenset()
+def _lora_rite_on_shards(hp: dict[str, Any]) -> list[str]:
+    # LoRA-RITE's Gram engine routes every Gram and norm through row_reduce; these options still
+    # divide by the shard's own row count (x.shape[-2]) or factorize each shard
+    need = []
+    if hp.get("engine", "gram") != "gram":
+        need.append("engine='gram' (the QR engine factorizes each shard)")
+    if hp.get("row_normalize", False):
+        need.append("row_normalize=False (it divides ∇̄ᵀ∇̄ by the shard's row count)")
+    if hp.get("update_skipping", 0) > 0:
+        need.append("update_skipping=0 (its RMS divides by the shard's row count)")
+    if hp.get("update_capping", 0) > 0:
+        need.append("update_capping=0 (its RMS divides by the shard's row count)")
+    return need
 
 
-def supports_row_sharding(strategy: Any) -> bool:
-    """Whether ``strategy`` may be run on row shards with ``row_reduce`` = an all-reduce."""
-    return bool(getattr(strategy, "supports_row_sharding", False)) or getattr(strategy, "name", None) in ROW_SHARDED_STRATEGIES
+#: built-in strategies that run on row shards, each with a function of the param group's
+#: hyperparameters that returns what must change for that (an empty list: nothing). A strategy
+#: that is correct on row shards for every hyperparameter declares it with a class attribute
+#: ``supports_row_sharding = True`` instead, which takes precedence.
+ROW_SHARDED_STRATEGIES: dict[str, Callable[[dict[str, Any]], list[str]]] = {"lora_rite": _lora_rite_on_shards}
+
+
+def row_sharding_requirements(strategy: Any, hp: dict[str, Any]) -> list[str] | None:
+    """What must change for ``strategy`` with hyperparameters ``hp`` to run on row shards.
+
+    ``[]``: it runs as is (``row_reduce`` completes every row sum); a list of hyperparameter
+    settings it needs; ``None``: it cannot run on row shards at all (e.g. it factorizes each factor).
+    """
+    if getattr(strategy, "supports_row_sharding", False):
+        return []
+    rule = ROW_SHARDED_STRATEGIES.get(getattr(strategy, "name", None))
+    return None if rule is None else rule(hp)
 
 
 def identity(t: torch.Tensor) -> torch.Tensor:
@@ -154,15 +178,25 @@ def _describe(t: torch.Tensor, layout: Layout) -> str:
     return f"a DTensor with placements {layout.placements} on {layout.mesh}"
 
 
-def check_strategy(layout: Layout, strategy: Any, label: str) -> None:
-    """``NotImplementedError`` if ``strategy`` cannot run on the row shards of a pair laid out so."""
-    if layout.kind == "row_sharded" and not supports_row_sharding(strategy):
+def check_strategy(layout: Layout, strategy: Any, hp: dict[str, Any], label: str) -> None:
+    """``NotImplementedError`` if ``strategy`` with ``hp`` cannot run on the row shards of a pair
+    laid out so (a no-op for unsharded layouts)."""
+    if layout.kind != "row_sharded":
+        return
+    need = row_sharding_requirements(strategy, hp)
+    if need is None:
         raise NotImplementedError(
-            f"{label}: its factors are row-sharded DTensors (FSDP2), but strategy "
-            f"{strategy.name!r} does not declare row-sharding support (it may need whole factors, "
-            "e.g. a QR of each factor); use a strategy that does "
-            f"({', '.join(sorted(ROW_SHARDED_STRATEGIES)) or 'none built in yet'}), or keep these "
-            "factors unsharded (DDP, or fully_shard(..., ignored_params=...))"
+            f"{label}: its factors are row-sharded DTensors (FSDP2), but strategy {strategy.name!r} "
+            "does not support row sharding (it may need whole factors, e.g. a QR of each factor); "
+            f"use one that does ({', '.join(sorted(ROW_SHARDED_STRATEGIES))}, or a strategy with "
+            "supports_row_sharding = True), or keep these factors unsharded (DDP, or "
+            "fully_shard(..., ignored_params=...))"
+        )
+    if need:
+        raise NotImplementedError(
+            f"{label}: its factors are row-sharded DTensors (FSDP2); strategy {strategy.name!r} runs on "
+            f"row shards only with {'; '.join(need)}. Set these in the optimizer or the param group, "
+            "or keep these factors unsharded (DDP)"
         )
 
 

@@ -154,7 +154,7 @@ class LowRankOptimizer(Optimizer):
             rank_dims.append([pair.a_rank_dim, pair.b_rank_dim])
             names.append(label)
         for layout, label in layouts:  # after every pair's layout is known to be valid
-            distributed.check_strategy(layout, strat, label)
+            distributed.check_strategy(layout, strat, group, label)
         group.update(params=params, rank_dims=rank_dims, pair_names=names)
         return group
 
@@ -223,7 +223,7 @@ class LowRankOptimizer(Optimizer):
             # The key has the global shapes: same-layout pairs then have same-shape local shards
             # on every rank, and every rank forms the same buckets (so the same collectives).
             layout = distributed.pair_layout(LoRAPair(a, b, ad, bd), name)
-            distributed.check_strategy(layout, strat, name)  # parameters may be swapped after init
+            distributed.check_strategy(layout, strat, group, name)  # parameters or hp may change after init
             loc = distributed.local_pair(a, b, layout, name)
             key = (tuple(a.shape), ad % a.ndim, tuple(b.shape), bd % b.ndim, a.dtype, a.device, layout)
             buckets[key].append((a, b, name, loc))

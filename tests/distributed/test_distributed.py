@@ -70,6 +70,7 @@ def test_fsdp_row_sharded_trajectory_equals_single_process(_results, label):
     values = scenario(_results, f"fsdp_{label}")
     for rank, v in enumerate(values):
         assert v["max_rel_err"] <= TOL, f"rank {rank}: max relative error {v['max_rel_err']:.3g} over {workers.STEPS} steps"
+        assert v["every_factor_moved"]
     # the set-up really has uneven shards, an empty shard and a Shard(1) (lora_A-style) factor
     shapes = [v["local_shapes"] for v in values]
     assert shapes[0] != shapes[1] and [0, 1] in shapes[1]
@@ -108,7 +109,7 @@ def test_unsupported_layouts_raise_clear_errors(_results):
         assert v["mixed"]["type"] == "ValueError" and "laid out alike" in v["mixed"]["message"]
         strat = v["strategy"]
         assert strat["type"] == "NotImplementedError"
-        assert "'one_sided_adagrad' does not declare row-sharding support" in strat["message"]
+        assert "'one_sided_adagrad' does not support row sharding" in strat["message"]
 
 
 def test_nonfinite_gradient_on_one_shard_skips_the_pair_on_every_rank(_results):
@@ -138,7 +139,7 @@ def test_distributed_module_keeps_working_without_a_process_group():
     assert not torch.distributed.is_initialized()
 
 
-@pytest.mark.parametrize("strategy", ["_test_gram_scaled_gd", "lora_rite", "scaled_gd"])
+@pytest.mark.parametrize("strategy", [name for name, _ in workers.PEFT_STRATEGIES])
 def test_peft_recipe_with_fully_shard(_results, strategy):
     for v in scenario(_results, "peft"):
         if "skipped" in v:
@@ -164,3 +165,17 @@ def test_row_shard_placement_shards_each_factor_on_its_first_row_dim():
     placement = row_shard_placement([LoRAPair(a, b, 1, 0), LoRAPair(torch.zeros(5, 2), conv, -1, 0)])
     assert placement(a) == Shard(0) and placement(b) == Shard(1) and placement(conv) == Shard(1)
     assert placement(other) is None  # FSDP2's default
+
+
+def test_row_sharding_requirements_name_the_hyperparameters():
+    from lowrank_geom import get_strategy
+    from lowrank_geom.distributed import row_sharding_requirements
+
+    rite = get_strategy("lora_rite")
+    defaults = dict(rite.defaults, lr=1e-3)
+    if not getattr(rite, "supports_row_sharding", False):
+        need = " ".join(row_sharding_requirements(rite, defaults))
+        assert "row_normalize=False" in need and "update_skipping=0" in need
+        assert row_sharding_requirements(rite, dict(defaults, **workers.RITE_SHARDABLE)) == []
+        assert "engine='gram'" in " ".join(row_sharding_requirements(rite, dict(defaults, engine="qr")))
+    assert row_sharding_requirements(get_strategy("one_sided_adagrad"), {}) is None
