@@ -505,30 +505,30 @@ def run_all(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def comm_volume(rank: int, world: int, strategy: str, layers: int, hidden: int, r: int, steps: int = 3) -> dict:
+def comm_volume(rank: int, world: int, strategy: str, hp: dict, layers: int, hidden: int, r: int, steps: int = 3) -> dict:
     """All-reduced bytes per optimizer step for ``4·layers`` pairs ``hidden×r``, ``hidden×r`` (FSDP2)."""
     specs = [(hidden, hidden, r, True, True)] * (4 * layers)
-    logs = sharded_run(specs, strategy, dict(lr=1e-3), rank, steps)
+    logs = sharded_run(specs, strategy, dict(hp, lr=1e-3), rank, steps)
     nbytes = sum(logs[-1]["all_reduce_bytes"])
     return dict(
-        strategy=strategy, pairs=len(specs), rows=hidden, r=r, bytes_per_step=nbytes,
+        strategy=strategy + ("+escape" if hp.get("escape") else ""), pairs=len(specs), rows=hidden, r=r, bytes_per_step=nbytes,
         calls_per_step=len(logs[-1]["all_reduce_bytes"]), other=sorted({o for c in logs for o in c["other"]}),
         param_bytes=sum((m + n) * rr for m, n, rr, *_ in specs) * 8,
     )
 
 
-def _summary(rank: int, world: int, init_file: str, out_dir: str, strategies: list[str]) -> None:
+def _summary(rank: int, world: int, init_file: str, out_dir: str, strategies: list[tuple[str, dict]]) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     register_test_strategy()
     rows = []
-    for strategy in strategies:
+    for strategy, hp in strategies:
         try:
-            rows.append(comm_volume(rank, world, strategy, layers=8, hidden=1024, r=16))
+            rows.append(comm_volume(rank, world, strategy, hp, layers=8, hidden=1024, r=16))
         except Exception as err:  # noqa: BLE001
-            rows.append(dict(strategy=strategy, error=f"{type(err).__name__}: {str(err)[:120]}"))
+            rows.append(dict(strategy=strategy, error=f"{type(err).__name__} (not run on shards)"))
     if rank == 0:
         Path(out_dir, "summary.json").write_text(json.dumps(rows))
     dist.destroy_process_group()
@@ -542,7 +542,8 @@ if __name__ == "__main__":  # python -m tests.distributed.workers [OUT_DIR]: all
 
     out = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp()
     os.makedirs(out, exist_ok=True)
-    names = ["lora_rite", "scaled_gd", "_test_gram_scaled_gd"]
+    names = [("lora_rite", RITE_SHARDABLE), ("lora_rite", dict(escape=True, **RITE_SHARDABLE)), ("scaled_gd", {}),
+             ("_test_gram_scaled_gd", {})]
     mp.spawn(_summary, args=(2, os.path.join(out, "init"), out, names), nprocs=2)
     print("FSDP2, 2 gloo processes, float64; each pair A: rows×r (Shard(0)), B stored r×rows (Shard(1))")
     print(f"{'strategy':22} {'pairs':>5} {'rows':>5} {'r':>3} {'all-reduced B/step':>18} {'calls':>5} {'param B':>10} {'ratio':>8}")
