@@ -117,6 +117,11 @@ def test_nonfinite_gradient_on_one_shard_skips_the_pair_on_every_rank(_results):
         assert v["skips"] == 1 and v["pair0_unchanged"] and v["others_moved"]
 
 
+def test_replicated_dtensor_factors_step_like_plain_tensors(_results):
+    for v in scenario(_results, "replicated"):
+        assert v["bit_identical"]
+
+
 def test_per_rank_state_dict_resumes_bit_identically(_results):
     for v in scenario(_results, "checkpoint"):
         assert v["bit_identical"]

@@ -350,6 +350,29 @@ def layout_errors(rank: int, world: int) -> dict:
     return out
 
 
+def replicated_dtensors(rank: int, world: int) -> dict:
+    """``Replicate()`` DTensor factors (with Replicate gradients) step exactly like plain tensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    from lowrank_geom import LowRankOptimizer
+
+    mesh = init_device_mesh("cpu", (world,))
+    init = init_tensors(SPECS[:1])
+    g = torch.Generator().manual_seed(3)
+    grads = [[torch.randn(t.shape, generator=g, dtype=DTYPE) for t in init] for _ in range(3)]
+    plain = [torch.nn.Parameter(t.clone()) for t in init]
+    dts = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Replicate()])) for t in init]
+    opts = [LowRankOptimizer([tuple(ps)], strategy="lora_rite", lr=1e-2) for ps in (plain, dts)]
+    for step_grads in grads:
+        for p, q, gr in zip(plain, dts, step_grads):
+            p.grad = gr.clone()
+            q.grad = distribute_tensor(gr.clone(), mesh, [Replicate()])
+        for opt in opts:
+            opt.step()
+    return dict(bit_identical=all(torch.equal(p.detach(), q.to_local().detach()) for p, q in zip(plain, dts)))
+
+
 def nonfinite_skip(rank: int, world: int) -> dict:
     """A non-finite gradient on one rank's shard only: every rank skips that pair."""
     from lowrank_geom import LowRankOptimizer
@@ -478,7 +501,13 @@ def scenarios() -> list[tuple[str, Callable[[int, int], dict]]]:
         out.append((f"fsdp_{label}", lambda rank, world, s=strategy, h=hp: fsdp_trajectory(rank, world, s, h)))
     for label, strategy, hp in DDP_STRATEGIES:
         out.append((f"ddp_{label}", lambda rank, world, s=strategy, h=hp: ddp_trajectory(rank, world, s, h)))
-    out += [("errors", layout_errors), ("nonfinite", nonfinite_skip), ("checkpoint", checkpoint_resume), ("peft", peft_recipe)]
+    out += [
+        ("errors", layout_errors),
+        ("nonfinite", nonfinite_skip),
+        ("replicated", replicated_dtensors),
+        ("checkpoint", checkpoint_resume),
+        ("peft", peft_recipe),
+    ]
     return out
 
 
