@@ -47,7 +47,12 @@ def _lora_rite_on_shards(hp: dict[str, Any]) -> list[str]:
 #: hyperparameters that returns what must change for that (an empty list: nothing). A strategy
 #: that is correct on row shards for every hyperparameter declares it with a class attribute
 #: ``supports_row_sharding = True`` instead, which takes precedence.
-ROW_SHARDED_STRATEGIES: dict[str, Callable[[dict[str, Any]], list[str]]] = {"lora_rite": _lora_rite_on_shards}
+ROW_SHARDED_STRATEGIES: dict[str, Callable[[dict[str, Any]], list[str]]] = {
+    "lora_rite": _lora_rite_on_shards,
+    # Gram-based (r×r Grams through row_reduce), element-wise otherwise: every hyperparameter
+    "scaled_gd": lambda hp: [],
+    "scaled_adam": lambda hp: [],
+}
 
 
 def row_sharding_requirements(strategy: Any, hp: dict[str, Any]) -> list[str] | None:

@@ -51,6 +51,8 @@ STRATEGIES = [
     # EMA moments, global clipping over the group, norm balancing
     ("lora_rite_ema", "lora_rite", dict(lr=2e-2, balance=True, **RITE_SHARDABLE)),
     ("scaled_gd", "scaled_gd", dict(lr=5e-2)),
+    ("scaled_gd_momentum", "scaled_gd", dict(lr=5e-2, momentum=0.9, delta=1e-3, weight_decay=1e-2)),
+    ("scaled_adam", "scaled_adam", dict(lr=1e-2, delta=1e-3)),
     ("gram_test", "_test_gram_scaled_gd", dict(lr=5e-2)),
 ]
 PEFT_STRATEGIES = [("_test_gram_scaled_gd", dict(lr=5e-2)), ("lora_rite", dict(lr=2e-2, **RITE_SHARDABLE)),
