@@ -28,6 +28,7 @@ import torch
 
 from lowrank_geom.pairs import LoRAPair
 
+
 def _lora_rite_on_shards(hp: dict[str, Any]) -> list[str]:
     # LoRA-RITE's Gram engine routes every Gram and norm through row_reduce; these options still
     # divide by the shard's own row count (x.shape[-2]) or factorize each shard
@@ -68,6 +69,7 @@ def row_sharding_requirements(strategy: Any, hp: dict[str, Any]) -> list[str] | 
 
 
 def identity(t: torch.Tensor) -> torch.Tensor:
+    """``row_reduce`` of unsharded factors: the sum over this process's rows is the whole sum."""
     return t
 
 
