@@ -235,6 +235,18 @@ def local_pair(a: torch.Tensor, b: torch.Tensor, layout: Layout, label: str) -> 
     return LocalPair(a.to_local(), b.to_local(), grads[0], grads[1], reduce)
 
 
+def localize(
+    a: torch.Tensor, b: torch.Tensor, a_rank_dim: int, b_rank_dim: int, label: str, strategy: Any, hp: dict[str, Any]
+) -> tuple[Layout, LocalPair]:
+    """The driver's per-step hook: the pair's layout (validated, with the strategy's support for
+    it) and its local tensors. Plain tensors take a fast path."""
+    if not (is_dtensor(a) or is_dtensor(b)):
+        return LOCAL, LocalPair(a, b, a.grad, b.grad, identity)
+    layout = pair_layout(LoRAPair(a, b, a_rank_dim, b_rank_dim), label)
+    check_strategy(layout, strategy, hp, label)  # parameters or hyperparameters may change after init
+    return layout, local_pair(a, b, layout, label)
+
+
 def row_shard_placement(pairs: Iterable[LoRAPair]) -> Callable[[torch.nn.Parameter], Any]:
     """A ``shard_placement_fn`` for :func:`~torch.distributed.fsdp.fully_shard` that shards every
     factor of ``pairs`` on its first non-rank dim (its rows) and leaves other parameters to

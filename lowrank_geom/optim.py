@@ -222,9 +222,7 @@ class LowRankOptimizer(Optimizer):
             # plain tensors as they are; DTensors (FSDP2) as their local shards, see distributed.py.
             # The key has the global shapes: same-layout pairs then have same-shape local shards
             # on every rank, and every rank forms the same buckets (so the same collectives).
-            layout = distributed.pair_layout(LoRAPair(a, b, ad, bd), name)
-            distributed.check_strategy(layout, strat, group, name)  # parameters or hp may change after init
-            loc = distributed.local_pair(a, b, layout, name)
+            layout, loc = distributed.localize(a, b, ad, bd, name, strat, group)
             key = (tuple(a.shape), ad % a.ndim, tuple(b.shape), bd % b.ndim, a.dtype, a.device, layout)
             buckets[key].append((a, b, name, loc))
         if not buckets:
