@@ -69,7 +69,8 @@ FSDP = [label for label, *_ in workers.STRATEGIES]
 def test_fsdp_row_sharded_trajectory_equals_single_process(_results, label):
     values = scenario(_results, f"fsdp_{label}")
     for rank, v in enumerate(values):
-        assert v["max_rel_err"] <= TOL, f"rank {rank}: max relative error {v['max_rel_err']:.3g} over {workers.STEPS} steps"
+        err = v["max_rel_err"]
+        assert err <= TOL, f"rank {rank}: max relative error {err:.3g} over {workers.STEPS} steps"
         assert v["every_factor_moved"]
     # the set-up really has uneven shards, an empty shard and a Shard(1) (lora_A-style) factor
     shapes = [v["local_shapes"] for v in values]
@@ -115,6 +116,7 @@ def test_unsupported_layouts_raise_clear_errors(_results):
 def test_nonfinite_gradient_on_one_shard_skips_the_pair_on_every_rank(_results):
     for v in scenario(_results, "nonfinite"):
         assert v["skips"] == 1 and v["pair0_unchanged"] and v["others_moved"]
+        assert v["raised"] == "non-finite gradient in pair0"  # nonfinite="raise": on every rank
 
 
 def test_replicated_dtensor_factors_step_like_plain_tensors(_results):

@@ -391,7 +391,21 @@ def nonfinite_skip(rank: int, world: int) -> dict:
         before = [p.full_tensor().detach() for p in params]
         opt.step()
     after = [p.full_tensor().detach() for p in params]
+    # nonfinite="raise": every rank raises, naming the pair, though only rank 1's shard is bad
+    raised = None
+    opt_raise = LowRankOptimizer(
+        lora_pairs_of(SPECS, params), strategy="_test_gram_scaled_gd", lr=5e-2, nonfinite="raise"
+    )
+    opt_raise.zero_grad()
+    model(tgts, weights(SPECS, rank, 2)).backward()
+    if rank == 1:
+        params[0].grad.to_local()[0, 0] = float("nan")
+    try:
+        opt_raise.step()
+    except FloatingPointError as err:
+        raised = str(err)
     return dict(
+        raised=raised,
         skips=opt.nonfinite_skips(),
         pair0_unchanged=bool(torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])),
         others_moved=all(not torch.equal(x, y) for x, y in zip(before[2:], after[2:]) if y.abs().sum() > 0),
@@ -536,13 +550,16 @@ def run_all(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def comm_volume(rank: int, world: int, strategy: str, hp: dict, layers: int, hidden: int, r: int, steps: int = 3) -> dict:
+def comm_volume(
+    rank: int, world: int, strategy: str, hp: dict, layers: int, hidden: int, r: int, steps: int = 3
+) -> dict:
     """All-reduced bytes per optimizer step for ``4·layers`` pairs ``hidden×r``, ``hidden×r`` (FSDP2)."""
     specs = [(hidden, hidden, r, True, True)] * (4 * layers)
     logs = sharded_run(specs, strategy, dict(hp, lr=1e-3), rank, steps)
     nbytes = sum(logs[-1]["all_reduce_bytes"])
     return dict(
-        strategy=strategy + ("+escape" if hp.get("escape") else ""), pairs=len(specs), rows=hidden, r=r, bytes_per_step=nbytes,
+        strategy=strategy + ("+escape" if hp.get("escape") else ""), pairs=len(specs), rows=hidden, r=r,
+        bytes_per_step=nbytes,
         calls_per_step=len(logs[-1]["all_reduce_bytes"]), other=sorted({o for c in logs for o in c["other"]}),
         param_bytes=sum((m + n) * rr for m, n, rr, *_ in specs) * 8,
     )
@@ -577,7 +594,10 @@ if __name__ == "__main__":  # python -m tests.distributed.workers [OUT_DIR]: all
              ("_test_gram_scaled_gd", {})]
     mp.spawn(_summary, args=(2, os.path.join(out, "init"), out, names), nprocs=2)
     print("FSDP2, 2 gloo processes, float64; each pair A: rows×r (Shard(0)), B stored r×rows (Shard(1))")
-    print(f"{'strategy':22} {'pairs':>5} {'rows':>5} {'r':>3} {'all-reduced B/step':>18} {'calls':>5} {'param B':>10} {'ratio':>8}")
+    print(
+        f"{'strategy':22} {'pairs':>5} {'rows':>5} {'r':>3} {'all-reduced B/step':>18} {'calls':>5} "
+        f"{'param B':>10} {'ratio':>8}"
+    )
     for row in json.loads(Path(out, "summary.json").read_text()):
         if "error" in row:
             print(f"{row['strategy']:22} {row['error']}")
