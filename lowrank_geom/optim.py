@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
-from lowrank_geom import fallback
+from lowrank_geom import distributed, fallback
 from lowrank_geom.geometry import compute_dtype
 from lowrank_geom.pairs import LoRAPair, factor_view
 from lowrank_geom.strategies import PairBatch, Strategy, get_strategy
@@ -139,12 +139,13 @@ class LowRankOptimizer(Optimizer):
         strat.validate(group)
         if group["nonfinite"] not in _NONFINITE:
             raise ValueError(f"Invalid nonfinite policy: {group['nonfinite']!r}")
-        params, rank_dims, names = [], [], []
+        params, rank_dims, names, layouts = [], [], [], []
         seen: dict[int, str] = {}
         for i, item in enumerate(raw):
             pair = _as_pair(item, f"param group {index}, pair {i}")
             label = pair.name or f"pair {i} of param group {index}"
             _validate_pair(pair, label)
+            layouts.append((distributed.pair_layout(pair, label), label))
             for t, which in ((pair.a, "A"), (pair.b, "B")):
                 if id(t) in seen:
                     raise ValueError(f"{label}: factor {which} already appears in {seen[id(t)]}")
@@ -152,6 +153,8 @@ class LowRankOptimizer(Optimizer):
             params += [pair.a, pair.b]
             rank_dims.append([pair.a_rank_dim, pair.b_rank_dim])
             names.append(label)
+        for layout, label in layouts:  # after every pair's layout is known to be valid
+            distributed.check_strategy(layout, strat, group, label)
         group.update(params=params, rank_dims=rank_dims, pair_names=names)
         return group
 
@@ -216,20 +219,29 @@ class LowRankOptimizer(Optimizer):
                 )
             if a.grad.is_sparse or b.grad.is_sparse:
                 raise RuntimeError(f"LowRankOptimizer does not support sparse gradients ({name})")
-            key = (tuple(a.shape), ad % a.ndim, tuple(b.shape), bd % b.ndim, a.dtype, a.device)
-            buckets[key].append((a, b, name))
+            # plain tensors as they are; DTensors (FSDP2) as their local shards, see distributed.py.
+            # The key has the global shapes: same-layout pairs then have same-shape local shards
+            # on every rank, and every rank forms the same buckets (so the same collectives).
+            layout, loc = distributed.localize(a, b, ad, bd, name, strat, group)
+            key = (tuple(a.shape), ad % a.ndim, tuple(b.shape), bd % b.ndim, a.dtype, a.device, layout)
+            buckets[key].append((a, b, name, loc))
         if not buckets:
             return
 
         cache = self.__dict__.setdefault("_stacked_state", {})
         batches, members, masks = [], [], []
-        for (_, ad, _, bd, dtype, device), items in buckets.items():
+        for (_, ad, _, bd, dtype, device, _layout), items in buckets.items():
             cdt = compute_dtype(dtype)
+            # the parameters key the state; their local tensors (the parameters themselves unless
+            # DTensors) are read and written
             pa = [it[0] for it in items]
             pb = [it[1] for it in items]
-            for a, b, _ in items:
+            la = [it[3].a for it in items]
+            lb = [it[3].b for it in items]
+            row_reduce = items[0][3].row_reduce
+            for a, b, _, loc in items:
                 if not self.state[a]:
-                    sa, sb = strat.init(factor_view(a, ad).to(cdt), factor_view(b, bd).to(cdt), group)
+                    sa, sb = strat.init(factor_view(loc.a, ad).to(cdt), factor_view(loc.b, bd).to(cdt), group)
                     self.state[a].update(
                         step=torch.zeros((), dtype=torch.float32, device=device),
                         nonfinite_skips=torch.zeros((), dtype=torch.float32, device=device),
@@ -242,14 +254,17 @@ class LowRankOptimizer(Optimizer):
             views = [v for st in (full_a, state_b) for v in st.values()] if hit_a and hit_b else \
                 [v for p in pa + pb for v in self.state[p].values() if isinstance(v, torch.Tensor)]
             ws = _Workspace(self.__dict__.setdefault("_workspaces", {}), tuple(map(id, pa)), views)
-            a_s = _stacked_view(torch.stack(pa, out=ws.empty("a", (len(pa),) + pa[0].shape, dtype, device)), ad).to(cdt)
-            b_s = _stacked_view(torch.stack(pb, out=ws.empty("b", (len(pb),) + pb[0].shape, dtype, device)), bd).to(cdt)
-            ga = [p.grad for p in pa]
-            gb = [p.grad for p in pb]
+            a_s = _stacked_view(torch.stack(la, out=ws.empty("a", (len(la),) + la[0].shape, dtype, device)), ad).to(cdt)
+            b_s = _stacked_view(torch.stack(lb, out=ws.empty("b", (len(lb),) + lb[0].shape, dtype, device)), bd).to(cdt)
+            ga = [it[3].grad_a for it in items]
+            gb = [it[3].grad_b for it in items]
             ga = _stacked_view(torch.stack(ga, out=ws.empty("grad_a", (len(ga),) + ga[0].shape, ga[0].dtype, device)), ad).to(cdt)
             gb = _stacked_view(torch.stack(gb, out=ws.empty("grad_b", (len(gb),) + gb[0].shape, gb[0].dtype, device)), bd).to(cdt)
             # a sum is non-finite iff some entry is (or, for |entries| ~ 1e38, overflows): one pass
             finite = torch.isfinite(ga.sum(dim=(1, 2)) + gb.sum(dim=(1, 2)))
+            if row_reduce is not distributed.identity:
+                # row shards: a pair is skipped on every rank if any rank's shard is non-finite
+                finite = row_reduce((~finite).to(cdt)) == 0
             # one host sync per bucket buys the common all-finite case every masking pass below
             all_finite = bool(finite.all())
             if group["nonfinite"] == "raise" and not all_finite:
@@ -260,17 +275,17 @@ class LowRankOptimizer(Optimizer):
                 ga = torch.where(keep, ga, torch.zeros((), dtype=cdt, device=device))
                 gb = torch.where(keep, gb, torch.zeros((), dtype=cdt, device=device))
             state_a = {k: v for k, v in full_a.items() if k not in ("step", "nonfinite_skips")}
-            batches.append(PairBatch(a_s, b_s, ga, gb, state_a, state_b, full_a["step"], workspace=ws))
-            members.append((pa, pb, ad, bd, full_a))
+            batches.append(PairBatch(a_s, b_s, ga, gb, state_a, state_b, full_a["step"], row_reduce, ws))
+            members.append((pa, pb, la, lb, ad, bd, full_a))
             masks.append(None if all_finite else finite)
 
         updates = strat.update(batches, group)
-        for batch, upd, (pa, pb, ad, bd, full_a), finite in zip(batches, updates, members, masks):
+        for batch, upd, (pa, pb, la, lb, ad, bd, full_a), finite in zip(batches, updates, members, masks):
             delta_a, delta_b, new_a, new_b = upd[:4]
             if finite is None:
                 step, skips = batch.step + 1.0, full_a["nonfinite_skips"]
-                _apply(pa, delta_a, ad, upd.scale, upd.decay)
-                _apply(pb, delta_b, bd, upd.scale, upd.decay)
+                _apply(la, delta_a, ad, upd.scale, upd.decay)
+                _apply(lb, delta_b, bd, upd.scale, upd.decay)
             else:
                 delta_a, delta_b = upd.additive(batch.a, batch.b)
                 keep = finite.view(-1, 1, 1)
@@ -280,8 +295,8 @@ class LowRankOptimizer(Optimizer):
                 new_b = _select_state(finite, new_b, batch.state_b)
                 fin = finite.to(torch.float32)
                 step, skips = batch.step + fin, full_a["nonfinite_skips"] + (1.0 - fin)
-                _apply(pa, delta_a, ad, 1.0, 0.0)
-                _apply(pb, delta_b, bd, 1.0, 0.0)
+                _apply(la, delta_a, ad, 1.0, 0.0)
+                _apply(lb, delta_b, bd, 1.0, 0.0)
             # keys a strategy does not return keep their stacked value
             _install(cache, self.state, pa, "a", {**full_a, **new_a, "step": step, "nonfinite_skips": skips})
             _install(cache, self.state, pb, "b", {**batch.state_b, **new_b})
