@@ -30,18 +30,11 @@ from lowrank_geom.pairs import LoRAPair
 
 
 def _lora_rite_on_shards(hp: dict[str, Any]) -> list[str]:
-    # LoRA-RITE's Gram engine routes every Gram and norm through row_reduce; these options still
-    # divide by the shard's own row count (x.shape[-2]) or factorize each shard
-    need = []
+    # LoRA-RITE's Gram engine routes every Gram, norm and row count through row_reduce; the QR
+    # engine factorizes each factor, which a shard cannot do alone
     if hp.get("engine", "gram") != "gram":
-        need.append("engine='gram' (the QR engine factorizes each shard)")
-    if hp.get("row_normalize", False):
-        need.append("row_normalize=False (it divides ∇̄ᵀ∇̄ by the shard's row count)")
-    if hp.get("update_skipping", 0) > 0:
-        need.append("update_skipping=0 (its RMS divides by the shard's row count)")
-    if hp.get("update_capping", 0) > 0:
-        need.append("update_capping=0 (its RMS divides by the shard's row count)")
-    return need
+        return ["engine='gram' (the QR engine factorizes each shard)"]
+    return []
 
 
 #: built-in strategies that run on row shards, each with a function of the param group's

@@ -159,10 +159,14 @@ def magnified_first_moment(
     return torch.bmm(grad, apply, out=out).baddbmm_(m_mag, keep)
 
 
-def capped_scale(m_mag: torch.Tensor, g_other: torch.Tensor, cap: float, row_reduce) -> torch.Tensor:
-    """Update capping (authors' code): ``1 / max(1, RMS(M̄)/cap)`` with ``‖M̄‖² = tr(M̃ᵀM̃ G_B)``. ``(P,)``."""
+def capped_scale(
+    m_mag: torch.Tensor, g_other: torch.Tensor, cap: float, row_reduce, rows: torch.Tensor | float
+) -> torch.Tensor:
+    """Update capping (authors' code): ``1 / max(1, RMS(M̄)/cap)`` with ``‖M̄‖² = tr(M̃ᵀM̃ G_B)``. ``(P,)``.
+
+    ``rows`` is the factor's global row count (a row shard has fewer)."""
     sq = (gram(m_mag, None, row_reduce) * g_other).sum(dim=(-2, -1)).clamp_min(0.0)
-    rms_m = (sq / (m_mag.shape[-2] * m_mag.shape[-1])).sqrt()
+    rms_m = (sq / (rows * m_mag.shape[-1])).sqrt()
     return 1.0 / torch.clamp(rms_m / cap, min=1.0)
 
 
@@ -242,6 +246,7 @@ class LoRARITEStrategy(Strategy):
 
     name = "lora_rite"
     invariance = "GL(r)"
+    #: the gram engine sums over factor rows only through ``row_reduce`` (FSDP2 row shards)
     defaults = dict(
         betas=(0.9, 0.999),
         eps=1e-6,
@@ -307,7 +312,9 @@ class LoRARITEStrategy(Strategy):
             ):
                 g, c = magnitude_grams(other, other_prev, batch.row_reduce)
                 sides.append(dict(x=x, grad=grad, state=state, g=g, c=c, n=gram(grad, None, batch.row_reduce),
-                                  step=batch.step, tau_dtype=compute_dtype(other.dtype)))
+                                  step=batch.step, tau_dtype=compute_dtype(other.dtype),
+                                  # the factor's global row count (a shard has fewer rows)
+                                  rows=batch.row_reduce(grad.new_tensor(float(grad.shape[-2]), dtype=torch.float64))))
         # Phase 2 (r×r): every side of every batch of one rank in one batch of r×r matrices, so
         # the global clipping norm is one sum and each r×r operation one call.
         by_rank: dict[int, list[int]] = {}
@@ -334,7 +341,7 @@ class LoRARITEStrategy(Strategy):
                 new["magnified_exp_avg"] = m_mag
                 new["previous_factor"] = sd["x"]
                 if hp["update_capping"] > 0:
-                    m_mag = m_mag * expand(capped_scale(m_mag, sd["g"], hp["update_capping"], batch.row_reduce), m_mag)
+                    m_mag = m_mag * expand(capped_scale(m_mag, sd["g"], hp["update_capping"], batch.row_reduce, sd["rows"].to(m_mag.dtype)), m_mag)
                 deltas.append(m_mag)  # δ = −η(M̃ + λX): applied by the driver (PairUpdate.scale, .decay)
                 states.append(new)
             upd = PairUpdate(deltas[0], deltas[1], states[0], states[1], scale=-lr, decay=lr * hp["weight_decay"])
@@ -352,8 +359,7 @@ class LoRARITEStrategy(Strategy):
         t = inverse_magnitude(g, torch.cat([gram_cutoff(sd["g"], sd["tau_dtype"]) for sd in sides]).to(work))
         s_gram = unmagnified_grad_gram(n, t)
         sq = torch.diagonal(s_gram, dim1=-2, dim2=-1).sum(-1)
-        rows = torch.cat([torch.full((c,), float(sd["grad"].shape[-2]), dtype=g.dtype, device=g.device)
-                          for c, sd in zip(counts, sides)])
+        rows = torch.cat([sd["rows"].to(g.dtype).expand(c) for c, sd in zip(counts, sides)])
         thr = hp["update_skipping"]
         keep = skip_mask(sq, rows * g.shape[-1], thr) if thr > 0 else torch.ones_like(sq)
         return dict(g=g, t=t, s_gram=s_gram, keep=keep, rows=rows, counts=counts, sq=(keep * sq).sum())

@@ -180,9 +180,7 @@ def test_row_sharding_requirements_name_the_hyperparameters():
 
     rite = get_strategy("lora_rite")
     defaults = dict(rite.defaults, lr=1e-3)
-    if not getattr(rite, "supports_row_sharding", False):
-        need = " ".join(row_sharding_requirements(rite, defaults))
-        assert "row_normalize=False" in need and "update_skipping=0" in need
-        assert row_sharding_requirements(rite, dict(defaults, **workers.RITE_SHARDABLE)) == []
-        assert "engine='gram'" in " ".join(row_sharding_requirements(rite, dict(defaults, engine="qr")))
+    assert row_sharding_requirements(rite, defaults) == []  # the authors' defaults run on shards
+    assert row_sharding_requirements(rite, dict(defaults, **workers.RITE_SHARDABLE)) == []
+    assert "engine='gram'" in " ".join(row_sharding_requirements(rite, dict(defaults, engine="qr")))
     assert row_sharding_requirements(get_strategy("one_sided_adagrad"), {}) is None
