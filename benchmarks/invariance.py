@@ -219,12 +219,10 @@ def tune_lrs(ctx: RunContext, names: list[str] | None = None) -> dict[str, Any]:
 def run(ctx: RunContext) -> SuiteResult:
     # Tiny matrices: one thread. With two, every small LAPACK/OpenMP call pays a thread hand-off,
     # which costs up to ~25x the whole suite on a 2-core machine that is also running anything else.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    from benchmarks.lowrank_problems import torch_threads
+
+    with torch_threads(1):
         return _run(ctx)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(ctx: RunContext) -> SuiteResult:

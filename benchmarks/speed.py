@@ -292,14 +292,10 @@ def _threads_option(ctx: RunContext) -> int | None:
 def run(ctx: RunContext) -> SuiteResult:
     """Run the suite; ``python -m benchmarks speed --threads N`` times with ``N`` torch threads
     (default: all, except ``quick`` which uses 1)."""
-    threads = torch.get_num_threads()
-    want = _threads_option(ctx) or SIZES[ctx.size].get("threads")
-    if want:
-        torch.set_num_threads(want)
-    try:
+    from benchmarks.lowrank_problems import torch_threads
+
+    with torch_threads(_threads_option(ctx) or SIZES[ctx.size].get("threads") or None):
         return _run(ctx)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(ctx: RunContext) -> SuiteResult:
