@@ -16,6 +16,10 @@ for scalar gauges ``G = sI`` (:func:`~lowrank_geom.geometry.scale_gauge`, ``s �
 and float32. Gauges are applied in float64 and the gauged factors cast to the run's dtype, so in
 float32 the two runs start from ``Z₀`` that already differ by round-off amplified by ``cond(G)``.
 
+Besides every optimizer, :data:`VARIANTS` adds LoRA-RITE with each of its two engines forced
+(``lora_rite[engine=gram]``, ``lora_rite[engine=qr]``; the ``lora_rite`` row is the default
+``engine="auto"``).
+
 The loss (fixed, seeded; the same for every optimizer) is, per pair ``p``,
 ``½·mean(((Z_p − T_p) C_p)²) + 0.1·mean(log cosh Z_p)`` with a random target ``T_p`` and a random
 right-conditioner ``C_p`` (singular values log-spaced in [1/3, 3]): a smooth, non-quadratic function
@@ -56,6 +60,12 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 THRESHOLD = 1e-6
 #: below this relative movement max_t‖Z_t − Z_0‖/‖Z_0‖ the class is "n/a" (nothing to compare)
 MIN_MOVEMENT = 1e-3
+#: LoRA-RITE with each engine forced (the ``lora_rite`` row is the default ``engine="auto"``: QR for
+#: float64, Gram for float32), so both engines' round-off is on the table: row key -> (optimizer, overrides)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lora_rite[engine=gram]": ("lora_rite", {"engine": "gram"}),
+    "lora_rite[engine=qr]": ("lora_rite", {"engine": "qr"}),
+}
 #: the float32 plot draws exact zeros at this floor
 PLOT_FLOOR = 1e-17
 
@@ -66,6 +76,17 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 #: learning-rate sweep used by ``--tune`` (log grid, 2 points per decade)
 TUNE_GRID = (1e-4, 1e2)
+
+
+def entries() -> list[str]:
+    """Row keys of the suite: every optimizer of ``OPTIMIZERS``, then :data:`VARIANTS`."""
+    from benchmarks.optimizers import OPTIMIZERS
+
+    return list(OPTIMIZERS) + list(VARIANTS)
+
+
+def _entry(key: str) -> tuple[str, dict[str, Any]]:
+    return VARIANTS.get(key, (key, {}))
 
 
 def gauge_labels() -> list[str]:
@@ -124,7 +145,8 @@ class Problem:
         return loss
 
 
-def trajectory(name: str, model, factors, loss, steps: int, lr: float | None = None) -> tuple[torch.Tensor, float]:
+def trajectory(name: str, model, factors, loss, steps: int, lr: float | None = None,
+               overrides: dict[str, Any] | None = None) -> tuple[torch.Tensor, float]:
     """``k`` steps of optimizer ``name`` from ``factors``; returns (``Z_t`` stacked as ``(k, Σ m·n)``
     float64, the final loss). A run that raises inside the optimizer (e.g. Shampoo's SVD of a
     non-finite preconditioner) or goes non-finite is *diverged*: its remaining rows are NaN and the
@@ -132,7 +154,7 @@ def trajectory(name: str, model, factors, loss, steps: int, lr: float | None = N
     from benchmarks.optimizers import make_optimizer
 
     model.set_factors(factors)
-    opt = make_optimizer(name, model, suite=SUITE, lr=lr)
+    opt = make_optimizer(name, model, suite=SUITE, lr=lr, **(overrides or {}))
     total = sum(m * n for m, n, _r in model.shapes)
     traj = torch.full((steps, total), math.nan, dtype=torch.float64)
     for t in range(steps):
@@ -233,14 +255,16 @@ def _run(ctx: RunContext) -> SuiteResult:
     size = SIZES[ctx.size]
     problem = Problem(size["shapes"], ctx.seed)
     labels = gauge_labels()
-    jobs = [(name, dt) for name in O.OPTIMIZERS for dt in DTYPES]
-    results: dict[str, dict[str, Any]] = {name: {"gaps": {}, "lr": O.config_lr(name, SUITE)} for name in O.OPTIMIZERS}
+    keys = entries()
+    jobs = [(key, dt) for key in keys for dt in DTYPES]
+    results: dict[str, dict[str, Any]] = {key: {"gaps": {}, "lr": O.config_lr(_entry(key)[0], SUITE)} for key in keys}
     models = {dt: O.PairModel(size["shapes"], dtype=DTYPES[dt], seed=ctx.seed) for dt in DTYPES}
-    for name, dt in progress(jobs, ctx, "invariance", total=len(jobs)):
+    for key, dt in progress(jobs, ctx, "invariance", total=len(jobs)):
+        name, overrides = _entry(key)
         dtype = DTYPES[dt]
         loss = problem.loss_fn(dtype)
         model = models[dt]
-        ref, final = trajectory(name, model, problem.start(None, dtype), loss, size["steps"])
+        ref, final = trajectory(name, model, problem.start(None, dtype), loss, size["steps"], overrides=overrides)
         z0 = torch.cat([z.reshape(-1) for z in (a.to(torch.float64) @ b.to(torch.float64).T
                                                  for a, b in problem.start(None, dtype))])
         movement = torch.linalg.vector_norm(ref - z0, dim=1).max().item() / torch.linalg.vector_norm(z0).item()
@@ -248,22 +272,24 @@ def _run(ctx: RunContext) -> SuiteResult:
         if not math.isfinite(final):
             diverged.append("reference")
         for label in labels:
-            traj, final2 = trajectory(name, model, problem.start(label, dtype), loss, size["steps"])
+            traj, final2 = trajectory(name, model, problem.start(label, dtype), loss, size["steps"], overrides=overrides)
             g = gap(ref, traj)
             if not (math.isfinite(final2) and math.isfinite(g)):
                 diverged.append(label)
             # a diverged run has no meaningful gap: None in the JSON, "diverged" in the table
             gaps[label] = g if math.isfinite(g) else None
-        results[name]["gaps"][dt] = gaps
-        results[name].setdefault("diverged", {})[dt] = diverged
-        results[name].setdefault("movement", {})[dt] = movement if math.isfinite(movement) else None
-        results[name].setdefault("final_loss", {})[dt] = final if math.isfinite(final) else None
+        results[key]["gaps"][dt] = gaps
+        results[key].setdefault("diverged", {})[dt] = diverged
+        results[key].setdefault("movement", {})[dt] = movement if math.isfinite(movement) else None
+        results[key].setdefault("final_loss", {})[dt] = final if math.isfinite(final) else None
+        if overrides:
+            results[key]["overrides"] = overrides
     with torch.no_grad():
         loss0 = float(problem.loss_fn(torch.float64)([a @ b.T for a, b in problem.factors0]))
-    for name in O.OPTIMIZERS:
-        r = results[name]
+    for key in keys:
+        r = results[key]
         r["class"] = classify(r["gaps"]["float64"], r["movement"]["float64"])
-        r["claimed"] = claimed(name)
+        r["claimed"] = claimed(_entry(key)[0])
         r["matches_claim"] = None if r["claimed"] == "—" else (r["claimed"] == r["class"] or
                                                                (r["claimed"] == "none" and r["class"] != "GL(r)"))
 
@@ -281,7 +307,7 @@ def _run(ctx: RunContext) -> SuiteResult:
         metrics["tuning"] = {k: {"best_lr": v["best_lr"], "scores": {str(lr): s for lr, s in v["scores"].items()}}
                              for k, v in tuned.items()}
     config = {"size": ctx.size, **{k: v for k, v in size.items()}, "scales": SCALES, "conds": CONDS,
-              "dtypes": list(DTYPES), "torch_threads": torch.get_num_threads(), "lrs": {n: results[n]["lr"] for n in O.OPTIMIZERS},
+              "dtypes": list(DTYPES), "torch_threads": torch.get_num_threads(), "lrs": {n: results[n]["lr"] for n in keys},
               "loss": "sum_p 0.5*mean(((Z_p - T_p) C_p)^2) + 0.1*mean(logcosh(Z_p))"}
     table = _table(results, labels, size)
     figures = [_plot(results, ctx)]
@@ -289,24 +315,26 @@ def _run(ctx: RunContext) -> SuiteResult:
 
 
 def _table(results: dict[str, Any], labels: list[str], size: dict[str, Any]) -> str:
-    from benchmarks.optimizers import OPTIMIZERS
-
+    names = entries()
     head64 = ["optimizer", "lr"] + [f"f64 {l}" for l in labels] + ["moved", "class (measured)", "claimed"]
     rows64 = []
-    for name in OPTIMIZERS:
+    for name in names:
         r = results[name]
         mark = "" if r["matches_claim"] in (None, True) else " ⚠"
         rows64.append([name, r["lr"]] + [_cell(r["gaps"]["float64"][l]) for l in labels]
                       + [_cell(r["movement"]["float64"]), r["class"] + mark, r["claimed"]])
     head32 = ["optimizer"] + [f"f32 {l}" for l in labels] + ["moved"]
     rows32 = [[name] + [_cell(results[name]["gaps"]["float32"][l]) for l in labels]
-              + [_cell(results[name]["movement"]["float32"])] for name in OPTIMIZERS]
+              + [_cell(results[name]["movement"]["float32"])] for name in names]
     note = (
         f"Relative Z-trajectory gap max_t‖Z_t − Z'_t‖_F / max_t‖Z_t‖_F after {size['steps']} steps between "
         f"(A, B) and (A G, B G⁻ᵀ), pairs (m, n, r) = {size['shapes']}; s = scalar gauge sI, cond = random "
         f"gauge with that condition number (cond=1: orthogonal). 'moved' = max_t‖Z_t − Z_0‖/‖Z_0‖. Class from "
         f"the float64 gaps with threshold {THRESHOLD:g} ('n/a' if moved < {MIN_MOVEMENT:g}); ⚠ = differs from "
-        "the documented claim; 'diverged' = a run raised or went non-finite (no gap)."
+        "the documented claim; 'diverged' = a run raised or went non-finite (no gap). lora_rite runs its "
+        "default engine='auto' (QR for float64, Gram for float32); the lora_rite[engine=…] rows force one "
+        "engine: the Gram engine's float64 gap grows like cond(G)²·u (it works with BᵀB), which is why "
+        "'auto' takes QR for float64."
     )
     return ("### float64\n\n" + markdown_table(head64, rows64) + "\n\n### float32\n\n"
             + markdown_table(head32, rows32) + "\n\n" + note)
@@ -329,15 +357,15 @@ def _plot(results: dict[str, Any], ctx: RunContext) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from benchmarks.optimizers import OPTIMIZERS
-
+    names = entries()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     markers = "os^vD<>pPX*hd"
     for ax, dt in zip(axes, ["float32", "float64"]):
-        for i, name in enumerate(OPTIMIZERS):
+        for i, name in enumerate(names):
             ys = [results[name]["gaps"][dt][f"cond={c:g}"] for c in CONDS]
             ys = [float("nan") if y is None else max(y, PLOT_FLOOR) for y in ys]
-            ax.loglog(CONDS, ys, marker=markers[i % len(markers)], color=_color(i), linestyle="-" if i < 4 else "--",
+            ax.loglog(CONDS, ys, marker=markers[i % len(markers)], color=_color(i),
+                      linestyle="-" if i < 4 else (":" if name in VARIANTS else "--"),
                       label=name)
         ax.axhline(THRESHOLD, color="gray", linewidth=0.8, linestyle=":")
         ax.set_xlabel("cond(G)")

@@ -29,36 +29,42 @@ import torch
 from lowrank_geom.pairs import LoRAPair
 
 
-def _lora_rite_on_shards(hp: dict[str, Any]) -> list[str]:
+def _lora_rite_on_shards(hp: dict[str, Any], dtype: torch.dtype | None) -> list[str]:
     # LoRA-RITE's Gram engine routes every Gram, norm and row count through row_reduce; the QR
     # engine factorizes each factor, which a shard cannot do alone
-    if hp.get("engine", "gram") != "gram":
-        return ["engine='gram' (the QR engine factorizes each shard)"]
+    from lowrank_geom.strategies.lora_rite import resolve_engine
+
+    engine = hp.get("engine", "auto")
+    if resolve_engine(engine, dtype if dtype is not None else torch.float32) != "gram":
+        why = "float64 factors run the QR engine under engine='auto'" if engine == "auto" else \
+            "the QR engine factorizes each factor, which a shard cannot do"
+        return [f"engine='gram' ({why})"]
     return []
 
 
 #: built-in strategies that run on row shards, each with a function of the param group's
-#: hyperparameters that returns what must change for that (an empty list: nothing). A strategy
-#: that is correct on row shards for every hyperparameter declares it with a class attribute
-#: ``supports_row_sharding = True`` instead, which takes precedence.
-ROW_SHARDED_STRATEGIES: dict[str, Callable[[dict[str, Any]], list[str]]] = {
+#: hyperparameters and the factors' dtype that returns what must change for that (an empty list:
+#: nothing). A strategy that is correct on row shards for every hyperparameter declares it with a
+#: class attribute ``supports_row_sharding = True`` instead, which takes precedence.
+ROW_SHARDED_STRATEGIES: dict[str, Callable[[dict[str, Any], torch.dtype | None], list[str]]] = {
     "lora_rite": _lora_rite_on_shards,
     # Gram-based (r×r Grams through row_reduce), element-wise otherwise: every hyperparameter
-    "scaled_gd": lambda hp: [],
-    "scaled_adam": lambda hp: [],
+    "scaled_gd": lambda hp, dtype: [],
+    "scaled_adam": lambda hp, dtype: [],
 }
 
 
-def row_sharding_requirements(strategy: Any, hp: dict[str, Any]) -> list[str] | None:
-    """What must change for ``strategy`` with hyperparameters ``hp`` to run on row shards.
+def row_sharding_requirements(strategy: Any, hp: dict[str, Any], dtype: torch.dtype | None = None) -> list[str] | None:
+    """What must change for ``strategy`` with hyperparameters ``hp`` to run on row shards of ``dtype`` factors.
 
     ``[]``: it runs as is (``row_reduce`` completes every row sum); a list of hyperparameter
     settings it needs; ``None``: it cannot run on row shards at all (e.g. it factorizes each factor).
+    ``dtype`` None: float32.
     """
     if getattr(strategy, "supports_row_sharding", False):
         return []
     rule = ROW_SHARDED_STRATEGIES.get(getattr(strategy, "name", None))
-    return None if rule is None else rule(hp)
+    return None if rule is None else rule(hp, dtype)
 
 
 def identity(t: torch.Tensor) -> torch.Tensor:
@@ -178,12 +184,12 @@ def _describe(t: torch.Tensor, layout: Layout) -> str:
     return f"a DTensor with placements {layout.placements} on {layout.mesh}"
 
 
-def check_strategy(layout: Layout, strategy: Any, hp: dict[str, Any], label: str) -> None:
+def check_strategy(layout: Layout, strategy: Any, hp: dict[str, Any], label: str, dtype: torch.dtype | None = None) -> None:
     """``NotImplementedError`` if ``strategy`` with ``hp`` cannot run on the row shards of a pair
-    laid out so (a no-op for unsharded layouts)."""
+    laid out so, with factors of ``dtype`` (a no-op for unsharded layouts)."""
     if layout.kind != "row_sharded":
         return
-    need = row_sharding_requirements(strategy, hp)
+    need = row_sharding_requirements(strategy, hp, dtype)
     if need is None:
         raise NotImplementedError(
             f"{label}: its factors are row-sharded DTensors (FSDP2), but strategy {strategy.name!r} "
@@ -236,7 +242,7 @@ def localize(
     if not (is_dtensor(a) or is_dtensor(b)):
         return LOCAL, LocalPair(a, b, a.grad, b.grad, identity)
     layout = pair_layout(LoRAPair(a, b, a_rank_dim, b_rank_dim), label)
-    check_strategy(layout, strategy, hp, label)  # parameters or hyperparameters may change after init
+    check_strategy(layout, strategy, hp, label, a.dtype)  # parameters or hyperparameters may change after init
     return layout, local_pair(a, b, layout, label)
 
 

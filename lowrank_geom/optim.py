@@ -145,7 +145,7 @@ class LowRankOptimizer(Optimizer):
             pair = _as_pair(item, f"param group {index}, pair {i}")
             label = pair.name or f"pair {i} of param group {index}"
             _validate_pair(pair, label)
-            layouts.append((distributed.pair_layout(pair, label), label))
+            layouts.append((distributed.pair_layout(pair, label), label, pair.a.dtype))
             for t, which in ((pair.a, "A"), (pair.b, "B")):
                 if id(t) in seen:
                     raise ValueError(f"{label}: factor {which} already appears in {seen[id(t)]}")
@@ -153,8 +153,8 @@ class LowRankOptimizer(Optimizer):
             params += [pair.a, pair.b]
             rank_dims.append([pair.a_rank_dim, pair.b_rank_dim])
             names.append(label)
-        for layout, label in layouts:  # after every pair's layout is known to be valid
-            distributed.check_strategy(layout, strat, group, label)
+        for layout, label, dtype in layouts:  # after every pair's layout is known to be valid
+            distributed.check_strategy(layout, strat, group, label, dtype)
         group.update(params=params, rank_dims=rank_dims, pair_names=names)
         return group
 

@@ -183,4 +183,8 @@ def test_row_sharding_requirements_name_the_hyperparameters():
     assert row_sharding_requirements(rite, defaults) == []  # the authors' defaults run on shards
     assert row_sharding_requirements(rite, dict(defaults, **workers.RITE_SHARDABLE)) == []
     assert "engine='gram'" in " ".join(row_sharding_requirements(rite, dict(defaults, engine="qr")))
+    # engine='auto' puts float64 factors on the QR engine: on shards they must ask for the Gram one
+    assert "engine='gram'" in " ".join(row_sharding_requirements(rite, defaults, torch.float64))
+    assert row_sharding_requirements(rite, dict(defaults, engine="gram"), torch.float64) == []
+    assert row_sharding_requirements(rite, defaults, torch.bfloat16) == []
     assert row_sharding_requirements(get_strategy("one_sided_adagrad"), {}) is None

@@ -41,10 +41,12 @@ SPECS = [(7, 5, 3, False, False), (7, 5, 3, False, False), (9, 6, 3, True, True)
 # the same pairs with every row dim 8× larger: the all-reduced bytes must not change
 BIG_SPECS = [(8 * m, 8 * n, r, z, t) for m, n, r, z, t in SPECS]
 # strategies whose sharded trajectories must equal single-process ones: (label, strategy, hp)
-# LoRA-RITE's options whose row counts are still local (see lowrank_geom.distributed), off
-RITE_SHARDABLE = dict(row_normalize=False, update_skipping=0.0)
+# float64 row shards need LoRA-RITE's Gram engine (engine='auto' runs float64 on the QR engine)
+RITE_GRAM = dict(engine="gram")
+# the options with global row counts off, so the other options are checked on their own
+RITE_SHARDABLE = dict(row_normalize=False, update_skipping=0.0, **RITE_GRAM)
 STRATEGIES = [
-    ("lora_rite", "lora_rite", dict(lr=2e-2)),  # the authors' defaults
+    ("lora_rite", "lora_rite", dict(lr=2e-2, **RITE_GRAM)),  # the authors' defaults
     # the paper's Algorithm 1 (escaped mass, summed second moment, no clipping)
     ("lora_rite_alg1", "lora_rite", dict(lr=2e-2, escape=True, second_moment="sum", bias_correction=False,
                                          clip_unmagnified_grad=0.0, **RITE_SHARDABLE)),

@@ -25,7 +25,7 @@ from tests.reference.problems import linear_problem, quadratic_problem, zero_ini
 from tests.reference.scaled import run_scaled_adam, run_scaled_gd
 
 STEPS = 50
-# The gram engine (LoRA-RITE's default) keeps its moments magnified: M̃ = M̄ R⁻ᵀ and W = R⁻¹ V̄ R⁻ᵀ
+# The gram engine (LoRA-RITE's default for float32/bf16) keeps its moments magnified: M̃ = M̄ R⁻ᵀ and W = R⁻¹ V̄ R⁻ᵀ
 # with R the magnitude of the *other* factor at that step. The test converts them back with the
 # reference's own R (M̄ = M̃ Rᵀ, V̄ = R W Rᵀ); the reference and the tolerance are unchanged.
 MAGNIFIED = {"magnified_exp_avg": "M", "magnified_second_moment": "V"}
@@ -42,18 +42,25 @@ PAPER_RITE = dict(escape=True, second_moment="sum", bias_correction=False, row_n
 
 # (case id, strategy, reference runner, hyperparameters, {package state key: (factor, reference key)})
 RITE_STATE = {"exp_avg": "M", "second_moment": "V"}
+GRAM = dict(engine="gram")
 CASES = [
+    # the default engine ("auto") is the QR engine on these float64 factors
     ("lora_rite", "lora_rite", run_lora_rite, dict(lr=0.05), RITE_STATE),
     ("lora_rite_paper", "lora_rite", run_lora_rite, dict(lr=0.05, betas=(0.9, 0.999), **PAPER_RITE),
      dict(RITE_STATE, escaped_mass="rho")),
-    ("lora_rite_ema_escape", "lora_rite", run_lora_rite, dict(lr=0.05, escape=True), dict(RITE_STATE, escaped_mass="rho")),
-    ("lora_rite_options", "lora_rite", run_lora_rite,
-     dict(lr=0.05, weight_decay=0.1, update_capping=0.02, balance=True, clip_unmagnified_grad=0.5), RITE_STATE),
     ("lora_rite_polar", "lora_rite", run_lora_rite, dict(lr=0.05, basis="polar"), RITE_STATE),
-    ("lora_rite_qr_engine", "lora_rite", run_lora_rite, dict(lr=0.05, engine="qr"), RITE_STATE),
-    ("lora_rite_qr_engine_paper", "lora_rite", run_lora_rite, dict(lr=0.05, engine="qr", **PAPER_RITE),
+    ("lora_rite_gram_engine", "lora_rite", run_lora_rite, dict(lr=0.05, **GRAM), RITE_STATE),
+    ("lora_rite_gram_engine_paper", "lora_rite", run_lora_rite, dict(lr=0.05, betas=(0.9, 0.999), **PAPER_RITE, **GRAM),
      dict(RITE_STATE, escaped_mass="rho")),
-    ("lora_rite_qr_engine_polar", "lora_rite", run_lora_rite, dict(lr=0.05, engine="qr", basis="polar"), RITE_STATE),
+    ("lora_rite_gram_engine_ema_escape", "lora_rite", run_lora_rite, dict(lr=0.05, escape=True, **GRAM),
+     dict(RITE_STATE, escaped_mass="rho")),
+    ("lora_rite_gram_engine_options", "lora_rite", run_lora_rite,
+     dict(lr=0.05, weight_decay=0.1, update_capping=0.02, balance=True, clip_unmagnified_grad=0.5, **GRAM), RITE_STATE),
+    ("lora_rite_qr_engine_ema_escape", "lora_rite", run_lora_rite, dict(lr=0.05, escape=True, engine="qr"),
+     dict(RITE_STATE, escaped_mass="rho")),
+    ("lora_rite_qr_engine_options", "lora_rite", run_lora_rite,
+     dict(lr=0.05, weight_decay=0.1, update_capping=0.02, balance=True, clip_unmagnified_grad=0.5, engine="qr"),
+     RITE_STATE),
     ("scaled_gd", "scaled_gd", run_scaled_gd, dict(lr=0.05), {}),
     ("scaled_gd_momentum", "scaled_gd", run_scaled_gd, dict(lr=0.05, momentum=0.9, weight_decay=0.01),
      {"momentum_buffer": "buf"}),
@@ -96,7 +103,7 @@ def test_every_step_and_state_variable_matches_the_reference(case, problem):
             where = f"step {t}, pair {i}"
             close(a.detach(), rec["A"], f"{where}, A")
             close(b.detach(), rec["B"], f"{where}, B")
-            gram_engine = strategy == "lora_rite" and hp.get("engine", "gram") == "gram"
+            gram_engine = strategy == "lora_rite" and hp.get("engine") == "gram"
             for key, ref_key in state_keys.items():
                 for x, side, other in ((a, "A", "B"), (b, "B", "A")):
                     if gram_engine and key in RITE_STATE:

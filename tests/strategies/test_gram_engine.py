@@ -56,7 +56,7 @@ SHAPES = [(12, 9, 3)] * 3 + [(7, 10, 2)] * 2
                          ids=["defaults", "paper", "options"])
 def test_gram_engine_equals_the_qr_engine(hp, peft_layout):
     factors, targets = _problem(0, SHAPES)
-    fast = _run(factors, targets, 20, peft_layout=peft_layout, **hp)
+    fast = _run(factors, targets, 20, peft_layout=peft_layout, engine="gram", **hp)
     slow = _run(factors, targets, 20, peft_layout=peft_layout, engine="qr", **hp)
     moved = max((z - a @ b.T).abs().max().item() for z, (a, b) in zip(fast, factors))
     assert moved > 1e-2
@@ -64,13 +64,16 @@ def test_gram_engine_equals_the_qr_engine(hp, peft_layout):
         torch.testing.assert_close(z1, z2, rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("strategy", ["lora_rite", "scaled_gd", "scaled_adam"])
+@pytest.mark.parametrize("strategy", ["lora_rite", "lora_rite_qr", "scaled_gd", "scaled_adam"])
 def test_batched_step_equals_one_optimizer_per_pair(strategy):
     """Stacking same-shape pairs (and all their r×r work) changes nothing but round-off. Global
     clipping couples the pairs of a group, so it is off here; pairs drop in and out of having
     gradients, so stacks of different member lists and the driver's rotating buffers alternate."""
     factors, targets = _problem(1, SHAPES)
-    hp = dict(clip_unmagnified_grad=0.0) if strategy == "lora_rite" else {}
+    hp = {}
+    if strategy.startswith("lora_rite"):
+        hp = dict(clip_unmagnified_grad=0.0, engine="qr" if strategy == "lora_rite_qr" else "gram")
+        strategy = "lora_rite"
     mask = lambda t, i: (t + i) % 3 != 0  # noqa: E731
     for peft_layout in (False, True):
         batched = _run(factors, targets, 15, peft_layout=peft_layout, grads_mask=mask, strategy=strategy, **hp)
@@ -127,9 +130,45 @@ def test_zero_and_rank_deficient_factors_step_like_the_qr_engine():
     a = torch.zeros(10, 3, dtype=torch.float64)
     b = torch.randn(8, 3, generator=g, dtype=torch.float64)
     targets = [0.3 * torch.randn(10, 8, generator=g, dtype=torch.float64)]
-    fast = _run([(a, b)], targets, 10)
+    fast = _run([(a, b)], targets, 10, engine="gram")
     slow = _run([(a, b)], targets, 10, engine="qr")
     torch.testing.assert_close(fast[0], slow[0], rtol=1e-9, atol=1e-11)
     rank_one = torch.randn(10, 1, generator=g, dtype=torch.float64) @ torch.randn(1, 3, generator=g, dtype=torch.float64)
-    out = _run([(rank_one, b)], targets, 5)
+    out = _run([(rank_one, b)], targets, 5, engine="gram")
     assert torch.isfinite(out[0]).all()
+
+
+def test_auto_engine_is_qr_for_float64_and_gram_otherwise():
+    """``engine="auto"`` picks per dtype; the state keys say which engine built them."""
+    from lowrank_geom.strategies.lora_rite import resolve_engine
+
+    assert resolve_engine("auto", torch.float64) == "qr"
+    assert resolve_engine("auto", torch.float32) == resolve_engine("auto", torch.bfloat16) == "gram"
+    assert resolve_engine("gram", torch.float64) == "gram" and resolve_engine("qr", torch.float32) == "qr"
+    for dtype, key in ((torch.float64, "exp_avg"), (torch.float32, "magnified_exp_avg"), (torch.bfloat16, "magnified_exp_avg")):
+        a = torch.randn(6, 2, dtype=dtype, requires_grad=True)
+        b = torch.randn(5, 2, dtype=dtype, requires_grad=True)
+        opt = LowRankOptimizer([(a, b)], strategy="lora_rite", lr=1e-2)
+        (a @ b.T).square().sum().backward()
+        opt.step()
+        assert key in opt.state[a], (dtype, sorted(opt.state[a]))
+
+
+def test_a_group_mixing_engines_or_a_state_of_the_other_engine_is_refused():
+    g = torch.Generator().manual_seed(3)
+    pairs = [(torch.randn(6, 2, generator=g, dtype=dt).requires_grad_(), torch.randn(5, 2, generator=g, dtype=dt).requires_grad_())
+             for dt in (torch.float64, torch.float32)]
+    opt = LowRankOptimizer(pairs, strategy="lora_rite", lr=1e-2)
+    for a, b in pairs:
+        (a @ b.T).square().sum().backward()
+    with pytest.raises(ValueError, match="both engines"):
+        opt.step()
+    # explicit engine: one engine for the group, fine
+    LowRankOptimizer(pairs, strategy="lora_rite", lr=1e-2, engine="gram").step()
+
+    a, b = pairs[0]
+    opt = LowRankOptimizer([(a, b)], strategy="lora_rite", lr=1e-2)  # float64: QR engine state
+    opt.step()
+    opt.param_groups[0]["engine"] = "gram"
+    with pytest.raises(ValueError, match="state was built by engine='qr'"):
+        opt.step()
