@@ -38,7 +38,8 @@ feed are reported as unreliable.
 Sizes (wall time on this idle 2-core CPU): ``quick`` a tiny set (4 layers, hidden 128, kv 32, r 8;
 one thread; ≈3 s plus imports), ``default`` Gemma-2B shapes at r ∈ {8, 16, 64}, the 7B set at
 r = 16 and the m sweep to 2048, ``full`` adds Shampoo's 1-layer subset at every r and m = 4096,
-with ``min_run_time`` 1 s. Run-to-run spread of the
+with ``min_run_time`` 1 s, and the compiled step. ``--compile`` (any size whose main set has
+r = 16) also times ``lora_rite``, ``scaled_gd`` and ``scaled_adam`` with ``compile=True`` there. Run-to-run spread of the
 medians on this shared VM is up to ±30 % (Adam(foreach) on Gemma r=16 measured 8.5–14 ms).
 """
 
@@ -82,6 +83,7 @@ SIZES: dict[str, dict[str, Any]] = {
         m_sweep=dict(ms=[256, 512, 1024, 2048, 4096], r=16, pairs=8),
         min_run_time=1.0,
         shampoo=dict(layers=1, ranks=[8, 16, 64], max_dim=1024, sets=["gemma-2b"]),
+        compile=True,
     ),
 }
 
@@ -214,12 +216,13 @@ class ParamSet:
         return params
 
 
-def measure(name: str, ps: ParamSet, min_run_time: float) -> dict[str, Any]:
-    """Median step time (ms) and exact state bytes of optimizer ``name`` on ``ps``."""
+def measure(name: str, ps: ParamSet, min_run_time: float, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Median step time (ms) and exact state bytes of optimizer ``name`` (config kwargs replaced by
+    ``overrides``) on ``ps``; the untimed warm-up step includes any compilation (``warmup_s``)."""
     from benchmarks.optimizers import make_optimizer, state_bytes
 
     params = ps.reset()
-    opt = make_optimizer(name, ps.model, suite=SUITE)
+    opt = make_optimizer(name, ps.model, suite=SUITE, **(overrides or {}))
     device = ps.device
     restore = name in MUTATES_GRAD
     grads = [p.grad for p in params]
@@ -276,6 +279,16 @@ def _shampoo_plan(size: dict[str, Any], set_name: str, spec: dict[str, Any], r: 
         return "subset", sh["layers"]
     return "skipped", (f"m×m preconditioners with m = {max_dim} and an SVD of each every step "
                        f"(≈1.6 s per 2048² SVD on this CPU); timed on a 1-layer subset only at r ∈ {sh.get('ranks')}")
+
+
+#: strategies timed again with ``compile=True`` (``--compile``; always at size ``full``), on the
+#: main set at :data:`COMPILE_RANK` only: each new shape costs a compilation of 10–30 s here
+COMPILED = ["lora_rite", "scaled_gd", "scaled_adam"]
+COMPILE_RANK = 16
+
+
+def _compile_option(ctx: RunContext, size: dict[str, Any]) -> bool:
+    return "--compile" in (ctx.options.get("extra") or []) or bool(size.get("compile"))
 
 
 def _threads_option(ctx: RunContext) -> int | None:
@@ -364,6 +377,19 @@ def _run(ctx: RunContext) -> SuiteResult:
                 current = ident
             msweep[name][str(key)] = measure(name, ps, mrt)
     ps = None
+    compiled: dict[str, Any] = {}
+    main_set = next(iter(size["sets"]))
+    if _compile_option(ctx, size) and COMPILE_RANK in size["sets"][main_set]["ranks"]:
+        spec = size["sets"][main_set]
+        ps = ParamSet(layer_shapes(spec["layers"], spec["hidden"], spec["kv"], COMPILE_RANK), ctx.seed, device)
+        eager = sets[main_set][str(COMPILE_RANK)]
+        for name in progress(COMPILED, ctx, "speed (compile=True)", total=len(COMPILED)):
+            res = measure(name, ps, mrt, {"compile": True})
+            res["ratio_to_eager"] = res["ms"] / eager[name]["ms"]
+            res["ratio_to_adam"] = res["ms"] / eager[BASELINE]["ms"]
+            res["contended"] = res["contended"] or eager[name].get("contended") or eager[BASELINE].get("contended")
+            compiled[name] = res
+        ps = None
     load = {"before": list(load_before), "after": list(os.getloadavg()), "cpus": os.cpu_count(),
             "others_cpu_share": whole.share()}
 
@@ -381,11 +407,14 @@ def _run(ctx: RunContext) -> SuiteResult:
 
     metrics = {"sets": sets, "m_sweep": {"r": sweep["r"], "pairs": sweep["pairs"], "results": msweep},
                "targets": targets, "device": str(device), "threads": torch.get_num_threads(),
+               "compiled": {"set": main_set, "r": COMPILE_RANK, "results": compiled} if compiled else None,
                "baseline": "torch.optim.Adam(foreach=True) (config 'adam')", "load_average": load}
     config = {"size": ctx.size, **size, "device": str(device), "dtype": "float32",
               "timer": f"torch.utils.benchmark.Timer.blocked_autorange(min_run_time={mrt}), median, "
                        f"{torch.get_num_threads()} threads"}
     table = _table(sets, msweep, sweep, targets, size, load)
+    if compiled:
+        table = _compiled_table(compiled, main_set) + "\n\n" + table
     figures = _plots(sets, msweep, sweep, ctx)
     return SuiteResult(suite=SUITE, metrics=metrics, config=config, table=table, figures=figures)
 
@@ -413,6 +442,15 @@ def _targets(by_r: dict[str, dict[str, Any]], size: dict[str, Any]) -> list[dict
                         "bound": f"<= {bound}", "value": v, "status": "met" if v <= bound else "missed",
                         "excess_bytes": v - bound})
     return out
+
+
+def _compiled_table(compiled: dict[str, Any], set_name: str) -> str:
+    rows = [[name, _fmt_ms(res), f"{res['ratio_to_eager']:.3g}" + ("†" if res["contended"] else ""),
+             f"{res['ratio_to_adam']:.3g}", f"{res['warmup_s']:.1f}"] for name, res in compiled.items()]
+    return (f"### compile=True: {set_name}, r={COMPILE_RANK}\n\n"
+            + markdown_table(["optimizer", "ms", "×eager", "×Adam", "first step s (compiles)"], rows)
+            + "\n\nThe same strategy with `LowRankOptimizer(compile=True)` (its update through `torch.compile`), "
+              "timed after the eager rows of the same run; ×eager and ×Adam divide by those rows' medians.")
 
 
 def _fmt_ms(res: dict[str, Any]) -> Any:

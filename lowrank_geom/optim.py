@@ -16,11 +16,20 @@ from torch.optim import Optimizer
 from lowrank_geom import distributed, fallback
 from lowrank_geom.geometry import compute_dtype
 from lowrank_geom.pairs import LoRAPair, factor_view
-from lowrank_geom.strategies import PairBatch, Strategy, get_strategy
+from lowrank_geom.strategies import PairBatch, PairUpdate, Strategy, get_strategy
 
 #: keys that torch's lr schedulers add to param groups; accepted in any group.
 _SCHEDULER_KEYS = {"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "base_lr"}
 _NONFINITE = ("skip", "raise")
+#: param-group keys of the driver itself (not a strategy's hyperparameters)
+_DRIVER_KEYS = ("strategy", "nonfinite", "compile")
+#: param-group keys a compiled strategy update never reads (guarding on them would recompile)
+_NOT_HYPERPARAMETERS = ("params", "rank_dims", "pair_names", "compile", *_SCHEDULER_KEYS)
+
+
+def _check_compile(value: Any) -> None:
+    if value not in (True, False):
+        raise ValueError(f"Invalid compile: {value!r} (expected True or False)")
 
 
 def _as_pair(item: Any, where: str) -> LoRAPair:
@@ -50,6 +59,8 @@ class LowRankOptimizer(Optimizer):
             skipped — its factors and state stay exactly as before and its step count does not
             advance — and :meth:`nonfinite_skips` counts it; ``"raise"``: ``FloatingPointError``
             naming the pair (synchronizes with the device every step).
+        compile: run the strategy's update through ``torch.compile`` (see :ref:`compiled-step`);
+            ``lr`` enters the compiled graph as a tensor, so lr schedulers do not recompile it.
         **hyperparameters: the strategy's hyperparameters (see its class), stored in param groups.
 
     Example:
@@ -75,6 +86,7 @@ class LowRankOptimizer(Optimizer):
         lr: float | torch.Tensor = 1e-3,
         *,
         nonfinite: str = "skip",
+        compile: bool = False,
         **hyperparameters: Any,
     ) -> None:
         if isinstance(pairs, torch.Tensor):
@@ -83,7 +95,8 @@ class LowRankOptimizer(Optimizer):
         _check_keys(strat, hyperparameters, f"{type(self).__name__}")
         if nonfinite not in _NONFINITE:
             raise ValueError(f"Invalid nonfinite policy: {nonfinite!r} (expected 'skip' or 'raise')")
-        defaults = dict(strat.defaults, lr=lr, strategy=strategy, nonfinite=nonfinite)
+        _check_compile(compile)
+        defaults = dict(strat.defaults, lr=lr, strategy=strategy, nonfinite=nonfinite, compile=compile)
         defaults.update(hyperparameters)
         strat.validate(defaults)
         items = list(pairs)
@@ -129,9 +142,9 @@ class LowRankOptimizer(Optimizer):
             raise ValueError(f"param group {index} has no pairs")
         name = g.get("strategy", self.defaults["strategy"])
         strat = self._strategy(name)
-        _check_keys(strat, {k: v for k, v in g.items() if k not in ("strategy", "nonfinite")}, f"param group {index}")
+        _check_keys(strat, {k: v for k, v in g.items() if k not in _DRIVER_KEYS}, f"param group {index}")
         base = self.defaults if name == self.defaults["strategy"] else dict(
-            strat.defaults, lr=self.defaults["lr"], nonfinite=self.defaults["nonfinite"]
+            strat.defaults, lr=self.defaults["lr"], **{k: self.defaults[k] for k in _DRIVER_KEYS if k != "strategy"}
         )
         group = {k: v for k, v in base.items()}
         group.update(g)
@@ -139,6 +152,7 @@ class LowRankOptimizer(Optimizer):
         strat.validate(group)
         if group["nonfinite"] not in _NONFINITE:
             raise ValueError(f"Invalid nonfinite policy: {group['nonfinite']!r}")
+        _check_compile(group["compile"])
         params, rank_dims, names, layouts = [], [], [], []
         seen: dict[int, str] = {}
         for i, item in enumerate(raw):
@@ -228,6 +242,7 @@ class LowRankOptimizer(Optimizer):
         if not buckets:
             return
 
+        compiled = group.get("compile", False)
         cache = self.__dict__.setdefault("_stacked_state", {})
         batches, members, masks = [], [], []
         for (_, ad, _, bd, dtype, device, _layout), items in buckets.items():
@@ -275,11 +290,18 @@ class LowRankOptimizer(Optimizer):
                 ga = torch.where(keep, ga, torch.zeros((), dtype=cdt, device=device))
                 gb = torch.where(keep, gb, torch.zeros((), dtype=cdt, device=device))
             state_a = {k: v for k, v in full_a.items() if k not in ("step", "nonfinite_skips")}
-            batches.append(PairBatch(a_s, b_s, ga, gb, state_a, state_b, full_a["step"], row_reduce, ws))
+            if compiled and row_reduce is not distributed.identity:
+                raise NotImplementedError(
+                    f"{items[0][2]}: compile=True is not supported for row-sharded (FSDP2) factors "
+                    "yet (the all-reduces would be traced); use compile=False for this param group"
+                )
+            # compiled: the strategy's large outputs are the compiler's to allocate (no out= buffers)
+            batches.append(PairBatch(a_s, b_s, ga, gb, state_a, state_b, full_a["step"], row_reduce,
+                                     *(() if compiled else (ws,))))
             members.append((pa, pb, la, lb, ad, bd, full_a))
             masks.append(None if all_finite else finite)
 
-        updates = strat.update(batches, group)
+        updates = self._compiled_update(strat, group, batches) if compiled else strat.update(batches, group)
         for batch, upd, (pa, pb, la, lb, ad, bd, full_a), finite in zip(batches, updates, members, masks):
             delta_a, delta_b, new_a, new_b = upd[:4]
             if finite is None:
@@ -300,6 +322,22 @@ class LowRankOptimizer(Optimizer):
             # keys a strategy does not return keep their stacked value
             _install(cache, self.state, pa, "a", {**full_a, **new_a, "step": step, "nonfinite_skips": skips})
             _install(cache, self.state, pb, "b", {**batch.state_b, **new_b})
+
+    def _compiled_update(self, strat: Strategy, group: dict[str, Any], batches: list[PairBatch]) -> list[PairUpdate]:
+        """``strat.update`` through ``torch.compile`` (one compiled function per strategy and optimizer).
+
+        The compiled function sees the hyperparameters only, with ``lr`` as a 0-dim float64 tensor:
+        a float would be baked into the graph, and every new value from an lr scheduler would
+        recompile it. Batches of new shapes or dtypes compile once each (``dynamic=False``).
+        """
+        fns = self.__dict__.setdefault("_compiled", {})
+        fn = fns.get(strat.name)
+        if fn is None:
+            fn = fns[strat.name] = torch.compile(strat.update, dynamic=False)
+        hp = {k: v for k, v in group.items() if k not in _NOT_HYPERPARAMETERS}
+        device = batches[0].a.device
+        hp["lr"] = torch.as_tensor(group["lr"], dtype=torch.float64, device=device).detach().clone()
+        return fn(batches, hp)
 
     # ------------------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -421,6 +459,8 @@ def _unstacked(y: torch.Tensor, like: torch.Tensor, rank_dim: int) -> list[torch
 
 def _apply(params: list[torch.Tensor], delta: torch.Tensor, rank_dim: int, scale, decay) -> None:
     """``p ← (1 − decay)·p + scale·δ_p`` in place for every parameter, with foreach kernels."""
+    # 0-dim CPU tensors (a compiled update's lr) as numbers: no extra pass over δ, no device sync
+    scale, decay = (float(x) if isinstance(x, torch.Tensor) and x.device.type == "cpu" else x for x in (scale, decay))
     if isinstance(decay, torch.Tensor) or decay != 0:
         torch._foreach_mul_(params, 1.0 - decay)
     if isinstance(scale, torch.Tensor):

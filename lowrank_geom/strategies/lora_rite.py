@@ -392,7 +392,8 @@ class LoRARITEStrategy(Strategy):
                     m_mag = m_mag * expand(capped_scale(m_mag, sd["g"], hp["update_capping"], batch.row_reduce, sd["rows"].to(m_mag.dtype)), m_mag)
                 deltas.append(m_mag)  # δ = −η(M̃ + λX): applied by the driver (PairUpdate.scale, .decay)
                 states.append(new)
-            upd = PairUpdate(deltas[0], deltas[1], states[0], states[1], scale=-lr, decay=lr * hp["weight_decay"])
+            wd = hp["weight_decay"]
+            upd = PairUpdate(deltas[0], deltas[1], states[0], states[1], scale=-lr, decay=lr * wd if wd else 0.0)
             out.append(_balanced(batch, upd, hp))
         return out
 

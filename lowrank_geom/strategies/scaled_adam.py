@@ -93,5 +93,5 @@ class ScaledAdamStrategy(Strategy):
             deltas.append(direction)
             states.append({"exp_avg": m, "exp_avg_sq": v})
         # A ← A(1 − ηλ) − η·m̂/(√v̂ + ε): applied by the driver's in-place update
-        lr = hp["lr"]
-        return PairUpdate(deltas[0], deltas[1], states[0], states[1], scale=-lr, decay=lr * hp["weight_decay"])
+        lr, wd = hp["lr"], hp["weight_decay"]
+        return PairUpdate(deltas[0], deltas[1], states[0], states[1], scale=-lr, decay=lr * wd if wd else 0.0)

@@ -89,7 +89,7 @@ class ScaledGDStrategy(Strategy):
         lr, wd, mu = hp["lr"], hp["weight_decay"], hp["momentum"]
         if mu == 0:
             # δA = −η(D + λA): scale and decay are applied by the driver in its in-place update
-            return PairUpdate(d_a, d_b, {}, {}, scale=-lr, decay=lr * wd)
+            return PairUpdate(d_a, d_b, {}, {}, scale=-lr, decay=lr * wd if wd else 0.0)
         if wd != 0:
             d_a = d_a.add_(batch.a, alpha=wd)
             d_b = d_b.add_(batch.b, alpha=wd)

@@ -56,3 +56,21 @@ def test_measure_state_bytes_independent_of_suite():
     res = speed.measure("adam", ps, 0.001)
     params = ps.model.trainable_parameters()
     assert res["state_bytes"] == sum(2 * p.numel() * p.element_size() + 4 for p in params)
+
+
+def test_compile_option_times_the_compiled_step_against_eager(tmp_path, monkeypatch):
+    # quick's only rank is 8; one strategy keeps it to one compilation
+    monkeypatch.setattr(speed, "COMPILE_RANK", 8)
+    monkeypatch.setattr(speed, "COMPILED", ["scaled_gd"])
+    ctx = RunContext(size="quick", out=tmp_path, progress=False, options={"extra": ["--compile"]})
+    m = speed.run(ctx).metrics
+    res = m["compiled"]["results"]["scaled_gd"]
+    eager = m["sets"]["tiny"]["8"]
+    assert res["ms"] > 0
+    assert res["ratio_to_eager"] == pytest.approx(res["ms"] / eager["scaled_gd"]["ms"])
+    assert res["ratio_to_adam"] == pytest.approx(res["ms"] / eager["adam"]["ms"])
+    assert res["state_bytes"] == eager["scaled_gd"]["state_bytes"]  # compiling changes no state
+
+
+def test_without_the_option_nothing_is_compiled(quick):
+    assert quick.metrics["compiled"] is None and "compile=True" not in quick.table
