@@ -31,10 +31,9 @@ Setup (every size):
   accuracy and periodic test metrics (curves PNG); median whole training-step time (forward +
   backward + optimizer step + zero_grad) relative to AdamW, measured after training with every
   optimizer taking turns on one batch (:func:`interleaved_step_ms`, so run order and drifting
-  machine load do not bias the ratio); peak
-  memory as the **peak RSS during the run minus the RSS at its start**, sampled every 1 ms from
-  ``/proc/self/statm`` by a background thread (the allocator may keep freed pages, so this is an
-  upper-bound-ish, process-level number; ``state_bytes`` is the exact optimizer state); and the
+  machine load do not bias the ratio); the **peak memory of training**, measured in a fresh process
+  per optimizer (:func:`training_peak_memory`: peak RSS during a few training steps minus the RSS
+  before them; ``state_bytes`` is the exact optimizer state); and the
   per-step relative update magnitudes ``Σ_layers ‖δA‖_F/‖A‖_F`` and ``Σ_layers ‖δB‖_F/‖B‖_F``
   (paper orientation).
 
@@ -55,7 +54,6 @@ import io
 import math
 import os
 import statistics
-import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -320,6 +318,10 @@ def _opt_state_bytes(opt) -> int:
 
 
 # -------------------------------------------------------------------------------------- training
+#: training steps the memory child takes (the optimizer creates its state on the first)
+MEMORY_STEPS = 5
+
+
 class _RSSPeak:
     """Peak resident set size during a block, sampled from /proc/self/statm every ``dt`` seconds."""
 
@@ -334,6 +336,8 @@ class _RSSPeak:
             return 0
 
     def __enter__(self):
+        import threading
+
         self.start = self.peak = self._rss()
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True)
@@ -349,6 +353,55 @@ class _RSSPeak:
         self._t.join()
         self.peak = max(self.peak, self._rss())
         self.delta = self.peak - self.start
+
+
+def training_peak_memory(name: str, lr: float, head_lr: float, model: str | None, ids: list[list[int]],
+                         labels: list[int], n_classes: int, pad_id: int, seed: int) -> dict[str, int]:
+    """Peak memory of training with optimizer ``name``, measured in a fresh Python process.
+
+    The child (:func:`_memory_child`) loads the model and then takes :data:`MEMORY_STEPS` full
+    training steps on the batch ``ids`` (forward, backward, optimizer step, ``zero_grad``) while a
+    thread samples its RSS every 1 ms: reported is the peak during the steps minus the RSS before
+    them — activations, gradients, optimizer state and the step's temporaries. Every optimizer runs
+    the same child from the same start, so the differences between optimizers are theirs. A fresh
+    process each: in one long process the allocator keeps pages freed by earlier runs, and later
+    optimizers would show almost nothing.
+    """
+    import json
+    import subprocess
+    import sys
+
+    job = dict(name=name, lr=lr, head_lr=head_lr, model=model, ids=ids, labels=labels, n_classes=n_classes,
+               pad_id=pad_id, seed=seed)
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", "from benchmarks.finetune import _memory_child; _memory_child()"],
+                         input=json.dumps(job), capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"finetune memory measurement of {name} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _memory_child() -> None:
+    """The child process of :func:`training_peak_memory`: job as JSON on stdin, result as JSON on stdout."""
+    import json
+    import sys
+
+    job = json.loads(sys.stdin.read())
+    _, enc = load_encoder(job["model"])
+    enc.eval()
+    model = Classifier(enc, job["n_classes"])
+    _init_adapter(model, job["seed"], job["n_classes"])
+    x, m = _collate(job["ids"], job["pad_id"])
+    y = torch.tensor(job["labels"])
+    opt = make_finetune_optimizer(job["name"], model, list(model.head.parameters()), job["lr"], job["head_lr"])
+    with _RSSPeak() as mem:
+        for _ in range(MEMORY_STEPS):
+            torch.nn.functional.cross_entropy(model(x, m), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    print(json.dumps({"rss_before_bytes": mem.start, "peak_rss_bytes": mem.peak, "training_peak_bytes": mem.delta,
+                      "state_bytes": _opt_state_bytes(opt), "steps": MEMORY_STEPS}))
 
 
 def _encode(tok, texts: list[str], max_len: int) -> list[list[int]]:
@@ -424,41 +477,40 @@ def train_run(model: Classifier, name: str, lr: float, cfg: dict[str, Any], data
     it = range(steps)
     if ctx is not None:
         it = progress(it, ctx, desc or name)
-    with _RSSPeak() as mem:
-        for step in it:
-            if pos + batch > len(perm):
-                perm, pos = torch.randperm(len(tr_ids), generator=g).tolist(), 0
-            idx = perm[pos: pos + batch]
-            pos += batch
-            x, m = _collate([tr_ids[i] for i in idx], pad)
-            y = torch.tensor([tr_y[i] for i in idx])
-            before = [(l.lora_B["default"].weight.detach().clone(), l.lora_A["default"].weight.detach().clone())
-                      for l in layers]
-            t0 = time.perf_counter()
-            logits = model(x, m)
-            loss = torch.nn.functional.cross_entropy(logits, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step_s.append(time.perf_counter() - t0)
-            with torch.no_grad():
-                ua = ub = 0.0
-                for l, (a0, b0) in zip(layers, before):
-                    a1, b1 = l.lora_B["default"].weight, l.lora_A["default"].weight
-                    ua += ((a1 - a0).norm() / a0.norm().clamp_min(1e-30)).item()
-                    ub += ((b1 - b0).norm() / b0.norm().clamp_min(1e-30)).item()
-            upd_a.append(ua)
-            upd_b.append(ub)
-            lv = loss.item()
-            losses.append(lv if math.isfinite(lv) else float("nan"))
-            accs.append(100.0 * (logits.argmax(-1) == y).float().mean().item())
-            if cfg["eval_every"] and (step + 1) % cfg["eval_every"] == 0 and step + 1 < steps:
-                evals.append((step + 1, *evaluate(model, te_ids, te_y, pad)))
+    for step in it:
+        if pos + batch > len(perm):
+            perm, pos = torch.randperm(len(tr_ids), generator=g).tolist(), 0
+        idx = perm[pos: pos + batch]
+        pos += batch
+        x, m = _collate([tr_ids[i] for i in idx], pad)
+        y = torch.tensor([tr_y[i] for i in idx])
+        before = [(l.lora_B["default"].weight.detach().clone(), l.lora_A["default"].weight.detach().clone())
+                  for l in layers]
+        t0 = time.perf_counter()
+        logits = model(x, m)
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step_s.append(time.perf_counter() - t0)
+        with torch.no_grad():
+            ua = ub = 0.0
+            for l, (a0, b0) in zip(layers, before):
+                a1, b1 = l.lora_B["default"].weight, l.lora_A["default"].weight
+                ua += ((a1 - a0).norm() / a0.norm().clamp_min(1e-30)).item()
+                ub += ((b1 - b0).norm() / b0.norm().clamp_min(1e-30)).item()
+        upd_a.append(ua)
+        upd_b.append(ub)
+        lv = loss.item()
+        losses.append(lv if math.isfinite(lv) else float("nan"))
+        accs.append(100.0 * (logits.argmax(-1) == y).float().mean().item())
+        if cfg["eval_every"] and (step + 1) % cfg["eval_every"] == 0 and step + 1 < steps:
+            evals.append((step + 1, *evaluate(model, te_ids, te_y, pad)))
     acc, tloss = evaluate(model, te_ids, te_y, pad)
     evals.append((steps, acc, tloss))
     warm = step_s[3:] if len(step_s) > 6 else step_s
     return {"acc": acc, "loss": tloss, "train_loss": losses, "train_acc": accs, "evals": evals,
-            "step_ms": 1e3 * statistics.median(warm), "rss_delta_mb": mem.delta / 2**20,
+            "step_ms": 1e3 * statistics.median(warm),
             "state_bytes": _opt_state_bytes(opt), "upd_A": upd_a, "upd_B": upd_b}
 
 
@@ -574,6 +626,11 @@ def run(ctx: RunContext) -> SuiteResult:
     timed = interleaved_step_ms(model, {n: results[n]["lr"] for n in names}, cfg, data,
                                 _init_adapter(model, seeds[0], len(ds["classes"])))
     ref_ms = timed.get("adamw", float("nan"))
+    mem_idx = list(range(min(cfg["batch"], len(data["train_ids"]))))
+    memory = {n: training_peak_memory(n, results[n]["lr"], cfg["head_lr"], args.model,
+                                       [data["train_ids"][i] for i in mem_idx], [data["train_y"][i] for i in mem_idx],
+                                       len(ds["classes"]), data["pad_id"], seeds[0])
+              for n in progress(names, ctx, "finetune memory (one process each)", total=len(names))}
     metrics: dict[str, Any] = {"dataset": {"name": ds["name"], "classes": ds["classes"], "split": ds["split"],
                                            "n_train": len(ds["train"][0]), "n_test_total": len(ds["test"][0]),
                                            "n_test_eval": len(te_x)},
@@ -592,7 +649,8 @@ def run(ctx: RunContext) -> SuiteResult:
             "acc_mean": acc, "acc_std": acc_sd, "loss_mean": loss, "loss_std": loss_sd,
             "acc_per_seed": [r["acc"] for r in runs], "loss_per_seed": [r["loss"] for r in runs],
             "step_ms": step_ms, "step_time_rel_adamw": step_ms / ref_ms,
-            "rss_delta_mb": max(r["rss_delta_mb"] for r in runs), "state_bytes": runs[0]["state_bytes"],
+            "peak_memory_mb": memory[name]["training_peak_bytes"] / 2**20, "memory": memory[name],
+            "state_bytes": runs[0]["state_bytes"],
             "upd_A_mean": statistics.fmean(statistics.fmean(r["upd_A"]) for r in runs),
             "upd_B_mean": statistics.fmean(statistics.fmean(r["upd_B"]) for r in runs),
             "gauge_s": GAUGE_S, "gauge_acc_mean": g_acc, "gauge_acc_change": statistics.fmean(d_acc),
@@ -605,17 +663,18 @@ def run(ctx: RunContext) -> SuiteResult:
         }
         metrics["optimizers"][name] = m
         rows.append([name, f"{res['lr']:.3g}", f"{acc:.2f} ± {acc_sd:.2f}", f"{loss:.4f} ± {loss_sd:.4f}",
-                     f"{m['step_time_rel_adamw']:.2f}", f"{m['rss_delta_mb']:.1f}", f"{m['state_bytes'] / 1024:.1f}",
+                     f"{m['step_time_rel_adamw']:.2f}", f"{m['peak_memory_mb']:.1f}", f"{m['state_bytes'] / 1024:.1f}",
                      f"{m['upd_A_mean']:.3g}", f"{m['upd_B_mean']:.3g}", f"{g_acc:.2f}", f"{m['gauge_acc_change']:+.2f}"])
     table = markdown_table(
-        ["optimizer", "lr", "test acc % (mean ± std)", "test loss", "step time / AdamW", "peak RSS Δ MiB",
+        ["optimizer", "lr", "test acc % (mean ± std)", "test loss", "step time / AdamW", "training peak MiB",
          "opt. state KiB", "Σ‖δA‖/‖A‖ per step", "Σ‖δB‖/‖B‖ per step", f"acc, gauge s={GAUGE_S:g}", "Δacc (points)"],
         rows)
     table += (f"\n\n{ds['name']}: {len(ds['train'][0])} train / {len(te_x)} test examples ({len(ds['classes'])} classes, "
               f"split by {ds['split']}); {cfg['steps']} steps × batch {cfg['batch']}, max_len {cfg['max_len']}, "
               f"seeds {seeds}; LoRA r={LORA_R}, α={LORA_ALPHA} on {'/'.join(LORA_TARGETS)}; head AdamW lr {cfg['head_lr']:g}. "
               f"Start: nonzero random adapter (lora_B ~ N(0, 0.02²)); gauge rerun from (s·A, B/s), s={GAUGE_S:g}. "
-              f"Peak RSS Δ: peak RSS during the run minus RSS at its start (1 ms sampling).")
+              f"Training peak: peak RSS during {MEMORY_STEPS} training steps on one batch of {len(mem_idx)} minus the RSS "
+              f"before them, in a fresh process per optimizer (1 ms sampling).")
     figures = _figures(ctx, metrics, names, cfg)
     config = {k: v for k, v in cfg.items()}
     config.update(seeds=seeds, lrs={n: results[n]["lr"] for n in names}, lora={"r": LORA_R, "alpha": LORA_ALPHA,

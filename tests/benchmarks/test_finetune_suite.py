@@ -81,5 +81,9 @@ def test_quick_end_to_end(tmp_path):
     for m in opts.values():
         assert 0 <= m["acc_mean"] <= 100 and m["loss_mean"] > 0
         assert m["upd_A_mean"] > 0 and m["upd_B_mean"] > 0 and m["state_bytes"] > 0
+    for m in opts.values():
+        # measured in its own process: at least the optimizer state must have become resident
+        mem = m["memory"]
+        assert mem["state_bytes"] == m["state_bytes"] and mem["training_peak_bytes"] >= mem["state_bytes"], mem
     assert abs(opts["lora_rite"]["gauge_acc_change"]) <= 0.5
     assert len(res.figures) == 2
