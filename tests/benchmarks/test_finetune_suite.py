@@ -87,3 +87,36 @@ def test_quick_end_to_end(tmp_path):
         assert mem["state_bytes"] == m["state_bytes"] and mem["training_peak_bytes"] >= mem["state_bytes"], mem
     assert abs(opts["lora_rite"]["gauge_acc_change"]) <= 0.5
     assert len(res.figures) == 2
+
+
+def test_run_cache_resumes_and_keys_runs_by_protocol(tmp_path):
+    cfg = dict(finetune.SIZES["quick"], model="m")
+    calls = []
+
+    def compute(tag):
+        def f():
+            calls.append(tag)
+            return {"acc": float(len(calls))}
+        return f
+
+    cache = finetune.RunCache(tmp_path, cfg, max_new=2)
+    assert cache.run("lora_rite", 0.1, 0, 1.0, compute("a"))["acc"] == 1.0
+    assert cache.run("lora_rite", 0.1, 1, 1.0, compute("b"))["acc"] == 2.0
+    with pytest.raises(finetune.RunBudgetExhausted) as stop:
+        cache.run("lora_rite", 0.1, 2, 1.0, compute("c"))
+    assert stop.value.code == 3 and calls == ["a", "b"]
+
+    again = finetune.RunCache(tmp_path, cfg)  # a second sitting: the finished runs are reused
+    assert again.run("lora_rite", 0.1, 0, 1.0, compute("a2"))["acc"] == 1.0
+    assert again.run("lora_rite", 0.1, 2, 1.0, compute("c"))["acc"] == 3.0
+    assert calls == ["a", "b", "c"] and again.hits == 1 and again.new == 1
+    # another protocol (more steps) or another gauge is another run
+    other = finetune.RunCache(tmp_path, dict(cfg, steps=cfg["steps"] + 1))
+    other.run("lora_rite", 0.1, 0, 1.0, compute("d"))
+    again.run("lora_rite", 0.1, 0, 10.0, compute("e"))
+    assert calls[-2:] == ["d", "e"]
+
+
+def test_max_new_runs_needs_a_cache():
+    with pytest.raises(SystemExit, match="needs --cache"):
+        finetune.parse_extra(["--max-new-runs", "3"])
