@@ -1,0 +1,21 @@
+"""``benchmarks.profile_step``: per-operator self times of one optimizer step."""
+
+from __future__ import annotations
+
+from benchmarks import profile_step
+
+
+def test_profile_lists_the_operators_of_a_lora_rite_step():
+    total, rows = profile_step.profile("lora_rite", r=4, steps=2, warmup=1, layers=1, top=50)
+    assert total > 0 and rows
+    assert all(calls >= 1 and ms >= 0 for _, calls, ms in rows)
+    names = {key for key, _, _ in rows}
+    # the Gram engine's GEMMs and its one batched eigendecomposition are there
+    assert any("bmm" in k or "matmul" in k or "baddbmm" in k for k in names), names
+    assert any("eigh" in k for k in names), names
+
+
+def test_cli_prints_adam_first(capsys):
+    assert profile_step.main(["--optimizers", "scaled_gd", "--r", "4", "--steps", "1", "--layers", "1", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("adam:") < out.index("scaled_gd:")
