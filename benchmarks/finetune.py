@@ -45,10 +45,15 @@ stop with exit status 3 after ``K`` new runs). The step-time ratios and the memo
 measured anew by every invocation; the accuracy columns come from the cached runs, whose commits
 the results list (``run_cache``).
 
-``--full`` is 8 optimizers × 3 learning rates × 3 seeds plus 8 × 3 gauge reruns = 96 runs of
-400 steps at batch 16 on Rotten Tomatoes: at about 0.4 s per step on this 2-core CPU, plus four
-evaluations of the test set per run, roughly 5 hours; run it in pieces with
-``--full --cache DIR --max-new-runs K``.
+**Learning rate**: each optimizer runs the grid (``lr_grid`` × its configured lr) at the first
+seed; :func:`select_lr` takes the lr with the lowest training loss over the last quarter of the
+run (progressive validation: every batch is scored before the step on it and, within one epoch,
+seen once), so the test set never picks the lr; the other seeds and the gauge rerun then use it.
+
+``--full`` is 8 optimizers × (3 learning rates at seed 0, 2 more seeds at the chosen lr, 1 gauge
+rerun) = 48 runs of 400 steps at batch 16 on Rotten Tomatoes: about 3.5 minutes each on this
+2-core CPU (0.4 s per step plus four evaluations of the test set), roughly 3 hours; run it in
+pieces with ``--full --cache DIR --max-new-runs K``.
 """
 
 from __future__ import annotations
@@ -84,14 +89,15 @@ LORA_R, LORA_ALPHA, LORA_TARGETS = 8, 16, ("query", "key", "value")
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": dict(dataset="trec6", steps=60, batch=8, max_len=24, seeds=1, optimizers=["adamw", "lora_rite"],
-                  lr_grid=[1.0], eval_every=0, eval_cap=200, head_lr=3e-3),
+                  lr_grid=[1.0], eval_every=0, eval_cap=200, head_lr=3e-3, gauge_seeds=1),
     # sized so that `make bench` (every suite at default size) stays within 10 minutes here
     "default": dict(dataset="trec6", steps=80, batch=16, max_len=32, seeds=1,
                     optimizers=["adamw", "lora_rite", "scaled_gd", "loraplus"],
-                    lr_grid=[1.0], eval_every=40, eval_cap=500, head_lr=3e-3),
+                    lr_grid=[1.0], eval_every=40, eval_cap=500, head_lr=3e-3, gauge_seeds=1),
     # batch and length as the protocol was calibrated (AdamW ≈ 80 % test accuracy in 400 steps)
     "full": dict(dataset="rotten_tomatoes", steps=400, batch=16, max_len=48, seeds=3, optimizers=FT_OPTIMIZERS,
-                 lr_grid=[0.3, 1.0, 3.0], eval_every=100, eval_cap=None, head_lr=3e-3),
+                 lr_grid=[0.3, 1.0, 3.0], eval_every=100, eval_cap=None, head_lr=3e-3,
+                 gauge_seeds=1),
 }
 
 
@@ -635,6 +641,28 @@ class RunCache:
         return res
 
 
+def selection_window(steps: int) -> int:
+    """How many final steps the lr-selection loss averages: the last quarter of the run."""
+    return max(1, steps // 4)
+
+
+def select_lr(train_losses: dict[float, Sequence[float]], window: int) -> tuple[float, dict[float, float]]:
+    """The lr whose run has the lowest mean training loss over its last ``window`` steps.
+
+    Each step's loss is taken on its batch *before* the step on it, and a run shorter than one
+    epoch never sees a batch twice, so this is a progressive-validation estimate of the
+    population loss: the lr is chosen without the test set. A window holding a non-finite loss
+    (a diverged run) scores ``inf``; ties go to the smaller lr. Returns (lr, scores).
+    """
+    if not train_losses:
+        raise ValueError("select_lr: empty grid")
+    scores = {}
+    for lr, losses in train_losses.items():
+        tail = list(losses)[-window:]
+        scores[lr] = statistics.fmean(tail) if tail and all(math.isfinite(x) for x in tail) else math.inf
+    return min(scores, key=lambda lr: (scores[lr], lr)), scores
+
+
 def _ms(xs: list[float]) -> tuple[float, float]:
     xs = [x for x in xs if math.isfinite(x)]
     if not xs:
@@ -683,26 +711,24 @@ def run(ctx: RunContext) -> SuiteResult:
     base_lr = {n: config_lr(n, SUITE) for n in names}
     cache = RunCache(args.cache, cfg, args.max_new_runs)
     results: dict[str, dict[str, Any]] = {}
+    window = selection_window(cfg["steps"])
     for name in names:
         grid = [float(f"{base_lr[name] * f:.3g}") for f in cfg["lr_grid"]]
-        by_lr = {}
-        for lr in grid:
-            runs = []
-            for seed in seeds:
-                runs.append(cache.run(name, lr, seed, 1.0, lambda: train_run(
-                    model, name, lr, cfg, data, _init_adapter(model, seed, len(ds["classes"])), seed, ctx=ctx,
-                    desc=f"{name} lr={lr:g} s{seed}")))
-            by_lr[lr] = runs
-        best_lr = max(by_lr, key=lambda lr: (_ms([r["acc"] for r in by_lr[lr]])[0], -lr))
-        runs = by_lr[best_lr]
+
+        def one(lr, seed, gauge_s=1.0, name=name):
+            tag = f"{name} lr={lr:g} s{seed}" + (f" gauge s={gauge_s:g}" if gauge_s != 1.0 else "")
+            return cache.run(name, lr, seed, gauge_s, lambda: train_run(
+                model, name, lr, cfg, data, _init_adapter(model, seed, len(ds["classes"])), seed,
+                gauge_s=gauge_s, ctx=ctx, desc=tag))
+
+        # the grid at the first seed; the lr is chosen without looking at the test set
+        by_lr = {lr: one(lr, seeds[0]) for lr in grid}
+        best_lr, sel = select_lr({lr: r["train_loss"] for lr, r in by_lr.items()}, window)
+        runs = [by_lr[best_lr]] + [one(best_lr, s) for s in seeds[1:]]
         # gauge robustness at the chosen lr: same seeds, adapter rescaled (s·A, B/s)
-        gauge = []
-        for seed in seeds:
-            gauge.append(cache.run(name, best_lr, seed, GAUGE_S, lambda: train_run(
-                model, name, best_lr, cfg, data, _init_adapter(model, seed, len(ds["classes"])), seed,
-                gauge_s=GAUGE_S, ctx=ctx, desc=f"{name} gauge s={GAUGE_S:g} s{seed}")))
-        results[name] = {"lr": best_lr, "grid": {str(k): _ms([r["acc"] for r in v])[0] for k, v in by_lr.items()},
-                         "runs": runs, "gauge": gauge}
+        gauge = [one(best_lr, s, GAUGE_S) for s in seeds[: cfg["gauge_seeds"]]]
+        results[name] = {"lr": best_lr, "grid": {str(lr): r["acc"] for lr, r in by_lr.items()},
+                         "grid_sel": {str(lr): v if math.isfinite(v) else None for lr, v in sel.items()}, "runs": runs, "gauge": gauge}
 
     timed = interleaved_step_ms(model, {n: results[n]["lr"] for n in names}, cfg, data,
                                 _init_adapter(model, seeds[0], len(ds["classes"])))
@@ -712,9 +738,13 @@ def run(ctx: RunContext) -> SuiteResult:
                                        [data["train_ids"][i] for i in mem_idx], [data["train_y"][i] for i in mem_idx],
                                        len(ds["classes"]), data["pad_id"], seeds[0])
               for n in progress(names, ctx, "finetune memory (one process each)", total=len(names))}
+    fresh = cfg["steps"] * cfg["batch"] <= len(ds["train"][0])
     metrics: dict[str, Any] = {"dataset": {"name": ds["name"], "classes": ds["classes"], "split": ds["split"],
                                            "n_train": len(ds["train"][0]), "n_test_total": len(ds["test"][0]),
                                            "n_test_eval": len(te_x)},
+                               "lr_selection": {"criterion": "mean training loss of the last steps at the first seed",
+                                                "window_steps": window, "seed": seeds[0],
+                                                "every_batch_unseen": fresh},
                                "load_seconds": round(load_s, 2), "optimizers": {},
                                "run_cache": None if cache.dir is None else {
                                    "directory": str(cache.dir), "reused_runs": cache.hits, "new_runs": cache.new,
@@ -729,7 +759,8 @@ def run(ctx: RunContext) -> SuiteResult:
         d_acc = [g["acc"] - r["acc"] for g, r in zip(gauge, runs)]
         step_ms = timed[name]
         m = {
-            "label": load_config(name)["label"], "lr": res["lr"], "lr_grid_acc": res["grid"], "head": head_mode(name),
+            "label": load_config(name)["label"], "lr": res["lr"], "lr_grid_acc": res["grid"],
+            "lr_grid_selection_loss": res["grid_sel"], "head": head_mode(name),
             "acc_mean": acc, "acc_std": acc_sd, "loss_mean": loss, "loss_std": loss_sd,
             "acc_per_seed": [r["acc"] for r in runs], "loss_per_seed": [r["loss"] for r in runs],
             "step_ms": step_ms, "step_time_rel_adamw": step_ms / ref_ms,
@@ -756,7 +787,10 @@ def run(ctx: RunContext) -> SuiteResult:
     table += (f"\n\n{ds['name']}: {len(ds['train'][0])} train / {len(te_x)} test examples ({len(ds['classes'])} classes, "
               f"split by {ds['split']}); {cfg['steps']} steps × batch {cfg['batch']}, max_len {cfg['max_len']}, "
               f"seeds {seeds}; LoRA r={LORA_R}, α={LORA_ALPHA} on {'/'.join(LORA_TARGETS)}; head AdamW lr {cfg['head_lr']:g}. "
-              f"Start: nonzero random adapter (lora_B ~ N(0, 0.02²)); gauge rerun from (s·A, B/s), s={GAUGE_S:g}. "
+              f"lr: chosen from the grid {cfg['lr_grid']} × each optimizer's configured lr by the mean training loss "
+              f"of the last {window} steps at seed {seeds[0]} (never the test set). "
+              f"Start: nonzero random adapter (lora_B ~ N(0, 0.02²)); gauge rerun from (s·A, B/s), s={GAUGE_S:g}, "
+              f"seeds {seeds[: cfg['gauge_seeds']]}; Δacc pairs it with the run of the same seed. "
               f"Training peak: peak RSS during {MEMORY_STEPS} training steps on one batch of {len(mem_idx)} minus the RSS "
               f"before them, in a fresh process per optimizer (1 ms sampling).")
     figures = _figures(ctx, metrics, names, cfg)
@@ -804,4 +838,19 @@ def _figures(ctx: RunContext, metrics: dict[str, Any], names: list[str], cfg: di
     axes[1].set(xlabel="step", ylabel="Σ_layers ‖δB‖/‖B‖", title="B = lora_A.weightᵀ")
     axes[0].legend(fontsize=8)
     updates = savefig(fig, ctx, "finetune_updates")
-    return [curves, updates]
+    if len(cfg["lr_grid"]) < 2:
+        return [curves, updates]
+
+    # sensitivity: how much each optimizer's result depends on hitting its lr
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name in names:
+        m = metrics["optimizers"][name]
+        lrs = sorted(m["lr_grid_acc"], key=float)
+        rel = [float(lr) / m["lr"] for lr in lrs]
+        axes[0].semilogx(rel, [m["lr_grid_acc"][lr] for lr in lrs], "o-", label=name)
+        sel = [m["lr_grid_selection_loss"][lr] for lr in lrs]  # None: diverged
+        axes[1].semilogx(rel, [float("nan") if v is None else v for v in sel], "o-", label=name)
+    axes[0].set(xlabel="lr / chosen lr", ylabel="test accuracy % (first seed)", title="lr sensitivity")
+    axes[1].set(xlabel="lr / chosen lr", ylabel="selection loss", title="mean train loss, last quarter")
+    axes[0].legend(fontsize=8)
+    return [curves, updates, savefig(fig, ctx, "finetune_lr_sensitivity")]

@@ -117,6 +117,19 @@ def test_run_cache_resumes_and_keys_runs_by_protocol(tmp_path):
     assert calls[-2:] == ["d", "e"]
 
 
+def test_select_lr_uses_the_final_training_loss_and_rejects_diverged_runs():
+    nan = float("nan")
+    losses = {1e-3: [2.0, 0.9, 0.7, 0.6], 3e-3: [2.0, 0.5, 0.8, 0.8], 1e-2: [2.0, 0.1, 0.1, nan]}
+    lr, scores = finetune.select_lr(losses, window=2)
+    # 3e-3 had the lowest loss mid-run, but only the window counts; 1e-2 diverged inside it
+    assert lr == 1e-3 and scores == pytest.approx({1e-3: 0.65, 3e-3: 0.8, 1e-2: float("inf")})
+    assert finetune.select_lr({2e-3: [1.0], 1e-3: [1.0]}, window=1)[0] == 1e-3  # ties: the smaller lr
+    assert finetune.select_lr({1e-3: [nan], 3e-3: [float("inf")]}, window=1)[0] == 1e-3
+    assert finetune.selection_window(400) == 100 and finetune.selection_window(3) == 1
+    with pytest.raises(ValueError):
+        finetune.select_lr({}, window=1)
+
+
 def test_max_new_runs_needs_a_cache():
     with pytest.raises(SystemExit, match="needs --cache"):
         finetune.parse_extra(["--max-new-runs", "3"])
