@@ -210,6 +210,12 @@ def batch_engine(batch: PairBatch, hp: dict[str, Any]) -> str:
     return engine
 
 
+def _row_count(grad: torch.Tensor, row_reduce) -> torch.Tensor:
+    """The factor's row count as a float64 0-dim tensor, summed over row shards by ``row_reduce`` (None: the local count)."""
+    rows = grad.new_tensor(float(grad.shape[-2]), dtype=torch.float64)
+    return rows if row_reduce is None else row_reduce(rows)
+
+
 def _decays(hp: dict[str, Any], step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     beta1, beta2 = hp["betas"]
     if hp["bias_correction"]:
@@ -353,6 +359,9 @@ class LoRARITEStrategy(Strategy):
     def _update_gram(self, batches: list[PairBatch], hp: dict[str, Any]) -> list[PairUpdate]:
         # Phase 1 (m×r): the Grams of every side of every batch — G = BᵀB, C = BᵀB_{t−1}, ∇Aᵀ∇A.
         sides = []
+        # the global row count (a row shard has fewer rows) costs a collective on shards: only
+        # row normalization, skipping and capping read it
+        needs_rows = hp["row_normalize"] or hp["update_skipping"] > 0 or hp["update_capping"] > 0
         for batch in batches:
             for x, grad, state, other, other_prev in (
                 (batch.a, batch.grad_a, batch.state_a, batch.b, batch.state_b["previous_factor"]),
@@ -361,8 +370,7 @@ class LoRARITEStrategy(Strategy):
                 g, c = magnitude_grams(other, other_prev, batch.row_reduce)
                 sides.append(dict(x=x, grad=grad, state=state, g=g, c=c, n=gram(grad, None, batch.row_reduce),
                                   step=batch.step, tau_dtype=compute_dtype(other.dtype),
-                                  # the factor's global row count (a shard has fewer rows)
-                                  rows=batch.row_reduce(grad.new_tensor(float(grad.shape[-2]), dtype=torch.float64))))
+                                  rows=_row_count(grad, batch.row_reduce if needs_rows else None)))
         # Phase 2 (r×r): every side of every batch of one rank in one batch of r×r matrices, so
         # the global clipping norm is one sum and each r×r operation one call.
         by_rank: dict[int, list[int]] = {}

@@ -172,3 +172,33 @@ def test_a_group_mixing_engines_or_a_state_of_the_other_engine_is_refused():
     opt.param_groups[0]["engine"] = "gram"
     with pytest.raises(ValueError, match="state was built by engine='qr'"):
         opt.step()
+
+
+@pytest.mark.parametrize("hp, reads_rows", [
+    ({}, True),  # defaults: row normalization and update skipping
+    (dict(row_normalize=False, update_skipping=0.0, update_capping=0.0), False),
+    (dict(row_normalize=False, update_skipping=0.0, update_capping=0.05), True),
+])
+def test_global_row_count_is_reduced_only_when_an_option_reads_it(hp, reads_rows):
+    # on FSDP2 shards every row_reduce call is an all-reduce: the 0-dim row count is one per side,
+    # and worth a collective only for the options that use it
+    from lowrank_geom.strategies.base import PairBatch, get_strategy
+
+    strat = get_strategy("lora_rite")
+    full = dict(strat.defaults, lr=1e-2, engine="gram", **hp)
+    strat.validate(full)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 6, 3, generator=g), torch.randn(2, 5, 3, generator=g)
+    sa, sb = strat.init(a[0], b[0], full)
+    stack = lambda s: {k: torch.stack([v, v]) for k, v in s.items()}  # noqa: E731
+    shapes = []
+
+    def row_reduce(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    batch = PairBatch(a, b, torch.randn(2, 6, 3, generator=g), torch.randn(2, 5, 3, generator=g),
+                      stack(sa), stack(sb), torch.zeros(2), row_reduce)
+    strat.update([batch], full)
+    assert shapes, "the Grams go through row_reduce"
+    assert shapes.count(()) == (2 if reads_rows else 0), shapes
