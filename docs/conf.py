@@ -7,7 +7,8 @@ Sphinx reads any source, :func:`generate` writes ``docs/_generated/`` (git-ignor
   (``docs/results/<suite>.rst``, written by ``docs/publish_results.py``; converted from
   ``docs/results/<suite>.md`` here if only that exists), or a "not yet generated" note with the
   commands that make it. The benchmark pages include these, so they build with or without
-  results.
+  results. ``results_finetune_full.rst`` does the same for ``docs/results/finetune-full/``, the
+  full-size fine-tune comparison.
 * ``benchdoc_<suite>.rst``: the module docstring of ``benchmarks/<suite>.py`` (read with
   :mod:`ast`, never imported), or a note while that module does not exist.
 * ``api_peft.rst``: ``automodule`` of :mod:`lowrank_geom.peft` when that module exists.
@@ -86,23 +87,23 @@ def _write_if_changed(path: Path, text: str) -> None:
         path.write_text(text)
 
 
-def _results_rst(suite: str) -> str:
-    results = DOCS / "results"
+def _results_rst(suite: str, folder: str = "results") -> str:
+    results = DOCS / folder
     rst, md, js = results / f"{suite}.rst", results / f"{suite}.md", results / f"{suite}.json"
     if rst.exists():
-        return f".. include:: /results/{suite}.rst\n"
+        return f".. include:: /{folder}/{suite}.rst\n"
     if md.exists():
         import json
 
         payload = json.loads(js.read_text()) if js.exists() else None
-        return rst_for_suite(suite, md.read_text(), payload)
+        return rst_for_suite(suite, md.read_text(), payload, f"/{folder}/", f"docs/{folder}")
     return (
         ".. note::\n\n"
-        f"   Not yet generated: no published result for the ``{suite}`` suite. Run\n\n"
+        f"   Not yet generated: no published result for the ``{suite}`` suite in ``docs/{folder}``. Run\n\n"
         "   .. code-block:: bash\n\n"
         f"      python -m benchmarks {suite} --out results\n"
-        "      python docs/publish_results.py results docs/results\n\n"
-        f"   and rebuild; this section then shows ``docs/results/{suite}.md`` (the table and the\n"
+        f"      python docs/publish_results.py results docs/{folder}\n\n"
+        f"   and rebuild; this section then shows ``docs/{folder}/{suite}.md`` (the table and the\n"
         f"   command that produced it) and its plots, with ``results/{suite}.json`` linked.\n"
     )
 
@@ -140,6 +141,8 @@ def generate() -> None:
     for suite in SUITES:
         _write_if_changed(out / f"results_{suite}.rst", _results_rst(suite))
         _write_if_changed(out / f"benchdoc_{suite}.rst", _benchdoc_rst(suite))
+    # the full-size fine-tune comparison (hours; see docs/benchmarks/finetune.rst)
+    _write_if_changed(out / "results_finetune_full.rst", _results_rst("finetune", "results/finetune-full"))
     _write_if_changed(out / "api_peft.rst", _api_peft_rst())
 
 

@@ -234,6 +234,18 @@ def test_publish_copies_results_and_writes_rst(tmp_path):
     assert "``results/invariance.json``" in rst
 
 
+def test_publish_into_a_docs_subfolder_points_images_there(tmp_path):
+    publish = _publish_module()
+    sub = DOCS / "results" / "x-subfolder-test"
+    assert publish.image_prefix_for(sub) == "/results/x-subfolder-test/"
+    assert publish.image_prefix_for(DOCS / "results") == "/results/"
+    assert publish.image_prefix_for(tmp_path) == "/results/"  # outside the docs
+    rst = publish.rst_for_suite("invariance", SAMPLE_MD, {"run": {}, "meta": {}}, "/results/sub/", "docs/results/sub")
+    assert ".. image:: /results/sub/invariance_gap.png" in rst
+    assert ":download:`invariance.json </results/sub/invariance.json>`" in rst
+    assert "publish_results.py results docs/results/sub``" in rst
+
+
 def test_publish_refuses_incomplete_results(tmp_path):
     publish = _publish_module()
     (tmp_path / "speed.json").write_text(json.dumps({"suite": "speed", "figures": []}))
