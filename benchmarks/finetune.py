@@ -48,12 +48,14 @@ the results list (``run_cache``).
 **Learning rate**: each optimizer runs the grid (``lr_grid`` × its configured lr) at the first
 seed; :func:`select_lr` takes the lr with the lowest training loss over the last quarter of the
 run (progressive validation: every batch is scored before the step on it and, within one epoch,
-seen once), so the test set never picks the lr; the other seeds and the gauge rerun then use it.
+seen once), so the test set never picks the lr. A choice on the grid's edge is widened that way
+(:func:`widen_grid`: ``lr_widen`` factors 0.1, 0.03 below and 10, 30 above for ``--full``) until
+the choice is inside or the factors run out. The other seeds and the gauge rerun use the choice.
 
 ``--full`` is 8 optimizers × (3 learning rates at seed 0, 2 more seeds at the chosen lr, 1 gauge
-rerun) = 48 runs of 400 steps at batch 16 on Rotten Tomatoes: about 3.5 minutes each on this
-2-core CPU (0.4 s per step plus four evaluations of the test set), roughly 3 hours; run it in
-pieces with ``--full --cache DIR --max-new-runs K``.
+rerun) = 48 runs of 400 steps at batch 16 on Rotten Tomatoes, plus a run or two for each choice
+on a grid edge: about 3.5 minutes each on this 2-core CPU (0.4 s per step plus four evaluations
+of the test set), roughly 3 hours; run it in pieces with ``--full --cache DIR --max-new-runs K``.
 """
 
 from __future__ import annotations
@@ -89,15 +91,16 @@ LORA_R, LORA_ALPHA, LORA_TARGETS = 8, 16, ("query", "key", "value")
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": dict(dataset="trec6", steps=60, batch=8, max_len=24, seeds=1, optimizers=["adamw", "lora_rite"],
-                  lr_grid=[1.0], eval_every=0, eval_cap=200, head_lr=3e-3, gauge_seeds=1),
+                  lr_grid=[1.0], eval_every=0, eval_cap=200, head_lr=3e-3, gauge_seeds=1, lr_widen=([], [])),
     # sized so that `make bench` (every suite at default size) stays within 10 minutes here
     "default": dict(dataset="trec6", steps=80, batch=16, max_len=32, seeds=1,
                     optimizers=["adamw", "lora_rite", "scaled_gd", "loraplus"],
-                    lr_grid=[1.0], eval_every=40, eval_cap=500, head_lr=3e-3, gauge_seeds=1),
+                    lr_grid=[1.0], eval_every=40, eval_cap=500, head_lr=3e-3, gauge_seeds=1,
+                    lr_widen=([], [])),
     # batch and length as the protocol was calibrated (AdamW ≈ 80 % test accuracy in 400 steps)
     "full": dict(dataset="rotten_tomatoes", steps=400, batch=16, max_len=48, seeds=3, optimizers=FT_OPTIMIZERS,
                  lr_grid=[0.3, 1.0, 3.0], eval_every=100, eval_cap=None, head_lr=3e-3,
-                 gauge_seeds=1),
+                 gauge_seeds=1, lr_widen=([0.1, 0.03], [10.0, 30.0])),
 }
 
 
@@ -646,6 +649,24 @@ def selection_window(steps: int) -> int:
     return max(1, steps // 4)
 
 
+def widen_grid(best_lr: float, grid: Sequence[float], base_lr: float,
+               widen: tuple[Sequence[float], Sequence[float]]) -> float | None:
+    """The next lr to try when ``best_lr`` is the smallest or largest of ``grid``, else None.
+
+    ``widen = (below, above)``: factors of ``base_lr`` to add, in order, beyond the grid's low and
+    high end; None once the side's factors are used up (the result is then reported at the edge).
+    """
+    if len(grid) < 2 or min(grid) < best_lr < max(grid):
+        return None
+    below, above = widen
+    side = below if best_lr == min(grid) else above
+    for f in side:
+        lr = float(f"{base_lr * f:.3g}")
+        if lr not in grid:
+            return lr
+    return None
+
+
 def select_lr(train_losses: dict[float, Sequence[float]], window: int) -> tuple[float, dict[float, float]]:
     """The lr whose run has the lowest mean training loss over its last ``window`` steps.
 
@@ -724,6 +745,11 @@ def run(ctx: RunContext) -> SuiteResult:
         # the grid at the first seed; the lr is chosen without looking at the test set
         by_lr = {lr: one(lr, seeds[0]) for lr in grid}
         best_lr, sel = select_lr({lr: r["train_loss"] for lr, r in by_lr.items()}, window)
+        # a best lr on the grid's edge does not bracket the optimum: widen the grid that way
+        while (lr := widen_grid(best_lr, grid, base_lr[name], cfg["lr_widen"])) is not None:
+            grid.append(lr)
+            by_lr[lr] = one(lr, seeds[0])
+            best_lr, sel = select_lr({lr: r["train_loss"] for lr, r in by_lr.items()}, window)
         runs = [by_lr[best_lr]] + [one(best_lr, s) for s in seeds[1:]]
         # gauge robustness at the chosen lr: same seeds, adapter rescaled (s·A, B/s)
         gauge = [one(best_lr, s, GAUGE_S) for s in seeds[: cfg["gauge_seeds"]]]
@@ -787,7 +813,8 @@ def run(ctx: RunContext) -> SuiteResult:
     table += (f"\n\n{ds['name']}: {len(ds['train'][0])} train / {len(te_x)} test examples ({len(ds['classes'])} classes, "
               f"split by {ds['split']}); {cfg['steps']} steps × batch {cfg['batch']}, max_len {cfg['max_len']}, "
               f"seeds {seeds}; LoRA r={LORA_R}, α={LORA_ALPHA} on {'/'.join(LORA_TARGETS)}; head AdamW lr {cfg['head_lr']:g}. "
-              f"lr: chosen from the grid {cfg['lr_grid']} × each optimizer's configured lr by the mean training loss "
+              f"lr: chosen from the grid {cfg['lr_grid']} × each optimizer's configured lr (widened by "
+              f"{cfg['lr_widen'][0]} below / {cfg['lr_widen'][1]} above while the choice is on an edge) by the mean training loss "
               f"of the last {window} steps at seed {seeds[0]} (never the test set). "
               f"Start: nonzero random adapter (lora_B ~ N(0, 0.02²)); gauge rerun from (s·A, B/s), s={GAUGE_S:g}, "
               f"seeds {seeds[: cfg['gauge_seeds']]}; Δacc pairs it with the run of the same seed. "

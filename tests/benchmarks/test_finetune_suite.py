@@ -130,6 +130,17 @@ def test_select_lr_uses_the_final_training_loss_and_rejects_diverged_runs():
         finetune.select_lr({}, window=1)
 
 
+def test_widen_grid_extends_past_an_edge_choice_until_the_factors_run_out():
+    widen = ([0.1, 0.03], [10.0, 30.0])
+    grid = [3e-4, 1e-3, 3e-3]
+    assert finetune.widen_grid(1e-3, grid, 1e-3, widen) is None  # inside: bracketed
+    assert finetune.widen_grid(3e-4, grid, 1e-3, widen) == 1e-4
+    assert finetune.widen_grid(1e-4, grid + [1e-4], 1e-3, widen) == 3e-5
+    assert finetune.widen_grid(3e-5, grid + [1e-4, 3e-5], 1e-3, widen) is None  # used up
+    assert finetune.widen_grid(3e-3, grid, 1e-3, widen) == 1e-2
+    assert finetune.widen_grid(1e-3, [1e-3], 1e-3, widen) is None  # a one-point grid is not searched
+
+
 def test_max_new_runs_needs_a_cache():
     with pytest.raises(SystemExit, match="needs --cache"):
         finetune.parse_extra(["--max-new-runs", "3"])
