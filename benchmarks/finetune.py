@@ -744,12 +744,13 @@ def run(ctx: RunContext) -> SuiteResult:
 
         # the grid at the first seed; the lr is chosen without looking at the test set
         by_lr = {lr: one(lr, seeds[0]) for lr in grid}
-        best_lr, sel = select_lr({lr: r["train_loss"] for lr, r in by_lr.items()}, window)
-        # a best lr on the grid's edge does not bracket the optimum: widen the grid that way
-        while (lr := widen_grid(best_lr, grid, base_lr[name], cfg["lr_widen"])) is not None:
-            grid.append(lr)
-            by_lr[lr] = one(lr, seeds[0])
+        while True:
             best_lr, sel = select_lr({lr: r["train_loss"] for lr, r in by_lr.items()}, window)
+            # a best lr on the grid's edge does not bracket the optimum: widen the grid that way
+            lr = widen_grid(best_lr, list(by_lr), base_lr[name], cfg["lr_widen"])
+            if lr is None:
+                break
+            by_lr[lr] = one(lr, seeds[0])
         runs = [by_lr[best_lr]] + [one(best_lr, s) for s in seeds[1:]]
         # gauge robustness at the chosen lr: same seeds, adapter rescaled (s·A, B/s)
         gauge = [one(best_lr, s, GAUGE_S) for s in seeds[: cfg["gauge_seeds"]]]
