@@ -11,9 +11,9 @@ from pathlib import Path
 
 from benchmarks.common import RunContext, write_result
 
-SUITES = ["invariance", "convex", "regret", "speed", "finetune"]
+SUITES = ["invariance", "robustness", "convex", "regret", "speed", "finetune"]
 #: what ``all`` runs (the README's default comparison)
-ALL = ["invariance", "convex", "regret", "speed", "finetune"]
+ALL = ["invariance", "robustness", "convex", "regret", "speed", "finetune"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 #: the suites of ``python -m benchmarks``, in the order the docs present them
-SUITES = ("invariance", "convex", "regret", "speed", "finetune")
+SUITES = ("invariance", "robustness", "convex", "regret", "speed", "finetune")
 
 _IMAGE = re.compile(r"^!\[(?P<alt>[^\]]*)\]\((?P<src>[^)\s]+)\)\s*$")
 _HEADING = re.compile(r"^(?P<level>#{1,6})\s+(?P<text>.*?)\s*#*\s*$")
