@@ -12,6 +12,7 @@ from lowrank_geom.geometry.gramian import (
     gram_pinv,
     inverse_magnitude,
     magnify,
+    relative_change_cap,
     unmagnify,
 )
 from lowrank_geom.geometry.gauge import gauge_act, norm_balance, random_gauge, scale_gauge
@@ -20,6 +21,7 @@ from lowrank_geom.geometry.psd import (
     PSDNumericsError,
     compute_dtype,
     eigenvalue_distance,
+    eigh_resolution,
     eigh_safe,
     inverse_root,
     inverse_root_eig,
@@ -33,6 +35,7 @@ from lowrank_geom.geometry.transport import (
 
 __all__ = [
     "GRAM_DTYPE",
+    "eigh_resolution",
     "eigh_safe",
     "gram",
     "gram_cutoff",
@@ -40,6 +43,7 @@ __all__ = [
     "inverse_magnitude",
     "inverse_root_eig",
     "magnify",
+    "relative_change_cap",
     "unmagnify",
     "FixedRankQuotient",
     "RankDeficientError",

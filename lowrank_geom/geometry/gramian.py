@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from lowrank_geom.geometry.psd import compute_dtype, symmetrize
+from lowrank_geom.geometry.psd import compute_dtype, eigh_safe, symmetrize
 
 #: dtype of all r×r work (Cholesky, inverses, eigendecompositions of the Gram engine)
 GRAM_DTYPE = torch.float64
@@ -113,3 +113,53 @@ def unmagnify(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def magnify(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``T V Tᵀ`` (``R⁻¹ V̄ R⁻ᵀ``): a basis-``U`` quadratic form in factor coordinates, basis-free. ``(..., r, r)``."""
     return symmetrize(t @ v @ t.mT)
+
+
+
+
+def _clamped_singular_values(e_gram: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``V D Vᵀ`` with ``EᵀE = V diag(s²) Vᵀ``, ``D = diag(min(1, cap/s))``, and whether any ``s > cap``. ``(..., r, r), (...,)``."""
+    lam, v = eigh_safe(e_gram)
+    d = (cap / lam.clamp_min(0.0).sqrt()).clamp(max=1.0)  # 1 where s ≤ cap (and where s = 0)
+    return (v * d.unsqueeze(-2)) @ v.mT, (d < 1).any(dim=-1)
+
+
+def relative_change_cap(
+    m: torch.Tensor,
+    k0: torch.Tensor,
+    t: torch.Tensor,
+    r: torch.Tensor,
+    cap: float,
+    lr: float | torch.Tensor,
+    row_reduce: RowReduce = _identity,
+) -> torch.Tensor:
+    """The direction ``M k₀`` of a factor ``X = U R`` (step ``lr·M k₀``) with its relative change capped. ``(..., m, r)``.
+
+    The relative change ``E = lr·M k₀ R⁺`` (the step in the basis ``U``, per unit of the factor's
+    own magnitude) gets its singular values clamped at ``cap`` (``E' = E V D Vᵀ`` with
+    ``EᵀE = V diag(s²) Vᵀ``, ``D = diag(min(1, cap/s))``), and the direction becomes
+    ``E' R / lr + M k₀ (I − R⁺R)``: the second term leaves the step in directions where ``X`` is
+    zero (not started) as it is. ``E`` transforms as ``E Qᵀ`` (``Q`` orthogonal) under a gauge
+    ``X → X G``, so the cap is GL(r)-invariant; a pair with every ``s ≤ cap`` keeps ``M k₀``
+    bit for bit. The factor is given as its magnitude ``r = R`` and ``t = R⁺`` (from a Gram,
+    ``R = tᵀ G`` up to an orthogonal factor, which the result does not depend on).
+
+    Numerics: ``E`` can exceed ``cap`` by ``1/eps`` (a factor with a round-off-sized direction),
+    so it is never formed unclamped and never subtracted from: the first clamp comes from the
+    r×r ``(k₀R⁺)ᵀ MᵀM (k₀R⁺)`` in float64, the second re-measures the m×r ``E'`` it produced
+    (whose small directions the first could not resolve). The m×r work runs only in a step
+    where some pair is capped (one host sync decides).
+    """
+    work = torch.float64  # s² can span (1/eps)² · cap²: beyond float32's range
+    k0, t, r = k0.to(work), t.to(work), r.to(work)
+    lr_w = torch.as_tensor(lr, dtype=work, device=k0.device)
+    plain = m @ k0.to(m.dtype)
+    k = k0 @ t
+    vdv, capped = _clamped_singular_values(lr_w.square() * unmagnify(gram(m, None, row_reduce), k), cap)
+    if not bool(capped.any()):
+        return plain
+    e = lr_w * (m.to(work) @ (k @ vdv))
+    vdv, _ = _clamped_singular_values(gram(e, None, row_reduce), cap)
+    eye = torch.eye(k.shape[-1], dtype=work, device=k.device)
+    direction = (e @ (vdv @ r)) / lr_w + m.to(work) @ (k0 @ (eye - t @ r))
+    return torch.where(capped[..., None, None], direction.to(m.dtype), plain)

@@ -10,7 +10,11 @@ import torch
 
 
 class PSDNumericsError(RuntimeError):
-    """An eigendecomposition failed even after the float64 retry; the message says what to try."""
+    """An eigendecomposition failed even after the float64 retry.
+
+    The message states the dtypes tried, the shape and whether the input was finite; raised
+    through :class:`~lowrank_geom.LowRankOptimizer`, it also says what the optimizer checked and
+    what to try."""
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -33,12 +37,21 @@ def eigh_safe(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         lam, q = torch.linalg.eigh(work.to(torch.float64))
     except torch.linalg.LinAlgError as err:
-        raise PSDNumericsError(
-            "eigh of a second-moment matrix failed in its dtype and again in float64. The matrix "
-            "is probably not finite: check for NaN/inf gradients (the optimizer skips those "
-            "steps by default, nonfinite='skip'), or raise eps."
-        ) from err
+        raise PSDNumericsError(_eigh_failure(work)) from err
     return lam.to(work.dtype), q.to(work.dtype)
+
+
+def _eigh_failure(work: torch.Tensor) -> str:
+    """What is known when both attempts failed: dtypes, shape, and (computed: r×r is cheap)
+    whether the input was finite. No guess at the cause: callers know more (the optimizer does)."""
+    bad = (~torch.isfinite(work)).flatten(-2).any(-1).reshape(-1)
+    count, total = int(bad.sum()), bad.numel()
+    finite = "no" if count == 0 else "yes" if total == 1 else f"yes ({count} of {total} matrices)"
+    dtype = str(work.dtype).removeprefix("torch.")
+    return (
+        f"eigh of a symmetric matrix of shape {tuple(work.shape)} failed to converge in {dtype} "
+        f"and again in float64; the matrix has non-finite (NaN/inf) entries: {finite}"
+    )
 
 
 def inverse_root(
@@ -47,6 +60,7 @@ def inverse_root(
     *,
     shift: torch.Tensor | float = 0.0,
     eps: float = 0.0,
+    null_rtol: float = 0.0,
 ) -> torch.Tensor:
     """``Q diag(1 / ((max(λ, 0) + shift)^{1/root} + eps)) Qᵀ`` for ``V = Q diag(λ) Qᵀ``.
 
@@ -58,24 +72,44 @@ def inverse_root(
     Safeguards: eigenvalues are clamped at 0 before the root, so a second moment made slightly
     indefinite by round-off gives a large but finite factor instead of NaN; the eigendecomposition
     is retried in float64 when LAPACK fails to converge. With ``shift = eps = 0`` a zero eigenvalue
-    maps to ``inf`` by design (callers pass a positive ``eps``).
+    maps to ``inf`` by design (callers pass a positive ``eps``). ``null_rtol``: see
+    :func:`inverse_root_eig`.
     """
     lam, q = eigh_safe(v)
-    return inverse_root_eig(lam, q, root, shift=shift, eps=eps)
+    return inverse_root_eig(lam, q, root, shift=shift, eps=eps, null_rtol=null_rtol)
+
+
+def eigh_resolution(r: int, dtype: torch.dtype) -> float:
+    """``r · eps``: eigenvalues of an r×r PSD matrix at or below this fraction of ``λ_max`` are not resolved.
+
+    ``eigh`` is backward stable: its eigenpairs are exact for ``V + E`` with ``‖E‖ ≈ r·eps·‖V‖``,
+    so an eigenvalue below that is indistinguishable from 0 and its eigenvector is arbitrary
+    within the unresolved subspace.
+    """
+    return r * torch.finfo(compute_dtype(dtype)).eps
 
 
 def inverse_root_eig(
-    lam: torch.Tensor, q: torch.Tensor, root: int = 2, *, shift: torch.Tensor | float = 0.0, eps: float = 0.0
+    lam: torch.Tensor,
+    q: torch.Tensor,
+    root: int = 2,
+    *,
+    shift: torch.Tensor | float = 0.0,
+    eps: float = 0.0,
+    null_rtol: float = 0.0,
 ) -> torch.Tensor:
-    """:func:`inverse_root` from a given eigendecomposition ``V = Q diag(λ) Qᵀ`` (``(..., r)``, ``(..., r, r)``)."""
+    """:func:`inverse_root` from a given eigendecomposition ``V = Q diag(λ) Qᵀ`` (``(..., r)``, ``(..., r, r)``).
+
+    ``null_rtol > 0`` makes it a pseudo-inverse root: eigenvalues ``λ ≤ null_rtol · λ_max`` (the
+    unresolved null space, :func:`eigh_resolution`) get the factor 0 instead of ``1/(shift^{1/root} + eps)``.
+    """
     if isinstance(shift, torch.Tensor):
         shift = shift.to(lam.dtype).unsqueeze(-1)
-    lam = lam.clamp_min(0.0) + shift
-    inv = 1.0 / (lam.pow(1.0 / root) + eps)
+    inv = 1.0 / ((lam.clamp_min(0.0) + shift).pow(1.0 / root) + eps)
+    if null_rtol > 0:
+        resolved = lam > null_rtol * lam.amax(dim=-1, keepdim=True).clamp_min(0.0)
+        inv = torch.where(resolved, inv, torch.zeros_like(inv))
     return symmetrize((q * inv.unsqueeze(-2)) @ q.mT)
-
-
-_eigh = eigh_safe
 
 
 def eigenvalue_distance(v_old: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:

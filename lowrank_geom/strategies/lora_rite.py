@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from lowrank_geom.geometry import (
-    GRAM_DTYPE,
     basis_transport,
     compute_dtype,
     eigenvalue_distance,
+    eigh_resolution,
     eigh_safe,
     gram,
     gram_cutoff,
@@ -34,6 +34,7 @@ from lowrank_geom.geometry import (
     magnitude_pinv,
     norm_balance,
     orthonormal_basis,
+    relative_change_cap,
     symmetrize,
     transport_first_moment,
     transport_second_moment,
@@ -95,8 +96,13 @@ def escaped_mass(
 def preconditioned_direction(
     gbar: torch.Tensor, v: torch.Tensor, rho: torch.Tensor | float, eps: float
 ) -> torch.Tensor:
-    """``S̄ = ∇̄ (V̄ + ρI)^{-1/2}`` (Alg. 1 line 9), as ``Q diag(1/(√(λ+ρ) + ε)) Qᵀ`` with λ clamped at 0."""
-    return gbar @ inverse_root(v, 2, shift=rho, eps=eps).to(gbar.dtype)
+    """``S̄ = ∇̄ (V̄ + ρI)^{-1/2}`` (Alg. 1 line 9), as ``Q diag(1/(√(λ+ρ) + ε)) Qᵀ`` with λ clamped at 0.
+
+    Eigen-directions of ``V̄`` that ``eigh`` cannot resolve (``λ ≤ r·eps·λ_max``,
+    :func:`~lowrank_geom.geometry.eigh_resolution`) get the factor 0: ``∇̄`` is round-off there.
+    """
+    null_rtol = eigh_resolution(v.shape[-1], v.dtype)
+    return gbar @ inverse_root(v, 2, shift=rho, eps=eps, null_rtol=null_rtol).to(gbar.dtype)
 
 
 def accumulate_first_moment(
@@ -112,9 +118,14 @@ def cap_update(m: torch.Tensor, cap: float) -> torch.Tensor:
     return m / expand(torch.clamp(rms(m) / cap, min=1.0), m)
 
 
-def magnitude_restoration(m: torch.Tensor, r_pinv_other: torch.Tensor) -> torch.Tensor:
-    """``δA = M̄ R_B⁻ᵀ`` (Alg. 1 line 11, before the learning rate). ``(P, m, r)``."""
-    return m @ r_pinv_other.mT
+def magnitude_restoration(
+    m: torch.Tensor, r_pinv_other: torch.Tensor, r_self: torch.Tensor, r_pinv_self: torch.Tensor, hp: dict[str, Any]
+) -> torch.Tensor:
+    """``δA = M̄ R_B⁻ᵀ`` (Alg. 1 line 11, before the learning rate), its relative change capped at
+    ``relative_step_cap`` (:func:`~lowrank_geom.geometry.relative_change_cap`). ``(P, m, r)``."""
+    if hp["relative_step_cap"] <= 0:
+        return m @ r_pinv_other.mT
+    return relative_change_cap(m, r_pinv_other.mT, r_pinv_self, r_self, hp["relative_step_cap"], hp["lr"])
 
 
 # ------------------------------------------------------------------------------ Gram engine
@@ -189,9 +200,7 @@ def resolve_engine(engine: str, dtype: torch.dtype) -> str:
     ~2e-12 (``python -m benchmarks invariance``, rows ``lora_rite[engine=…]``). In float32/bf16
     both engines are limited by the factors' own rounding and the Gram engine is ~2× faster.
     """
-    if engine != "auto":
-        return engine
-    return "qr" if dtype == torch.float64 else "gram"
+    return "qr" if engine == "auto" else engine
 
 
 def batch_engine(batch: PairBatch, hp: dict[str, Any]) -> str:
@@ -304,6 +313,7 @@ class LoRARITEStrategy(Strategy):
         clip_unmagnified_grad=1.0,
         update_skipping=1.0,
         update_capping=0.0,
+        relative_step_cap=1.0,
         balance=False,
         basis="qr",
         engine="auto",
@@ -314,7 +324,7 @@ class LoRARITEStrategy(Strategy):
         check_betas(hp["betas"])
         check_eps(hp["eps"])
         check_weight_decay(hp["weight_decay"])
-        for key in ("clip_unmagnified_grad", "update_skipping", "update_capping"):
+        for key in ("clip_unmagnified_grad", "update_skipping", "update_capping", "relative_step_cap"):
             check_non_negative(key, hp[key])
         check_choice("second_moment", hp["second_moment"], ("ema", "sum"))
         check_choice("basis", hp["basis"], ("qr", "polar"))
@@ -398,6 +408,12 @@ class LoRARITEStrategy(Strategy):
                 new["previous_factor"] = sd["x"]
                 if hp["update_capping"] > 0:
                     m_mag = m_mag * expand(capped_scale(m_mag, sd["g"], hp["update_capping"], batch.row_reduce, sd["rows"].to(m_mag.dtype)), m_mag)
+                if hp["relative_step_cap"] > 0:
+                    own = sides[2 * bi + 1 - k]  # the partner side holds this factor's G and R⁻¹
+                    eye = torch.eye(m_mag.shape[-1], dtype=own["t"].dtype, device=m_mag.device)
+                    r_own = own["t"].mT @ own["g"].to(own["t"].dtype)  # R with RᵀR = G
+                    m_mag = relative_change_cap(m_mag, eye, own["t"], r_own, hp["relative_step_cap"], lr,
+                                                batch.row_reduce)
                 deltas.append(m_mag)  # δ = −η(M̃ + λX): applied by the driver (PairUpdate.scale, .decay)
                 states.append(new)
             wd = hp["weight_decay"]
@@ -444,12 +460,12 @@ class LoRARITEStrategy(Strategy):
             rho = rho + eigenvalue_drop(cat(lambda sd: sd["state"]["second_moment_eigenvalues"]), v_transported)
             if ema:
                 rho = d2 * rho
-        x_root = inverse_root_eig(lam, q, 2, shift=rho, eps=hp["eps"])
+        x_root = inverse_root_eig(lam, q, 2, shift=rho, eps=hp["eps"], null_rtol=eigh_resolution(lam.shape[-1], lam.dtype))
         w_new = magnify(v, t)
         keep_rr = expand(d1, c) * (c.mT @ gram_pinv(t))
         apply_rr = expand((1.0 - d1) * s, c) * (t @ x_root @ t.mT)
         chunks = {k: torch.split(val, counts) for k, val in
-                  dict(w=w_new, keep=keep_rr, apply=apply_rr, lam=lam,
+                  dict(w=w_new, keep=keep_rr, apply=apply_rr, lam=lam, t=t,
                        rho=rho if hp["escape"] else torch.zeros_like(d1)).items()}
         for i, sd in enumerate(sides):
             st = sd["state"]
@@ -458,6 +474,7 @@ class LoRARITEStrategy(Strategy):
                 new["escaped_mass"] = chunks["rho"][i].to(st["escaped_mass"].dtype)
                 new["second_moment_eigenvalues"] = chunks["lam"][i].to(st["second_moment_eigenvalues"].dtype)
             sd["new"], sd["keep_rr"], sd["apply_rr"] = new, chunks["keep"][i], chunks["apply"][i]
+            sd["t"] = chunks["t"][i]  # R⁻¹ of the *other* factor
 
     # ---------------------------------------------------------------------------- QR engine
     def _update_qr(self, batches: list[PairBatch], hp: dict[str, Any]) -> list[PairUpdate]:
@@ -477,7 +494,7 @@ class LoRARITEStrategy(Strategy):
                 gbar_b = skip_large(gbar_b, hp["update_skipping"])
             part = torch.linalg.vector_norm(gbar_a).square() + torch.linalg.vector_norm(gbar_b).square()
             sq_norm = part if sq_norm is None else sq_norm + part.to(sq_norm)
-            prepared.append((u_a, u_b, rinv_a, rinv_b, gbar_a, gbar_b))
+            prepared.append((u_a, u_b, r_a, r_b, rinv_a, rinv_b, gbar_a, gbar_b))
 
         clip = hp["clip_unmagnified_grad"]
         scale = None
@@ -486,28 +503,30 @@ class LoRARITEStrategy(Strategy):
             scale = torch.where(norm > clip, clip / norm, torch.ones_like(norm))
 
         out = []
-        for batch, (u_a, u_b, rinv_a, rinv_b, gbar_a, gbar_b) in zip(batches, prepared):
+        for batch, (u_a, u_b, r_a, r_b, rinv_a, rinv_b, gbar_a, gbar_b) in zip(batches, prepared):
             if scale is not None:
                 gbar_a = gbar_a * scale.to(gbar_a)
                 gbar_b = gbar_b * scale.to(gbar_b)
-            new_a, delta_a = self._side(batch.a, gbar_a, batch.state_a, batch.state_b["basis"], u_b, rinv_b, batch.step, hp)
-            new_b, delta_b = self._side(batch.b, gbar_b, batch.state_b, batch.state_a["basis"], u_a, rinv_a, batch.step, hp)
+            new_a, delta_a = self._side(gbar_a, batch.state_a, batch.state_b["basis"], u_b, batch.step, hp)
+            new_b, delta_b = self._side(gbar_b, batch.state_b, batch.state_a["basis"], u_a, batch.step, hp)
+            delta_a = magnitude_restoration(delta_a, rinv_b, r_a, rinv_a, hp)
+            delta_b = magnitude_restoration(delta_b, rinv_a, r_b, rinv_b, hp)
             new_a["basis"], new_b["basis"] = u_a, u_b
-            out.append(_balanced(batch, PairUpdate(delta_a, delta_b, new_a, new_b), hp))
+            wd = hp["weight_decay"]
+            upd = PairUpdate(delta_a, delta_b, new_a, new_b, scale=-hp["lr"], decay=hp["lr"] * wd if wd else 0.0)
+            out.append(_balanced(batch, upd, hp))
         return out
 
     @staticmethod
     def _side(
-        x: torch.Tensor,
         gbar: torch.Tensor,
         state: State,
         basis_other_old: torch.Tensor,
         basis_other: torch.Tensor,
-        rinv_other: torch.Tensor,
         step: torch.Tensor,
         hp: dict[str, Any],
     ) -> tuple[State, torch.Tensor]:
-        """One factor's moments and update; returns (new state without basis, delta)."""
+        """One factor's moments; returns (new state without basis, ``M̄`` after update capping)."""
         beta1, beta2 = hp["betas"]
         ema = hp["second_moment"] == "ema"
         if hp["bias_correction"]:
@@ -532,7 +551,4 @@ class LoRARITEStrategy(Strategy):
         new["exp_avg"] = m
         if hp["update_capping"] > 0:
             m = cap_update(m, hp["update_capping"])
-        direction = magnitude_restoration(m, rinv_other)
-        if hp["weight_decay"] != 0:
-            direction = direction + hp["weight_decay"] * x
-        return new, -hp["lr"] * direction
+        return new, m
