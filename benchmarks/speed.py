@@ -432,13 +432,16 @@ def _targets(by_r: dict[str, dict[str, Any]], size: dict[str, Any]) -> list[dict
         if res[num].get("contended") or res[den].get("contended"):
             status += " (unreliable: contended †)"
         out.append({"target": label, "bound": f"{op} {bound}", "value": v, "status": status})
-    # state: LoRA-RITE <= AdamW + 2 r² float32 per pair (+ its two scalar counters)
+    # state: LoRA-RITE <= AdamW + 2 r² + 1 float32 per pair. AdamW's two step scalars per pair
+    # (one per tensor) offset two of the driver's three (step, nonfinite_skips, update_skips);
+    # the third, update_skips, is the + 1.
     for r, res in by_r.items():
         if "lora_rite" in res and "adamw" in res:
             pairs = res["lora_rite"]["pairs"]
-            bound = res["adamw"]["state_bytes"] + pairs * 2 * int(r) ** 2 * 4
+            bound = res["adamw"]["state_bytes"] + pairs * (2 * int(r) ** 2 + 1) * 4
             v = res["lora_rite"]["state_bytes"]
-            out.append({"target": f"LoRA-RITE state bytes <= AdamW + 2r² floats per pair, r={r}",
+            target = f"LoRA-RITE state bytes <= AdamW + 2r² + 1 floats per pair, r={r}"
+            out.append({"target": target,
                         "bound": f"<= {bound}", "value": v, "status": "met" if v <= bound else "missed",
                         "excess_bytes": v - bound})
     return out

@@ -7,6 +7,7 @@ policy and exact checkpoints. The math lives in :mod:`lowrank_geom.strategies`.
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
@@ -14,7 +15,7 @@ import torch
 from torch.optim import Optimizer
 
 from lowrank_geom import distributed, fallback
-from lowrank_geom.geometry import compute_dtype
+from lowrank_geom.geometry import PSDNumericsError, compute_dtype
 from lowrank_geom.pairs import LoRAPair, factor_view
 from lowrank_geom.strategies import PairBatch, PairUpdate, Strategy, get_strategy
 
@@ -25,6 +26,8 @@ _NONFINITE = ("skip", "raise")
 _DRIVER_KEYS = ("strategy", "nonfinite", "compile")
 #: param-group keys a compiled strategy update never reads (guarding on them would recompile)
 _NOT_HYPERPARAMETERS = ("params", "rank_dims", "pair_names", "compile", *_SCHEDULER_KEYS)
+#: keys of A's state that belong to the driver (float32 scalars); strategies never see them
+_DRIVER_STATE = ("step", "nonfinite_skips", "update_skips")
 
 
 def _check_compile(value: Any) -> None:
@@ -62,6 +65,16 @@ class LowRankOptimizer(Optimizer):
         compile: run the strategy's update through ``torch.compile`` (see :ref:`compiled-step`);
             ``lr`` enters the compiled graph as a tensor, so lr schedulers do not recompile it.
         **hyperparameters: the strategy's hyperparameters (see its class), stored in param groups.
+
+    Skipped updates: a strategy may report factor updates it skipped
+    (:class:`~lowrank_geom.strategies.PairUpdate` ``skipped``; LoRA-RITE's ``update_skipping``).
+    :meth:`update_skips` counts them (pairs with finite gradients only), and the first step in
+    which every pair of a param group had both factor updates skipped raises a ``UserWarning``
+    (once per optimizer): the loss then does not move, which a summed loss can cause silently.
+
+    :meth:`step` raises :class:`~lowrank_geom.PSDNumericsError` when an
+    eigendecomposition fails even in float64; its message says what the driver checked
+    (gradients, factors and state finite), the likely cause and what to try.
 
     Example:
         >>> import torch
@@ -257,12 +270,12 @@ class LowRankOptimizer(Optimizer):
             for a, b, _, loc in items:
                 if not self.state[a]:
                     sa, sb = strat.init(factor_view(loc.a, ad).to(cdt), factor_view(loc.b, bd).to(cdt), group)
-                    self.state[a].update(
-                        step=torch.zeros((), dtype=torch.float32, device=device),
-                        nonfinite_skips=torch.zeros((), dtype=torch.float32, device=device),
-                        **sa,
-                    )
+                    zeros = {k: _scalar(device) for k in _DRIVER_STATE}
+                    self.state[a].update(zeros, **sa)
                     self.state[b].update(sb)
+                elif "update_skips" not in self.state[a]:
+                    # state from a checkpoint that predates the counter: it counts from here on
+                    self.state[a]["update_skips"] = _scalar(device)
             full_a, hit_a = _cached_stack(cache, self.state, pa, "a")
             state_b, hit_b = _cached_stack(cache, self.state, pb, "b")
             # storages the members' state views: on a cache hit exactly the cached stacks
@@ -289,7 +302,7 @@ class LowRankOptimizer(Optimizer):
                 keep = finite.view(-1, 1, 1)
                 ga = torch.where(keep, ga, torch.zeros((), dtype=cdt, device=device))
                 gb = torch.where(keep, gb, torch.zeros((), dtype=cdt, device=device))
-            state_a = {k: v for k, v in full_a.items() if k not in ("step", "nonfinite_skips")}
+            state_a = {k: v for k, v in full_a.items() if k not in _DRIVER_STATE}
             if compiled and row_reduce is not distributed.identity:
                 raise NotImplementedError(
                     f"{items[0][2]}: compile=True is not supported for row-sharded (FSDP2) factors "
@@ -301,7 +314,17 @@ class LowRankOptimizer(Optimizer):
             members.append((pa, pb, la, lb, ad, bd, full_a))
             masks.append(None if all_finite else finite)
 
-        updates = self._compiled_update(strat, group, batches) if compiled else strat.update(batches, group)
+        try:
+            if compiled:
+                updates = self._compiled_update(strat, group, batches)
+            else:
+                updates = strat.update(batches, group)
+        except PSDNumericsError as err:
+            # psd.py only knows the matrix; what the driver checked belongs in the message
+            dtypes = {m[2][0].dtype for m in members}  # the factors' own dtypes (batches: compute)
+            msg = self._psd_failure(group, batches, masks, dtypes, err)
+            raise PSDNumericsError(msg) from err
+        report = _SkipReport()
         for batch, upd, (pa, pb, la, lb, ad, bd, full_a), finite in zip(batches, updates, members, masks):
             delta_a, delta_b, new_a, new_b = upd[:4]
             if finite is None:
@@ -319,9 +342,86 @@ class LowRankOptimizer(Optimizer):
                 step, skips = batch.step + fin, full_a["nonfinite_skips"] + (1.0 - fin)
                 _apply(la, delta_a, ad, 1.0, 0.0)
                 _apply(lb, delta_b, bd, 1.0, 0.0)
+            update_skips = report.count(upd.skipped, finite, full_a["update_skips"])
             # keys a strategy does not return keep their stacked value
-            _install(cache, self.state, pa, "a", {**full_a, **new_a, "step": step, "nonfinite_skips": skips})
+            counters = {"step": step, "nonfinite_skips": skips, "update_skips": update_skips}
+            _install(cache, self.state, pa, "a", {**full_a, **new_a, **counters})
             _install(cache, self.state, pb, "b", {**batch.state_b, **new_b})
+        if not self.__dict__.get("_warned_update_skips") and report.every_pair_skipped():
+            self._warned_update_skips = True
+            warnings.warn(self._all_skipped_message(group), UserWarning, stacklevel=2)
+
+    def _group_index(self, group: dict[str, Any]) -> int:
+        # by identity: == on param groups would compare their tensors
+        return next(i for i, g in enumerate(self.param_groups) if g is group)
+
+    def _all_skipped_message(self, group: dict[str, Any]) -> str:
+        name, threshold = group["strategy"], group.get("update_skipping")
+        by = f"by update_skipping={threshold}" if threshold is not None else f"by strategy {name!r}"
+        msg = (
+            f"param group {self._group_index(group)} ({name}): every pair's update was skipped "
+            f"this step {by} (both factors of every pair), so the loss will not move while this "
+            "lasts, apart from momentum and weight decay carried over from earlier steps. "
+        )
+        if threshold is not None:
+            msg += (
+                "The factors' gradients exceed the threshold: use a mean-reduced loss (a summed "
+                "loss grows with the batch), raise update_skipping, or set update_skipping=0 to "
+                "turn skipping off. "
+            )
+        return msg + "update_skips() counts skipped factor updates; this warns once per optimizer."
+
+    def _psd_failure(
+        self, group: dict[str, Any], batches: list[PairBatch], masks: list, dtypes: set,
+        err: Exception,
+    ) -> str:
+        """The message of a :class:`PSDNumericsError` raised by a strategy: what the driver knows.
+
+        Runs only on that error path, so its checks may synchronize with the device."""
+        name = group["strategy"]
+        yes_no = lambda ok: "yes" if ok else "no"  # noqa: E731
+        masked = sum(int((~m).sum()) for m in masks if m is not None)
+        finite = lambda t: bool(torch.isfinite(t).all())  # noqa: E731
+        factors_ok = all(finite(b.a) and finite(b.b) for b in batches)
+        states = [v for b in batches for st in (b.state_a, b.state_b) for v in st.values()]
+        state_ok = all(finite(v) for v in states if v.is_floating_point())
+        hps = ", ".join(f"{k}={group[k]!r}" for k in ("eps", "engine") if k in group)
+        if masked:
+            grads = (
+                "The gradients the strategy received were finite: the driver checks them before "
+                f"the update and passed the {masked} pair(s) with a non-finite gradient as zeros "
+                "(their step is skipped)"
+            )
+        else:
+            grads = "The gradients of this param group were finite (the driver checks them first)"
+        msg = (
+            f"param group {self._group_index(group)}, strategy {name!r}"
+            + (f" ({hps})" if hps else "")
+            + f": {err}. {grads}. Every factor finite: {yes_no(factors_ok)}; every state tensor "
+            f"finite: {yes_no(state_ok)}. "
+        )
+        if factors_ok and state_ok:
+            msg += (
+                "Likely cause: a rank-deficient or ill-conditioned factor (e.g. a zero-initialized "
+                "one) or a second moment whose scale underflows or overflows the compute dtype. "
+            )
+        else:
+            msg += "The non-finite values predate this step's update (an earlier step diverged?). "
+        tries = [f"a larger eps (now {group['eps']!r})"] if "eps" in group else []
+        engine = group.get("engine")  # LoRA-RITE's: "auto" picks one by dtype, not known here
+        if engine == "gram":
+            tries.append("engine='qr'")
+        elif engine not in (None, "qr"):
+            tries.append(f"engine='qr' (if engine={engine!r} ran the Gram engine)")
+        half = dtypes & {torch.bfloat16, torch.float16}
+        if half:
+            names = "/".join(sorted(str(d).removeprefix("torch.") for d in half))
+            tries.append(f"float32 factors instead of {names}")
+        tries.append(
+            "nonfinite='raise' to stop at the first non-finite gradient, if earlier steps had any "
+            f"(nonfinite_skips() = {self.nonfinite_skips()} so far)"
+        )
+        return msg + "Try: " + "; ".join(tries) + "."
 
     def _compiled_update(self, strat: Strategy, group: dict[str, Any], batches: list[PairBatch]) -> list[PairUpdate]:
         """``strat.update`` through ``torch.compile`` (one compiled function per strategy and optimizer).
@@ -370,13 +470,25 @@ class LowRankOptimizer(Optimizer):
     # --------------------------------------------------------------------------------- reports
     def nonfinite_skips(self) -> int:
         """How many pair steps were skipped for a non-finite gradient since the state was created."""
+        return self._driver_count("nonfinite_skips")
+
+    def update_skips(self) -> int:
+        """How many factor updates the strategies skipped since the state was created.
+
+        Counted from :class:`~lowrank_geom.strategies.PairUpdate` ``skipped`` (LoRA-RITE's
+        update skipping) for pairs with finite gradients; a pair skipped for a non-finite
+        gradient is counted by :meth:`nonfinite_skips` only. Up to 2 per pair and step (one per
+        factor)."""
+        return self._driver_count("update_skips")
+
+    def _driver_count(self, key: str) -> int:
         total = 0.0
         for group in self.param_groups:
             if group["strategy"] == fallback.NAME:
                 continue
             for a, *_ in self._pairs(group):
-                if "nonfinite_skips" in self.state.get(a, {}):
-                    total += float(self.state[a]["nonfinite_skips"])
+                if key in self.state.get(a, {}):
+                    total += float(self.state[a][key])
         return int(total)
 
     def state_bytes(self) -> int:
@@ -530,6 +642,48 @@ def _install(cache: dict, state: dict, params: list[torch.Tensor], side: str, ne
     for other in [k for k in cache if k[0] == side and k != key and set(k[1]) & set(key[1])]:
         del cache[other]
     cache[key] = (dict(new), views)
+
+
+class _SkipReport:
+    """One step of one param group: each batch's :attr:`PairUpdate.skipped`, counted for pairs
+    with finite gradients, and whether every pair that stepped had both factor updates skipped."""
+
+    def __init__(self) -> None:
+        self.complete = True  # every batch reported ``skipped``
+        self.all_both: list[torch.Tensor] = []
+        self.stepped: list[torch.Tensor] = []
+
+    def count(
+        self, skipped: torch.Tensor | None, finite: torch.Tensor | None, total: torch.Tensor
+    ) -> torch.Tensor:
+        """``total`` ``(P,)`` plus this batch's counted skips (on the device: no sync)."""
+        if skipped is None:
+            self.complete = False
+            return total
+        counted = skipped.to(device=total.device, dtype=torch.float32).reshape(total.shape)
+        both = counted >= 2
+        if finite is not None:
+            # a pair the driver skipped (non-finite gradient) is counted by nonfinite_skips only
+            counted = counted * finite.to(torch.float32)
+            both = (counted >= 2) | ~finite
+            self.stepped.append(finite.any())
+        else:
+            self.stepped.append(torch.ones((), dtype=torch.bool, device=total.device))
+        self.all_both.append(both.all())
+        return total + counted
+
+    def every_pair_skipped(self) -> bool:
+        """One host sync, and only when every batch reported ``skipped``."""
+        if not self.complete or not self.all_both:
+            return False
+        dev = self.all_both[0].device
+        both = torch.stack([t.to(dev) for t in self.all_both]).all()
+        return bool(both & torch.stack([t.to(dev) for t in self.stepped]).any())
+
+
+def _scalar(device: torch.device) -> torch.Tensor:
+    """A driver counter: a 0-dim float32 zero."""
+    return torch.zeros((), dtype=torch.float32, device=device)
 
 
 def _select_state(finite: torch.Tensor, new: dict, old: dict) -> dict[str, torch.Tensor]:

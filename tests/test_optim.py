@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 from dataclasses import dataclass, field
 
 import pytest
 import torch
 
-from lowrank_geom import LoRAPair, LoRARITE, LowRankOptimizer, OneSidedAdagrad, ScaledAdam, ScaledGD
+from lowrank_geom import (
+    LoRAPair,
+    LoRARITE,
+    LowRankOptimizer,
+    OneSidedAdagrad,
+    PSDNumericsError,
+    ScaledAdam,
+    ScaledGD,
+)
+from lowrank_geom.strategies import PairUpdate, Strategy, base
+from lowrank_geom.strategies.base import rms
 
 
 @dataclass
@@ -408,6 +419,214 @@ def test_state_bytes_counts_every_state_tensor():
     expected = 0
     for a, b in pairs:
         (m, r), n = a.shape, b.shape[0]
-        # exp_avg + basis per factor, an r×r second moment per factor, step + skip counter
-        expected += 4 * (2 * (m + n) * r + 2 * r * r + 2)
+        # exp_avg + basis per factor, an r×r second moment per factor, and the driver's three
+        # float32 scalars: step, nonfinite_skips, update_skips
+        expected += 4 * (2 * (m + n) * r + 2 * r * r + 3)
     assert opt.state_bytes() == expected
+
+
+# ---------------------------------------------------------------------------- skipped updates
+
+
+class _SkippingSGD(Strategy):
+    """SGD that skips a factor whose gradient RMS exceeds ``update_skipping`` and reports it in
+    ``PairUpdate.skipped`` (LoRA-RITE's rule, without its math); a negative threshold skips
+    every factor, also a zero gradient (the driver's zeros for a non-finite pair)."""
+
+    name = "_test_skipping_sgd"
+    defaults = dict(update_skipping=1.0)
+
+    def init(self, a, b, hp):
+        return {}, {}
+
+    def update_batch(self, batch, hp):
+        skip_a = rms(batch.grad_a) > hp["update_skipping"]
+        skip_b = rms(batch.grad_b) > hp["update_skipping"]
+        d_a = torch.where(skip_a.view(-1, 1, 1), torch.zeros_like(batch.grad_a), batch.grad_a)
+        d_b = torch.where(skip_b.view(-1, 1, 1), torch.zeros_like(batch.grad_b), batch.grad_b)
+        skipped = skip_a.to(torch.int64) + skip_b.to(torch.int64)
+        return PairUpdate(d_a, d_b, {}, {}, scale=-hp["lr"], skipped=skipped)
+
+
+@pytest.fixture
+def skipping_sgd(monkeypatch):
+    # registered for one test only: tests/test_docs.py wants a page for every registered name
+    monkeypatch.setitem(base._REGISTRY, _SkippingSGD.name, _SkippingSGD)
+    return _SkippingSGD.name
+
+
+def set_grads(pairs, values):
+    """Constant gradients: ``values[i] = (value for A, value for B)`` (RMS = |value|)."""
+    for (a, b), (va, vb) in zip(pairs, values):
+        a.grad = torch.full_like(a, va)
+        b.grad = torch.full_like(b, vb)
+
+
+def test_pair_update_skipped_is_optional_and_last():
+    upd = PairUpdate(torch.zeros(1), torch.zeros(1), {}, {})
+    assert upd.skipped is None and len(upd) == 7 and upd[:4][2:] == ({}, {})
+    assert PairUpdate(*upd[:6], torch.tensor([1])).skipped.tolist() == [1]
+
+
+def test_update_skips_counts_skipped_factor_updates(skipping_sgd):
+    pairs = make_pairs(shapes=((7, 5, 2), (7, 5, 2), (6, 4, 3)))  # a batch of two and one alone
+    opt = LowRankOptimizer(pairs, strategy=skipping_sgd, lr=0.1)
+    before = snapshot(pairs)
+    for _ in range(2):
+        set_grads(pairs, [(5.0, 0.5), (0.5, 0.5), (-3.0, 2.0)])  # skips: 1, 0, 2 per step
+        opt.step()
+    assert opt.update_skips() == 6
+    counts = [opt.state[a]["update_skips"] for a, _ in pairs]
+    assert [c.item() for c in counts] == [2.0, 0.0, 4.0]
+    assert all(c.dtype == torch.float32 and c.ndim == 0 for c in counts)
+    after = snapshot(pairs)
+    assert torch.equal(after[0], before[0]) and not torch.equal(after[1], before[1])
+    assert torch.equal(after[4], before[4]) and torch.equal(after[5], before[5])
+    assert opt.nonfinite_skips() == 0
+
+
+def test_update_skips_is_zero_for_strategies_that_do_not_report():
+    pairs = make_pairs()
+    opt = ScaledGD(pairs)
+    run(opt, pairs, make_targets(pairs), 2)
+    assert opt.update_skips() == 0
+    assert all(opt.state[a]["update_skips"].item() == 0.0 for a, _ in pairs)
+
+
+def test_update_skips_counts_pairs_with_finite_gradients_only(skipping_sgd):
+    pairs = make_pairs(shapes=((7, 5, 2), (7, 5, 2)))  # one batch: the driver masks within it
+    opt = LowRankOptimizer(pairs, strategy=skipping_sgd, lr=0.1, update_skipping=-1.0)
+    set_grads(pairs, [(0.5, 0.5), (0.5, float("nan"))])
+    # the strategy reports 2 for both pairs (it sees zeros for the NaN one); the driver skipped
+    # the NaN pair itself, so it counts under nonfinite_skips only. Every pair that stepped had
+    # both updates skipped: the warning fires.
+    with pytest.warns(UserWarning, match="every pair's update was skipped"):
+        opt.step()
+    assert opt.update_skips() == 2 and opt.nonfinite_skips() == 1
+    assert [opt.state[a]["update_skips"].item() for a, _ in pairs] == [2.0, 0.0]
+
+
+def test_no_warning_when_only_nonfinite_pairs_or_some_updates_remain(skipping_sgd):
+    pairs = make_pairs()
+    opt = LowRankOptimizer(pairs, strategy=skipping_sgd, lr=0.1, update_skipping=-1.0)
+    set_grads(pairs, [(float("inf"), 0.5), (0.5, float("nan"))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # every pair skipped by the driver: nonfinite_skips says so, not this warning
+        opt.param_groups[0]["update_skipping"] = 1.0
+        set_grads(pairs, [(5.0, 5.0), (5.0, 0.5)])  # pair 1's B factor still moves
+        opt.step()
+    assert opt.nonfinite_skips() == 2 and opt.update_skips() == 3
+
+
+def test_all_skipped_step_warns_once_per_optimizer(skipping_sgd):
+    pairs = make_pairs()
+    groups = [{"pairs": pairs[:1], "update_skipping": 1.0},
+              {"pairs": pairs[1:], "update_skipping": 2.0}]
+    opt = LowRankOptimizer(groups, strategy=skipping_sgd, lr=0.1)
+    before = snapshot(pairs)
+    set_grads(pairs, [(0.5, 0.5), (3.0, 3.0)])  # group 1 only: every pair, both factors
+    with pytest.warns(UserWarning) as record:
+        opt.step()
+    assert len(record) == 1
+    msg = str(record[0].message)
+    assert "param group 1 (_test_skipping_sgd)" in msg
+    assert "every pair's update was skipped this step by update_skipping=2.0" in msg
+    assert "loss will not move" in msg
+    assert "mean-reduced loss" in msg and "update_skipping=0" in msg
+    assert torch.equal(snapshot(pairs)[2], before[2]) and torch.equal(snapshot(pairs)[3], before[3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second all-skipped step does not warn again
+        set_grads(pairs, [(3.0, 3.0), (3.0, 3.0)])
+        opt.step()
+    assert opt.update_skips() == 2 + 4
+    # once per optimizer: a new one warns again
+    opt2 = LowRankOptimizer(pairs, strategy=skipping_sgd, lr=0.1)
+    set_grads(pairs, [(3.0, 3.0), (3.0, 3.0)])
+    with pytest.warns(UserWarning, match="param group 0"):
+        opt2.step()
+
+
+def test_update_skips_survive_checkpoints(skipping_sgd):
+    pairs = make_pairs()
+    opt = LowRankOptimizer(pairs, strategy=skipping_sgd, lr=0.1)
+    set_grads(pairs, [(5.0, 0.5), (0.5, 0.5)])
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    fresh = [tuple(t.detach().clone().requires_grad_() for t in pair) for pair in pairs]
+    opt2 = LowRankOptimizer(fresh, strategy=skipping_sgd, lr=0.1)
+    opt2.load_state_dict(saved)
+    assert opt2.update_skips() == 1
+    assert opt2.state[fresh[0][0]]["update_skips"].dtype == torch.float32
+    set_grads(fresh, [(5.0, 5.0), (0.5, 0.5)])
+    opt2.step()
+    assert opt2.update_skips() == 3
+    # a checkpoint from before the counter existed loads, steps, and counts from then on
+    for st in saved["state"].values():
+        st.pop("update_skips", None)
+    opt3 = LowRankOptimizer(fresh, strategy=skipping_sgd, lr=0.1)
+    opt3.load_state_dict(saved)
+    assert opt3.update_skips() == 0
+    set_grads(fresh, [(5.0, 0.5), (0.5, 0.5)])
+    opt3.step()
+    assert opt3.update_skips() == 1 and opt3.state[fresh[0][0]]["step"].item() == 2
+
+
+# ------------------------------------------------------------------------- PSDNumericsError
+
+
+def _broken_eigh(x, *args, **kwargs):
+    raise torch.linalg.LinAlgError("injected: failed to converge")
+
+
+@pytest.mark.parametrize(
+    "strategy, kwargs, expect",
+    [
+        ("one_sided_adagrad", {}, ["strategy 'one_sided_adagrad' (eps=1e-06)", "a larger eps"]),
+        ("lora_rite", dict(engine="qr"), ["strategy 'lora_rite' (eps=1e-06, engine='qr')",
+                                          "Try: a larger eps (now 1e-06); nonfinite='raise'"]),
+        ("lora_rite", dict(engine="gram"), ["Try: a larger eps (now 1e-06); engine='qr'; "]),
+        ("lora_rite", {}, ["engine='qr' (if engine='auto' ran the Gram engine)"]),
+    ],
+)
+def test_psd_failure_in_a_step_says_the_gradients_were_finite(monkeypatch, strategy, kwargs,
+                                                               expect):
+    pairs = make_pairs()
+    opt = LowRankOptimizer(pairs, strategy=strategy, lr=1e-2, **kwargs)
+    loss_of(pairs, make_targets(pairs)).backward()
+    before = snapshot(pairs)
+    monkeypatch.setattr(torch.linalg, "eigh", _broken_eigh)
+    with pytest.raises(PSDNumericsError) as info:
+        opt.step()
+    msg = str(info.value)
+    assert msg.startswith("param group 0, strategy")
+    assert "The gradients of this param group were finite (the driver checks them first)" in msg
+    assert "Every factor finite: yes; every state tensor finite: yes" in msg
+    assert "rank-deficient or ill-conditioned factor" in msg and "underflows or overflows" in msg
+    assert "nonfinite='raise'" in msg and "nonfinite_skips() = 0 so far" in msg
+    assert "float32 factors instead of" not in msg  # the factors are float64
+    assert "failed to converge twice in float64" in msg  # psd.py's own facts
+    assert "non-finite (NaN/inf) entries: no" in msg
+    for part in expect:
+        assert part in msg
+    assert isinstance(info.value.__cause__, PSDNumericsError)
+    assert isinstance(info.value.__cause__.__cause__, torch.linalg.LinAlgError)
+    assert all(torch.equal(x, y) for x, y in zip(before, snapshot(pairs)))  # nothing was applied
+
+
+def test_psd_failure_message_with_masked_pairs_and_bf16_factors(monkeypatch):
+    pairs = make_pairs(dtype=torch.bfloat16)
+    opt = OneSidedAdagrad(pairs)
+    loss_of(pairs, make_targets(pairs)).backward()
+    pairs[1][0].grad[0, 0] = float("nan")
+    monkeypatch.setattr(torch.linalg, "eigh", _broken_eigh)
+    with pytest.raises(PSDNumericsError) as info:
+        opt.step()
+    msg = str(info.value)
+    assert "The gradients the strategy received were finite" in msg
+    assert "passed the 1 pair(s) with a non-finite gradient as zeros" in msg
+    assert "failed to converge in float32 and again in float64" in msg
+    assert "float32 factors instead of bfloat16" in msg

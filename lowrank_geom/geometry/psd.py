@@ -48,9 +48,10 @@ def _eigh_failure(work: torch.Tensor) -> str:
     count, total = int(bad.sum()), bad.numel()
     finite = "no" if count == 0 else "yes" if total == 1 else f"yes ({count} of {total} matrices)"
     dtype = str(work.dtype).removeprefix("torch.")
+    tried = f"in {dtype} and again in float64" if work.dtype != torch.float64 else "twice in float64"
     return (
-        f"eigh of a symmetric matrix of shape {tuple(work.shape)} failed to converge in {dtype} "
-        f"and again in float64; the matrix has non-finite (NaN/inf) entries: {finite}"
+        f"eigh of a symmetric matrix of shape {tuple(work.shape)} failed to converge {tried}; "
+        f"the matrix has non-finite (NaN/inf) entries: {finite}"
     )
 
 

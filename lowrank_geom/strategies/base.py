@@ -46,6 +46,13 @@ class PairUpdate(NamedTuple):
     rate applied. A strategy may instead return its unscaled direction with ``scale = −lr`` and
     the coupled weight decay as ``decay = lr·λ``, so the driver applies both in its in-place
     update of the parameters without materializing ``δA`` (one pass less over every factor).
+
+    ``skipped`` (optional, a report that changes no update): ``(P,)``, how many of each pair's
+    two factor updates (0, 1 or 2) the strategy skipped this step, e.g. LoRA-RITE's update
+    skipping, which drops a factor's gradient when its unmagnified RMS exceeds a threshold. Any
+    real dtype. The driver adds it, for pairs with finite gradients, to A's state
+    ``update_skips`` (:meth:`~lowrank_geom.LowRankOptimizer.update_skips`) and warns once when
+    every pair of a param group had both updates skipped. ``None`` (the default): not reported.
     """
 
     delta_a: torch.Tensor
@@ -54,6 +61,7 @@ class PairUpdate(NamedTuple):
     state_b: State
     scale: float | torch.Tensor = 1.0
     decay: float | torch.Tensor = 0.0
+    skipped: torch.Tensor | None = None
 
     def additive(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The additive updates ``(δA, δB)`` of factors ``a``, ``b`` (materialized)."""

@@ -206,7 +206,7 @@ def test_inverse_root_retries_in_float64(monkeypatch):
     assert _rel(out, ref) <= 10 * 4 * torch.finfo(F32).eps
 
 
-def test_inverse_root_raises_actionable_error_when_retry_fails(monkeypatch):
+def test_inverse_root_raises_a_factual_error_when_retry_fails(monkeypatch):
     def broken_eigh(x, *args, **kwargs):
         raise torch.linalg.LinAlgError("injected: failed to converge")
 
@@ -214,15 +214,33 @@ def test_inverse_root_raises_actionable_error_when_retry_fails(monkeypatch):
     with pytest.raises(PSDNumericsError) as info:
         inverse_root(_spd(3, 2.0, _gen(5), dtype=F32), 2)
     msg = str(info.value)
-    # says what failed and what to do about it
-    assert "float64" in msg and "NaN" in msg and "eps" in msg
+    # the facts only: what failed, in which dtypes, on what shape, and whether it was finite (it
+    # was: no guess about NaN gradients, which the optimizer has already ruled out by then)
+    assert msg == (
+        "eigh of a symmetric matrix of shape (3, 3) failed to converge in float32 and again in "
+        "float64; the matrix has non-finite (NaN/inf) entries: no"
+    )
     assert isinstance(info.value.__cause__, torch.linalg.LinAlgError)
     assert isinstance(info.value, RuntimeError)
 
 
+def test_psd_error_counts_the_nonfinite_matrices_of_a_batch(monkeypatch):
+    def broken_eigh(x, *args, **kwargs):
+        raise torch.linalg.LinAlgError("injected: failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", broken_eigh)
+    v = torch.stack([_spd(2, 2.0, _gen(7)) for _ in range(3)])  # float64: no second dtype
+    v[1, 0, 1] = float("inf")
+    with pytest.raises(PSDNumericsError) as info:
+        inverse_root(v, 2)
+    msg = str(info.value)
+    assert "shape (3, 2, 2) failed to converge twice in float64" in msg
+    assert msg.endswith("non-finite (NaN/inf) entries: yes (1 of 3 matrices)")
+
+
 def test_inverse_root_nan_input_raises_psd_error():
     # real LAPACK, no monkeypatching: a NaN second moment fails both attempts
-    with pytest.raises(PSDNumericsError, match="NaN"):
+    with pytest.raises(PSDNumericsError, match=r"non-finite \(NaN/inf\) entries: yes$"):
         inverse_root(torch.full((3, 3), float("nan")), 2, eps=1e-8)
 
 
