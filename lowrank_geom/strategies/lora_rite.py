@@ -356,10 +356,10 @@ class LoRARITEStrategy(Strategy):
         engines = {batch_engine(batch, hp) for batch in batches}
         if len(engines) > 1:
             raise ValueError(
-                "lora_rite: this param group has pairs on both engines (engine='auto' runs float64 "
-                "pairs on the QR engine and float32/bf16 pairs on the Gram engine), and the global "
-                "clipping norm couples them; pass engine='gram' or engine='qr' for the group, or put "
-                "the float64 pairs in a param group of their own"
+                "lora_rite: this param group has pairs whose state was built by both engines (the "
+                "engine option changed between the steps that created them), and the global "
+                "clipping norm couples them; keep one engine for the group (start a fresh optimizer "
+                "to switch), or put the pairs of each engine in a param group of their own"
             )
         if engines == {"gram"}:
             return self._update_gram(batches, hp)

@@ -15,7 +15,11 @@ library's specification layered on top.  For the A factor (B is symmetric with t
 * update                    ``A_{t+1} = A_t - lr (M_A,t (R_B^+)^T + wd A_t)``
 
 plus update skipping, global clipping of the unmagnified gradients over the group, update
-capping and a post-step factor balancing.  Everything is plain NumPy, float64, no torch.
+capping and a post-step factor balancing, and the library's two safeguards (both inactive on
+full-rank, well-conditioned problems): eigen-directions of ``V`` below eigh's resolution
+(``lam <= r * eps * lam_max``) get no step, and each factor's relative change ``delta R^+`` has
+its singular values clipped at ``relative_step_cap`` (0: the paper's update).  Everything is
+plain NumPy, float64, no torch.
 """
 
 from __future__ import annotations
@@ -114,10 +118,23 @@ def basis_and_magnitude(x: np.ndarray, basis: str) -> tuple[np.ndarray, np.ndarr
 
 
 def _inv_sqrt_apply(g: np.ndarray, v: np.ndarray, rho: float, eps: float) -> np.ndarray:
-    """``g Q diag(1 / (sqrt(max(lam, 0) + rho) + eps)) Q^T`` with ``sym(v) = Q diag(lam) Q^T``."""
+    """``g Q diag(1 / (sqrt(max(lam, 0) + rho) + eps)) Q^T`` with ``sym(v) = Q diag(lam) Q^T``.
+
+    Library safeguard: eigenvalues ``lam <= r * eps64 * lam_max`` (below eigh's backward error)
+    get the factor 0.
+    """
     lam, q = np.linalg.eigh(sym(v))
     scale = 1.0 / (np.sqrt(np.maximum(lam, 0.0) + rho) + eps)
+    scale[lam <= v.shape[0] * EPS64 * max(float(lam.max()), 0.0)] = 0.0
     return g @ ((q * scale[None, :]) @ q.T)
+
+
+def _cap_relative_change(delta: np.ndarray, r: np.ndarray, r_pinv: np.ndarray, cap: float) -> np.ndarray:
+    """Library safeguard: ``E = delta R^+`` with singular values clipped at ``cap``; ``E' R + delta (I - R^+ R)``."""
+    e = delta @ r_pinv
+    w, s, vt = np.linalg.svd(e, full_matrices=False)
+    clipped = (w * np.minimum(s, cap)[None, :]) @ vt
+    return clipped @ r + delta @ (np.eye(r.shape[0]) - r_pinv @ r)
 
 
 def _escaped_mass(v_prev: np.ndarray, v_transported: np.ndarray) -> float:
@@ -148,6 +165,7 @@ def run_lora_rite(
     update_capping=0.0,
     balance=False,
     basis="qr",
+    relative_step_cap=1.0,
 ):
     """Run ``steps`` LoRA-RITE steps on a group of pairs; return one record (list of per-pair dicts) per step.
 
@@ -258,7 +276,10 @@ def run_lora_rite(
                 else:
                     Mc = M
                 # 13: magnitude restoration + weight decay
-                delta = -lr_t * (Mc @ Rp_o.T + weight_decay * x_old)
+                delta = -lr_t * (Mc @ Rp_o.T)
+                if relative_step_cap > 0:  # library safeguard, see _cap_relative_change
+                    delta = _cap_relative_change(delta, w["R_" + side], w["Rp_" + side], relative_step_cap)
+                delta = delta - lr_t * weight_decay * x_old
                 deltas[side] = delta
                 # commit state
                 st["V"], st["M"], st["rho"], st["U_prev"] = V, M, rho, U_o

@@ -38,7 +38,7 @@ PROBLEMS = {
 }
 
 PAPER_RITE = dict(escape=True, second_moment="sum", bias_correction=False, row_normalize=False,
-                  clip_unmagnified_grad=0.0, update_skipping=0.0)
+                  clip_unmagnified_grad=0.0, update_skipping=0.0, relative_step_cap=0.0)
 
 # (case id, strategy, reference runner, hyperparameters, {package state key: (factor, reference key)})
 RITE_STATE = {"exp_avg": "M", "second_moment": "V"}

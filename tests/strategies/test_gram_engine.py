@@ -138,17 +138,18 @@ def test_zero_and_rank_deficient_factors_step_like_the_qr_engine():
     assert torch.isfinite(out[0]).all()
 
 
-def test_auto_engine_is_qr_for_float64_and_gram_otherwise():
-    """``engine="auto"`` picks per dtype; the state keys say which engine built them."""
+def test_auto_engine_is_qr_for_every_dtype():
+    """``engine="auto"`` is the QR engine in every dtype (the Gram engine is opt-in); the state keys say which engine built them."""
     from lowrank_geom.strategies.lora_rite import resolve_engine
 
-    assert resolve_engine("auto", torch.float64) == "qr"
-    assert resolve_engine("auto", torch.float32) == resolve_engine("auto", torch.bfloat16) == "gram"
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        assert resolve_engine("auto", dtype) == "qr"
     assert resolve_engine("gram", torch.float64) == "gram" and resolve_engine("qr", torch.float32) == "qr"
-    for dtype, key in ((torch.float64, "exp_avg"), (torch.float32, "magnified_exp_avg"), (torch.bfloat16, "magnified_exp_avg")):
+    for dtype, engine, key in ((torch.float32, "auto", "exp_avg"), (torch.bfloat16, "auto", "exp_avg"),
+                               (torch.float32, "gram", "magnified_exp_avg")):
         a = torch.randn(6, 2, dtype=dtype, requires_grad=True)
         b = torch.randn(5, 2, dtype=dtype, requires_grad=True)
-        opt = LowRankOptimizer([(a, b)], strategy="lora_rite", lr=1e-2)
+        opt = LowRankOptimizer([(a, b)], strategy="lora_rite", lr=1e-2, engine=engine)
         (a @ b.T).square().sum().backward()
         opt.step()
         assert key in opt.state[a], (dtype, sorted(opt.state[a]))
@@ -156,9 +157,13 @@ def test_auto_engine_is_qr_for_float64_and_gram_otherwise():
 
 def test_a_group_mixing_engines_or_a_state_of_the_other_engine_is_refused():
     g = torch.Generator().manual_seed(3)
-    pairs = [(torch.randn(6, 2, generator=g, dtype=dt).requires_grad_(), torch.randn(5, 2, generator=g, dtype=dt).requires_grad_())
-             for dt in (torch.float64, torch.float32)]
-    opt = LowRankOptimizer(pairs, strategy="lora_rite", lr=1e-2)
+    # two shapes: two buckets, so the strategy (not the driver's stacking) sees both states
+    pairs = [(torch.randn(m, 2, generator=g).requires_grad_(), torch.randn(5, 2, generator=g).requires_grad_())
+             for m in (6, 7)]
+    opt = LowRankOptimizer(pairs, strategy="lora_rite", lr=1e-2, engine="gram")
+    (pairs[0][0] @ pairs[0][1].T).square().sum().backward()
+    opt.step()  # pair 0's state: Gram engine
+    opt.param_groups[0]["engine"] = "auto"  # pair 1's state is created now: QR engine
     for a, b in pairs:
         (a @ b.T).square().sum().backward()
     with pytest.raises(ValueError, match="both engines"):
