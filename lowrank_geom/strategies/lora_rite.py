@@ -238,7 +238,7 @@ def _balanced(batch: PairBatch, upd: PairUpdate, hp: dict[str, Any]) -> PairUpda
         return upd
     delta_a, delta_b = upd.additive(batch.a, batch.b)
     a1, b1 = norm_balance(batch.a + delta_a, batch.b + delta_b, batch.row_reduce)
-    return PairUpdate(a1 - batch.a, b1 - batch.b, upd.state_a, upd.state_b)
+    return PairUpdate(a1 - batch.a, b1 - batch.b, upd.state_a, upd.state_b, skipped=upd.skipped)
 
 
 @register
@@ -417,7 +417,9 @@ class LoRARITEStrategy(Strategy):
                 deltas.append(m_mag)  # δ = −η(M̃ + λX): applied by the driver (PairUpdate.scale, .decay)
                 states.append(new)
             wd = hp["weight_decay"]
-            upd = PairUpdate(deltas[0], deltas[1], states[0], states[1], scale=-lr, decay=lr * wd if wd else 0.0)
+            skipped = sides[2 * bi]["skipped"] + sides[2 * bi + 1]["skipped"] if hp["update_skipping"] > 0 else None
+            upd = PairUpdate(deltas[0], deltas[1], states[0], states[1], scale=-lr, decay=lr * wd if wd else 0.0,
+                             skipped=skipped)
             out.append(_balanced(batch, upd, hp))
         return out
 
@@ -465,7 +467,7 @@ class LoRARITEStrategy(Strategy):
         keep_rr = expand(d1, c) * (c.mT @ gram_pinv(t))
         apply_rr = expand((1.0 - d1) * s, c) * (t @ x_root @ t.mT)
         chunks = {k: torch.split(val, counts) for k, val in
-                  dict(w=w_new, keep=keep_rr, apply=apply_rr, lam=lam, t=t,
+                  dict(w=w_new, keep=keep_rr, apply=apply_rr, lam=lam, t=t, kept=part["keep"],
                        rho=rho if hp["escape"] else torch.zeros_like(d1)).items()}
         for i, sd in enumerate(sides):
             st = sd["state"]
@@ -475,6 +477,7 @@ class LoRARITEStrategy(Strategy):
                 new["second_moment_eigenvalues"] = chunks["lam"][i].to(st["second_moment_eigenvalues"].dtype)
             sd["new"], sd["keep_rr"], sd["apply_rr"] = new, chunks["keep"][i], chunks["apply"][i]
             sd["t"] = chunks["t"][i]  # R⁻¹ of the *other* factor
+            sd["skipped"] = 1.0 - chunks["kept"][i]
 
     # ---------------------------------------------------------------------------- QR engine
     def _update_qr(self, batches: list[PairBatch], hp: dict[str, Any]) -> list[PairUpdate]:
@@ -489,12 +492,15 @@ class LoRARITEStrategy(Strategy):
             rinv_b = magnitude_pinv(r_b, rows=batch.b.shape[-2])
             gbar_a = unmagnified_grad(batch.grad_a, rinv_b)
             gbar_b = unmagnified_grad(batch.grad_b, rinv_a)
+            skipped = None
             if hp["update_skipping"] > 0:
+                skipped = (rms(gbar_a) > hp["update_skipping"]).to(gbar_a.dtype) + (
+                    rms(gbar_b) > hp["update_skipping"]).to(gbar_b.dtype)
                 gbar_a = skip_large(gbar_a, hp["update_skipping"])
                 gbar_b = skip_large(gbar_b, hp["update_skipping"])
             part = torch.linalg.vector_norm(gbar_a).square() + torch.linalg.vector_norm(gbar_b).square()
             sq_norm = part if sq_norm is None else sq_norm + part.to(sq_norm)
-            prepared.append((u_a, u_b, r_a, r_b, rinv_a, rinv_b, gbar_a, gbar_b))
+            prepared.append((u_a, u_b, r_a, r_b, rinv_a, rinv_b, gbar_a, gbar_b, skipped))
 
         clip = hp["clip_unmagnified_grad"]
         scale = None
@@ -503,7 +509,7 @@ class LoRARITEStrategy(Strategy):
             scale = torch.where(norm > clip, clip / norm, torch.ones_like(norm))
 
         out = []
-        for batch, (u_a, u_b, r_a, r_b, rinv_a, rinv_b, gbar_a, gbar_b) in zip(batches, prepared):
+        for batch, (u_a, u_b, r_a, r_b, rinv_a, rinv_b, gbar_a, gbar_b, skipped) in zip(batches, prepared):
             if scale is not None:
                 gbar_a = gbar_a * scale.to(gbar_a)
                 gbar_b = gbar_b * scale.to(gbar_b)
@@ -513,7 +519,8 @@ class LoRARITEStrategy(Strategy):
             delta_b = magnitude_restoration(delta_b, rinv_a, r_b, rinv_b, hp)
             new_a["basis"], new_b["basis"] = u_a, u_b
             wd = hp["weight_decay"]
-            upd = PairUpdate(delta_a, delta_b, new_a, new_b, scale=-hp["lr"], decay=hp["lr"] * wd if wd else 0.0)
+            upd = PairUpdate(delta_a, delta_b, new_a, new_b, scale=-hp["lr"], decay=hp["lr"] * wd if wd else 0.0,
+                             skipped=skipped)
             out.append(_balanced(batch, upd, hp))
         return out
 
