@@ -36,8 +36,8 @@ def _lora_rite_on_shards(hp: dict[str, Any], dtype: torch.dtype | None) -> list[
 
     engine = hp.get("engine", "auto")
     if resolve_engine(engine, dtype if dtype is not None else torch.float32) != "gram":
-        why = "float64 factors run the QR engine under engine='auto'" if engine == "auto" else \
-            "the QR engine factorizes each factor, which a shard cannot do"
+        why = "engine='auto' runs the QR engine" if engine == "auto" else "engine='qr'"
+        why += ", which factorizes each factor: a shard cannot do that alone"
         return [f"engine='gram' ({why})"]
     return []
 

@@ -408,11 +408,8 @@ class LowRankOptimizer(Optimizer):
         else:
             msg += "The non-finite values predate this step's update (an earlier step diverged?). "
         tries = [f"a larger eps (now {group['eps']!r})"] if "eps" in group else []
-        engine = group.get("engine")  # LoRA-RITE's: "auto" picks one by dtype, not known here
-        if engine == "gram":
+        if group.get("engine") == "gram":  # LoRA-RITE's opt-in engine ("auto" is the QR engine)
             tries.append("engine='qr'")
-        elif engine not in (None, "qr"):
-            tries.append(f"engine='qr' (if engine={engine!r} ran the Gram engine)")
         half = dtypes & {torch.bfloat16, torch.float16}
         if half:
             names = "/".join(sorted(str(d).removeprefix("torch.") for d in half))

@@ -8,7 +8,12 @@ it keeps the first moment and the second moment *magnified* (``M̃ = M̄ R_B⁻�
 both independent of the basis ``U_B``), reads ``R_B`` from the Cholesky factor of ``B_tᵀB_t`` and the
 transport from ``C = B_tᵀB_{t−1}``, and updates ``M̃`` with one m×2r×r product. ``engine="qr"``
 transcribes Algorithm 1 with a Householder QR (or polar) basis of every factor. ``engine="auto"``
-(default, :func:`resolve_engine`) takes the QR engine for float64 factors and the Gram engine otherwise.
+(default, :func:`resolve_engine`) is the QR engine in every dtype; the Gram engine is opt-in.
+
+Two safeguards depart from Algorithm 1 only where it is ill-defined (docs/numerics.rst): eigen-
+directions of ``V̄`` that ``eigh`` cannot resolve get no step, and each factor's relative change
+``δX R_X⁺`` is capped at ``relative_step_cap`` (GL(r)-invariant; inactive, bit for bit, on
+steps that are small relative to both factors).
 """
 
 from __future__ import annotations
@@ -192,13 +197,13 @@ _ENGINE_KEYS = {"gram": "magnified_exp_avg", "qr": "exp_avg"}
 
 
 def resolve_engine(engine: str, dtype: torch.dtype) -> str:
-    """The engine that runs factors of ``dtype``: ``engine`` itself, or for ``"auto"`` ``"qr"`` on float64, else ``"gram"``.
+    """The engine that runs factors of ``dtype``: ``engine`` itself, or ``"qr"`` for ``"auto"`` (every dtype).
 
-    Why float64 takes the QR engine: float64 is the precision of exactness checks, and a Gram
-    squares the factors' condition number. With a gauge of ``cond(G) = 1e4`` the Gram engine's
-    float64 Z-trajectories differ from the ungauged run by ~3e-5 after 20 steps, the QR engine's by
-    ~2e-12 (``python -m benchmarks invariance``, rows ``lora_rite[engine=…]``). In float32/bf16
-    both engines are limited by the factors' own rounding and the Gram engine is ~2× faster.
+    Why not the Gram engine: a Gram squares the factors' condition number. In float32 it
+    diverged or raised on ill-conditioned fits from a zero factor that the QR engine fits to
+    float64's error, and its float32 invariance gap at ``cond(G) = 1e4`` is orders above the QR
+    engine's (``python -m benchmarks invariance`` and ``robustness``, rows ``lora_rite[engine=…]``).
+    ``dtype`` is kept for callers that ask per dtype.
     """
     return "qr" if engine == "auto" else engine
 
@@ -284,18 +289,25 @@ class LoRARITEStrategy(Strategy):
     :doc:`/numerics`). The update does not depend on ``basis`` in exact arithmetic (``R`` enters
     only through ``RᵀR``); ``basis`` only selects the QR engine's state coordinates.
 
-    ``engine="auto"`` (default) runs the QR engine on float64 factors and the Gram engine on
-    float32/bf16 ones (:func:`resolve_engine`); each pair keeps the engine its state was built by.
-    A param group whose pairs would mix engines needs an explicit ``engine`` (the global
-    clipping norm couples its pairs), and so do float64 factors on FSDP2 row shards (``"gram"``).
+    ``engine="auto"`` (default) runs the QR engine in every dtype (:func:`resolve_engine`); each
+    pair keeps the engine its state was built by, and a param group may not mix engines (the
+    global clipping norm couples its pairs). FSDP2 row shards need ``engine="gram"``.
+
+    Safeguards (:doc:`/numerics`): eigenvalues of ``V̄`` at or below ``r·eps·λ_max`` (unresolved
+    by ``eigh``) get the factor 0 in ``(V̄ + ρI)^{-1/2}``, and with ``relative_step_cap = c > 0``
+    (default 1; 0 is the paper's update) each factor's relative change ``E = δX R_X⁺`` has its
+    singular values clamped at ``c``
+    (:func:`~lowrank_geom.geometry.relative_change_cap`), which bounds the cross term
+    ``δA δBᵀ`` by ``c`` times the first-order terms. Both are GL(r)-invariant and leave the step
+    of full-rank, well-conditioned pairs taking small steps exactly as in Algorithm 1.
 
     Defaults reproduce the authors' published PyTorch code: ``second_moment="ema"`` with
     ``bias_correction`` (decay ``β(1−β^k)/(1−β^{k+1})`` for both moments and ρ), ``row_normalize``
     (``∇̄ᵀ∇̄ / rows``), ``eps`` outside the root, ``escape=False``, update skipping at RMS 1 and
     global clipping of the unmagnified gradients at norm 1 over the pairs of a param group,
     lr-coupled weight decay after magnitude restoration. ``escape=True, second_moment="sum",
-    bias_correction=False, row_normalize=False, clip_unmagnified_grad=0, update_skipping=0``
-    is the paper's Algorithm 1. One departure: eigenvalues of V̄ are clamped at 0, so round-off
+    bias_correction=False, row_normalize=False, clip_unmagnified_grad=0, update_skipping=0,
+    relative_step_cap=0`` is the paper's Algorithm 1. One departure: eigenvalues of V̄ are clamped at 0, so round-off
     never turns a step into NaN (the authors' code then zeroes the whole step).
     """
 

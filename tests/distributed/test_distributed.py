@@ -180,11 +180,11 @@ def test_row_sharding_requirements_name_the_hyperparameters():
 
     rite = get_strategy("lora_rite")
     defaults = dict(rite.defaults, lr=1e-3)
-    assert row_sharding_requirements(rite, defaults) == []  # the authors' defaults run on shards
+    # engine='auto' is the QR engine in every dtype: on shards LoRA-RITE must ask for the Gram one
+    for dtype in (None, torch.float32, torch.bfloat16, torch.float64):
+        assert "engine='gram'" in " ".join(row_sharding_requirements(rite, defaults, dtype))
+        # the authors' other defaults run on shards
+        assert row_sharding_requirements(rite, dict(defaults, engine="gram"), dtype) == []
     assert row_sharding_requirements(rite, dict(defaults, **workers.RITE_SHARDABLE)) == []
     assert "engine='gram'" in " ".join(row_sharding_requirements(rite, dict(defaults, engine="qr")))
-    # engine='auto' puts float64 factors on the QR engine: on shards they must ask for the Gram one
-    assert "engine='gram'" in " ".join(row_sharding_requirements(rite, defaults, torch.float64))
-    assert row_sharding_requirements(rite, dict(defaults, engine="gram"), torch.float64) == []
-    assert row_sharding_requirements(rite, defaults, torch.bfloat16) == []
     assert row_sharding_requirements(get_strategy("one_sided_adagrad"), {}) is None

@@ -41,7 +41,7 @@ SPECS = [(7, 5, 3, False, False), (7, 5, 3, False, False), (9, 6, 3, True, True)
 # the same pairs with every row dim 8× larger: the all-reduced bytes must not change
 BIG_SPECS = [(8 * m, 8 * n, r, z, t) for m, n, r, z, t in SPECS]
 # strategies whose sharded trajectories must equal single-process ones: (label, strategy, hp)
-# float64 row shards need LoRA-RITE's Gram engine (engine='auto' runs float64 on the QR engine)
+# row shards need LoRA-RITE's Gram engine (engine='auto' is the QR engine, which factorizes each factor)
 RITE_GRAM = dict(engine="gram")
 # the options with global row counts off, so the other options are checked on their own
 RITE_SHARDABLE = dict(row_normalize=False, update_skipping=0.0, **RITE_GRAM)
