@@ -1,4 +1,4 @@
-"""The ``robustness`` suite: verdict logic, the ``--quick`` cell end to end, the CLI."""
+"""The ``robustness`` suite: verdicts, the ``--quick`` run end to end, the CLI, conditioning."""
 
 from __future__ import annotations
 
@@ -132,7 +132,8 @@ def test_quick_adamw_trains_its_own_cell(quick):
 
 
 def test_quick_outputs(quick):
-    assert len(quick.figures) == 1 and quick.figures[0].endswith("robustness_verdicts.png")
+    assert len(quick.figures) == 2 and quick.figures[0].endswith("robustness_verdicts.png")
+    assert quick.figures[1].endswith("robustness_conditioning.png")
     assert "trains wherever AdamW trains" in quick.table
     for name in quick.metrics["optimizers"]:
         assert f"| {name} |" in quick.table
@@ -150,9 +151,167 @@ def test_registered_in_the_cli(tmp_path, monkeypatch):
     # the CLI path only: fewer optimizers and steps than the quick fixture's
     monkeypatch.setitem(robustness.SIZES, "quick",
                         dict(robustness.SIZES["quick"], steps=3, optimizers=["adamw"]))
+    monkeypatch.setitem(robustness.COND_SIZES, "quick",
+                        dict(robustness.COND_SIZES["quick"], steps=3))
     assert main(["robustness", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
     payload = json.loads((tmp_path / "robustness.json").read_text())
     assert payload["suite"] == "robustness" and payload["run"]["size"] == "quick"
     assert [r["optimizer"] for r in payload["metrics"]["cells"]] == ["adamw"]
     assert (tmp_path / "robustness.md").exists()
     assert (tmp_path / "robustness_verdicts.png").exists()
+    assert (tmp_path / "robustness_conditioning.png").exists()
+    assert payload["metrics"]["conditioning"]["cells"][0]["steps_done"] == 3
+    assert payload["run"]["config"]["conditioning"]["steps"] == 3
+    assert "### Conditioning sweep" in (tmp_path / "robustness.md").read_text()
+
+
+# ------------------------------------------------------------------------- conditioning sweep
+COND_CELL_KEYS = {"kappa", "seed", "dtype", "engine", "steps", "final_error", "exception",
+                  "steps_done", "update_skips", "nonfinite_skips", "batch_size", "batch_seconds",
+                  "warnings", "float64_error", "reference_error", "ratio", "verdict", "targeted"}
+COND_ROW_KEYS = {"kappa", "dtype", "engine", "seeds", "float64_error_median", "error_median",
+                 "error_max", "ratio_median", "ratio_max", *robustness.COND_VERDICTS, "targeted",
+                 "not_following"}
+
+
+def test_conditioning_verdict_on_constructed_inputs():
+    v, ratio = robustness.conditioning_verdict, robustness.conditioning_ratio
+    # errors above the float32 floor (9.5e-7): the reference is float64's own error
+    assert v(1.9e-3, 1e-3, "float32") == "follows"
+    assert ratio(1.9e-3, 1e-3, "float32") == pytest.approx(1.9)
+    assert v(2e-3, 1e-3, "float32") == "follows"  # exactly the ratio
+    assert v(2.1e-3, 1e-3, "float32") == "lags"
+    assert ratio(2.1e-3, 1e-3, "float32") == pytest.approx(2.1)
+    assert v(math.nan, 1e-3, "float32") == "diverges" and ratio(math.nan, 1e-3, "float32") is None
+    assert v(math.inf, 1e-3, "float32") == "diverges"
+    assert v(None, 1e-3, "float32") == "diverges"  # the JSON's non-finite
+    assert v(1.5, 1e-3, "float32") == "diverges"  # finite, but worse than the A = 0 start (1)
+    assert v(0.9, 1e-3, "float32") == "lags"
+    assert v(1e-3, 1e-3, "float32", exception="PSDNumericsError: x") == "raises"
+    assert v(None, None, "float32", exception="RuntimeError: x") == "raises"
+    # the reference did not train: no target, unless the run itself failed
+    assert v(1e-3, None, "float32") == "n/a" and v(1e-3, 1.0, "float32") == "n/a"
+    assert ratio(1e-3, None, "float32") is None
+    assert v(math.nan, None, "float32") == "diverges"
+    # float64 at its own rounding level: the reference is floored at FLOOR_ULPS u of the dtype
+    floor32 = robustness.error_floor("float32")
+    assert floor32 == robustness.FLOOR_ULPS * 2.0**-24
+    assert robustness.conditioning_reference(3e-16, "float32") == floor32
+    assert v(1.9 * floor32, 3e-16, "float32") == "follows"
+    assert v(2.1 * floor32, 3e-16, "float32") == "lags"
+    assert ratio(floor32, 3e-16, "float32") == 1.0
+    assert robustness.error_floor("bfloat16") == robustness.FLOOR_ULPS * 2.0**-8
+    assert robustness.error_floor("float64") == robustness.FLOOR_ULPS * 2.0**-53
+    assert v(1.9e-15, 1e-15, "float64") == "follows"  # 1.9 x 16 u64
+
+
+def _cond_record(kappa, seed, dtype, engine, final_error, exception=None):
+    return dict(kappa=kappa, seed=seed, dtype=dtype, engine=engine, steps=10,
+                final_error=final_error, exception=exception, steps_done=10, update_skips=0,
+                nonfinite_skips=0, batch_size=1, batch_seconds=0.1, warnings=[])
+
+
+def test_conditioning_section_on_constructed_records(tmp_path):
+    size = robustness.COND_SIZES["full"]
+    records = []
+    for kappa in size["kappas"]:
+        for seed in range(size["seeds"]):
+            records.append(_cond_record(kappa, seed, "float64", "qr", 1e-3))
+            records.append(_cond_record(kappa, seed, "float64", "gram", 1e-3))
+            records.append(_cond_record(kappa, seed, "float32", "qr", 1.5e-3))
+            bad = kappa == 1e4 and seed == 1
+            records.append(_cond_record(kappa, seed, "float32", "gram", None if bad else 1e-3,
+                                        "PSDNumericsError: eigh" if bad else None))
+            records.append(_cond_record(kappa, seed, "bfloat16", "qr", 0.5 if kappa == 1e4
+                                        else 0.05))  # 0.05 < 2 x the bf16 floor (0.0625)
+            records.append(_cond_record(kappa, seed, "bfloat16", "gram",
+                                        math.nan if kappa == 1e4 else 0.3))
+    section = robustness.conditioning_section(records, size)
+    json.dumps(section, allow_nan=False)  # the NaN became None
+    assert section["float32_follows_float64_by_engine"] == {"qr": True, "gram": False}
+    assert section["float32_follows_float64"] is False
+    rows = {(r["kappa"], r["dtype"], r["engine"]): r for r in section["rows"]}
+    assert len(rows) == len(size["kappas"]) * 6 and set(section["rows"][0]) == COND_ROW_KEYS
+    assert [(r["dtype"], r["engine"]) for r in section["rows"][:6]] == [
+        (d, e) for d in robustness.COND_DTYPES for e in robustness.COND_ENGINES]
+    gram = rows[1e4, "float32", "gram"]
+    assert gram["follows"] == 2 and gram["raises"] == 1 and gram["ratio_max"] == 1.0
+    assert gram["not_following"] == ["seed 1: raises PSDNumericsError (step 11)"]
+    assert rows[1e4, "bfloat16", "qr"]["lags"] == 3
+    assert not rows[1e4, "bfloat16", "qr"]["targeted"]
+    bf16_floor = robustness.error_floor("bfloat16")
+    assert rows[1e4, "bfloat16", "qr"]["ratio_median"] == pytest.approx(0.5 / bf16_floor)
+    assert rows[1e4, "bfloat16", "gram"]["diverges"] == 3
+    assert rows[1e4, "bfloat16", "gram"]["not_following"][0] == "seed 0: diverges (non-finite)"
+    assert rows[1e1, "bfloat16", "qr"]["follows"] == 3
+    assert rows[1e1, "float32", "qr"]["ratio_median"] == 1.5
+    table = robustness._conditioning_table(section)
+    assert "float32 follows float64 (≤ 2×) in every cell: no** (qr: yes, gram: no)" in table
+    assert "| 1e+04 | float32 | gram |" in table and "reported only" in table
+    assert "seed 1: lags 5×" not in table and "seed 0: lags 8×" in table  # 0.5 / 0.0625
+    ctx = RunContext(size="full", out=tmp_path, progress=False)
+    path = robustness._conditioning_figure(section, ctx)
+    assert (tmp_path / "robustness_conditioning.png").samefile(path)
+
+
+def test_conditioning_sizes():
+    full, default = robustness.COND_SIZES["full"], robustness.COND_SIZES["default"]
+    assert full["kappas"] == [1e1, 1e2, 1e3, 1e4] and full["seeds"] >= 3
+    assert full["steps"] >= 1000 and default["steps"] >= 1000
+    assert full["dtypes"] == ["float64", "float32", "bfloat16"]
+    assert full["engines"] == ["qr", "gram"]
+    assert default["engines"] == ["qr"] and {"float64", "float32"} == set(default["dtypes"])
+    assert max(default["kappas"]) == 1e4 and default["seeds"] >= 2
+    quick = robustness.COND_SIZES["quick"]
+    assert len(quick["kappas"]) == 1 and quick["seeds"] == 1 and quick["steps"] == 200
+    assert quick["engines"] == ["qr"] and set(quick["dtypes"]) == {"float64", "float32"}
+
+
+def test_conditioning_batch_equals_single_runs():
+    # one optimizer over several cells is the same arithmetic as each cell alone
+    cells = [(1e2, 0), (1e4, 1)]
+    batch = robustness.fit_conditioning(cells, "float32", "qr", 15)
+    singles = [robustness.fit_conditioning([c], "float32", "qr", 15) for c in cells]
+    assert batch["errors"] == [s["errors"][0] for s in singles]
+    assert batch["exception"] is None and batch["steps_done"] == 15
+    assert 0 < batch["errors"][0] < 1  # it trains from the A = 0 start (error 1)
+
+
+def test_conditioning_exception_is_charged_to_its_cell(monkeypatch):
+    def fake(cells, dtype, engine, steps):
+        bad = (1e4, 1) in cells
+        return dict(errors=[None if bad else 0.1] * len(cells), update_skips=[0] * len(cells),
+                    nonfinite_skips=[0] * len(cells), steps_done=3 if bad else steps,
+                    exception="PSDNumericsError: x" if bad else None, seconds=0.0, warnings=[])
+
+    monkeypatch.setattr(robustness, "fit_conditioning", fake)
+    recs = robustness.run_conditioning_batch([(1e2, 0), (1e4, 1), (1e4, 0)], "float32", "gram",
+                                             10)
+    assert [(r["kappa"], r["seed"], r["exception"]) for r in recs] == [
+        (1e2, 0, None), (1e4, 1, "PSDNumericsError: x"), (1e4, 0, None)]
+    assert [r["final_error"] for r in recs] == [0.1, None, 0.1]
+    assert all(r["batch_size"] == 1 for r in recs)
+
+
+def test_quick_conditioning(quick):
+    section = quick.metrics["conditioning"]
+    json.dumps(section, allow_nan=False)
+    size = robustness.COND_SIZES["quick"]
+    n = len(size["kappas"]) * size["seeds"] * len(size["dtypes"]) * len(size["engines"])
+    assert len(section["cells"]) == n and len(section["rows"]) == n // size["seeds"]
+    for r in section["cells"]:
+        assert set(r) == COND_CELL_KEYS, set(r) ^ COND_CELL_KEYS
+        assert r["steps_done"] == size["steps"] and r["exception"] is None
+        assert r["verdict"] == robustness.conditioning_verdict(
+            r["final_error"], r["float64_error"], r["dtype"], r["exception"])
+    for row in section["rows"]:
+        assert set(row) == COND_ROW_KEYS
+    (ref,) = [r for r in section["cells"] if (r["dtype"], r["engine"]) == ("float64", "qr")]
+    assert ref["final_error"] < 0.1 and ref["verdict"] == "follows"  # the reference trains
+    (f32,) = [r for r in section["cells"] if r["dtype"] == "float32"]
+    assert f32["float64_error"] == ref["final_error"] and f32["targeted"]
+    assert section["float32_follows_float64"] == (f32["verdict"] == "follows")
+    assert section["float32_follows_float64_by_engine"] == {"qr": f32["verdict"] == "follows"}
+    assert quick.config["conditioning"]["lr"] == robustness.COND_LR
+    assert "### Conditioning sweep" in quick.table
+    assert "float32 follows float64 (≤ 2×) in every cell" in quick.table
