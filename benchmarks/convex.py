@@ -35,13 +35,16 @@ Every optimizer runs through :func:`benchmarks.optimizers.make_optimizer` on a
    (and LoRA-RITE) are unchanged, GD at the paper's step diverges, GD at ``η/s²`` (the step
    rescaled to the ``s²``-larger curvature in ``B``) is stable but slow.
 
-Sizes: ``quick`` sensing ``n = 30, r = 2`` and completion ``n = 150, r = 2, p = 0.3``; ``default`` sensing
-``n = 40, r = 4`` and completion ``n = 400, r = 5``; ``full`` the paper's sensing ``n = 200,
-r = 10, m = 5nr = 10 000`` (a dense 10 000 × 40 000 float64 operator, 3.2 GB; about 0.3 s per
-iteration) and completion ``n = 1000, r = 10, p = 0.2``, with GD capped (``κ`` whose count
-exceeds the cap are reported as not reached) and part 2 on the default-size problems. See :data:`SIZES`.
-Run times on 2 CPU cores: ``quick`` ≈ 15 s, ``default`` ≈ 85 s, ``full`` ≈ 1.5 h (estimated from
-per-step costs: 0.26 s per sensing step, 15 ms per completion step at the paper sizes).
+Sizes: ``quick`` sensing ``n = 30, r = 2`` and completion ``n = 150, r = 2, p = 0.3``;
+``default`` sensing ``n = 40, r = 4`` and completion ``n = 400, r = 5`` (GD capped at 14 000 /
+8 000 iterations, enough for κ ≤ 100, and at 1 000 for κ = 1000, whose ~10⁵ no affordable cap
+reaches: that row reports "not reached" either way; parts 2 and 3 on sensing only, part 2 capped
+at 600 iterations); ``full`` the paper's sensing ``n = 200, r = 10, m = 5nr = 10 000`` (a dense
+10 000 × 40 000 float64 operator, 3.2 GB; about 0.3 s per iteration) and completion ``n = 1000,
+r = 10, p = 0.2``, with GD capped (``κ`` whose count exceeds the cap are reported as not reached)
+and part 2 on the default-size problems. See :data:`SIZES`. Run times on 2 CPU cores: ``quick``
+≈ 15 s, ``default`` ≈ 100 s, ``full`` ≈ 1.5 h (estimated from per-step costs: 0.26 s per sensing
+step, 15 ms per completion step at the paper sizes).
 """
 
 from __future__ import annotations
@@ -74,9 +77,13 @@ SIZES: dict[str, dict[str, Any]] = {
     ),
     "default": dict(
         problems={"sensing": dict(n=40, r=4), "completion": dict(n=400, r=5, p=0.2)},
-        cap_scaled=2000, cap_gd={"sensing": 14000, "completion": 8000}, cap_all=1000, patience=300,
+        cap_scaled=2000, cap_gd={"sensing": 14000, "completion": 8000}, cap_all=600, patience=200,
+        # GD at κ = 1000 needs ~10⁵ iterations (10× κ = 100's), beyond any affordable cap: a short
+        # cap reports the same "not reached" (the caps above are sized for κ = 100)
+        cap_gd_kappa={1000: 1000},
         max_seconds_all=6.0, kappas_all=[10], imbalance_scales=[10.0, 100.0], imbalance_kappa=10,
-        imbalance_problems=["sensing", "completion"], all_problems=None,
+        # parts 2 and 3 on sensing only: it shows what completion shows at a third of the cost
+        imbalance_problems=["sensing"], all_problems={"sensing": dict(n=40, r=4)},
     ),
     "full": dict(
         problems={"sensing": dict(n=200, r=10), "completion": dict(n=1000, r=10, p=0.2)},
@@ -221,9 +228,10 @@ def _run(ctx: RunContext) -> SuiteResult:
     all_problems = size["all_problems"] or problems
     patience = size["patience"]
 
-    def cap_gd(kind: str) -> int:
+    def cap_gd(kind: str, kappa: int | None = None) -> int:
         c = size["cap_gd"]
-        return c[kind] if isinstance(c, dict) else c
+        cap = c[kind] if isinstance(c, dict) else c
+        return min(cap, size.get("cap_gd_kappa", {}).get(kappa, cap))
 
     # warm-up (lazy linalg/autograd initialization would otherwise land in the first timing)
     warm = make_problem("sensing", dict(n=8, r=2), 10, seed)
@@ -237,7 +245,7 @@ def _run(ctx: RunContext) -> SuiteResult:
     cache: dict[tuple[str, int], lp.LowRankEstimation] = {}
     for kind, kappa, name in progress(jobs, ctx, "convex κ sweep"):
         prob = cache.setdefault((kind, kappa), make_problem(kind, problems[kind], kappa, seed))
-        cap = size["cap_scaled"] if name == "scaled_gd" else cap_gd(kind)
+        cap = size["cap_scaled"] if name == "scaled_gd" else cap_gd(kind, kappa)
         r = run_one(prob, name, claim_lr(name, prob), cap, overrides=CLAIM_OVERRIDES[name], seed=seed)
         r["spectral_init_error"] = r["errors"][0]
         sweep.setdefault(kind, {}).setdefault(name, {})[str(kappa)] = _public(r)
@@ -274,6 +282,7 @@ def _run(ctx: RunContext) -> SuiteResult:
             gd_slope_incl_extrapolated=None if slope is None
             else dict(slope=slope[0], ci_low=slope[1], ci_high=slope[2]),
             gd_cap=cap_gd(kind),
+            gd_caps=[cap_gd(kind, k) for k in KAPPAS],
             # between the two largest measured κ: the asymptotic regime
             gd_slope_last_pair=None if len(measured) < 2
             else math.log(measured[-1][1] / measured[-2][1]) / math.log(measured[-1][0] / measured[-2][0]),
@@ -284,6 +293,7 @@ def _run(ctx: RunContext) -> SuiteResult:
     lrs = {name: (None if name in CLAIM else config_lr(name)) for name in names}
     everyone: dict[str, dict[str, dict[str, Any]]] = {}
     all_curves: dict[str, dict[str, list[float]]] = {}
+    runs2: dict[tuple[str, int, str], dict[str, Any]] = {}  # for reuse in part 3
     jobs2 = [(kind, k, name) for kind in all_problems for k in size["kappas_all"] for name in names]
     for kind, kappa, name in progress(jobs2, ctx, "convex all optimizers"):
         if name in CLAIM and all_problems.get(kind) == problems.get(kind):
@@ -305,6 +315,8 @@ def _run(ctx: RunContext) -> SuiteResult:
             everyone.setdefault(kind, {}).setdefault(name, {})[str(kappa)] = dict(error=f"{type(exc).__name__}: {exc}")
             continue
         everyone.setdefault(kind, {}).setdefault(name, {})[str(kappa)] = _public(r)
+        if all_problems.get(kind) == problems.get(kind):
+            runs2[(kind, kappa, name)] = r
         if kappa == size["kappas_all"][-1]:
             all_curves.setdefault(kind, {})[name] = r["errors"]
     cache.clear()
@@ -325,10 +337,19 @@ def _run(ctx: RunContext) -> SuiteResult:
                 sweep[kind][name][str(size["imbalance_kappa"])], note="from the κ sweep")
             imb_curves.setdefault(kind, {}).setdefault(label, {})[s] = curves[kind][name][size["imbalance_kappa"]]
             continue
+        prev = runs2.get((kind, size["imbalance_kappa"], name))
+        if s == 1.0 and name not in CLAIM and prev is not None and prev["stop"] == "target" \
+                and prev["lr"] == config_lr(name) and prev["iterations"] <= size["cap_scaled"]:
+            # part 2 ran this start (same problem, lr, patience) to the target: the same run
+            imbalance.setdefault(kind, {}).setdefault(label, {})["1"] = dict(
+                _public(prev), note="from the all-optimizer runs")
+            imb_curves.setdefault(kind, {}).setdefault(label, {})[s] = prev["errors"]
+            continue
         prob = cache.setdefault((kind, 0), make_problem(kind, problems[kind], size["imbalance_kappa"], seed))
         if name in CLAIM:
             lr, ov = claim_lr(name, prob), CLAIM_OVERRIDES[name]
-            cap = size["cap_scaled"] if name == "scaled_gd" else cap_gd(kind)
+            kappa = size["imbalance_kappa"]
+            cap = size["cap_scaled"] if name == "scaled_gd" else cap_gd(kind, kappa)
         else:
             lr, ov, cap = config_lr(name), {}, size["cap_scaled"]
         r = run_one(prob, name, lr / s**power, cap, scale=s, overrides=ov, patience=patience, seed=seed)
@@ -352,7 +373,8 @@ def _run(ctx: RunContext) -> SuiteResult:
         problems={k: dict(v, m=5 * v["n"] * v["r"]) if k == "sensing" else v for k, v in problems.items()},
         all_optimizers_problems={k: dict(v) for k, v in all_problems.items()},
         singular_values="linspace(1, 1/kappa, r) (Tong et al. scripts)",
-        caps=dict(scaled_gd=size["cap_scaled"], gd=size["cap_gd"], all=size["cap_all"]), patience=patience,
+        caps=dict(scaled_gd=size["cap_scaled"], gd=size["cap_gd"],
+                  gd_kappa=size.get("cap_gd_kappa", {}), all=size["cap_all"]), patience=patience,
         kappas_all=size["kappas_all"], imbalance=dict(scales=scales, kappa=size["imbalance_kappa"],
                                                        problems=size["imbalance_problems"]),
         lr=dict(scaled_gd=f"{SCALED_GD_LR} (paper)", sgd=f"{GD_LR}/sigma_max (paper), momentum 0",
@@ -450,8 +472,10 @@ def _plot_kappa(ctx, claims, everyone, size) -> str:
         gd[ex] = np.nan
         ax.loglog(ks[~ex], gd[~ex], "s-", color="C3", label="GD η=0.5/σ_max")
         if ex.any():
-            ax.loglog(ks[ex], np.full(ex.sum(), c["gd_cap"]), "^", mfc="none", ms=9, color="C3",
-                      label=f"GD: not reached within the cap ({c['gd_cap']}), count > cap")
+            caps = np.asarray(c.get("gd_caps", [c["gd_cap"]] * len(ks)), dtype=float)[ex]
+            ax.loglog(ks[ex], caps, "^", mfc="none", ms=9, color="C3",
+                      label=f"GD: not reached within the cap "
+                            f"({', '.join(f'{x:g}' for x in caps)}), count > cap")
         if np.isfinite(gd[0]):
             ax.loglog(ks, gd[0] * ks, "k:", lw=1, label="∝ κ")
         for i, (name, per_k) in enumerate(everyone.get(kind, {}).items()):
