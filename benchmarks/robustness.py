@@ -17,8 +17,14 @@ Grid axes:
 * **set-up** (:data:`SETUPS`): gradients of rank below ``r`` — a 2-class head, batch size 1,
   ``r = 8`` with batches of 4 — and a control with 8 classes and batches of 32.
 * **dtype**: float32, bfloat16 (the whole model), float64.
-* **lr**: 1e-4, 1e-3, 1e-2 for every optimizer (no per-optimizer tuning: the question is
-  whether a method trains at the rates a user would try).
+* **lr**: AdamW's 1e-4, 1e-3, 1e-2 — a decade either side of its recommended 1e-3. Every other
+  optimizer runs the same decades around *its own* recommended rate (its config's untuned
+  ``"default"`` lr; :func:`optimizer_lr`): an adaptive method (LoRA-RITE, PEFT's Riemannian
+  AdamW) at exactly AdamW's rates, ScaledGD and one-sided Adagrad (recommended 1e-2) at 10×
+  them, LoRA+ (2e-4) at 0.2×. The rate of a gradient-descent method is in units of the loss's
+  gradient, not of the parameters, so AdamW's number means nothing for it; the question is
+  whether a method trains at the rates a user would try, without per-cell tuning. Each record
+  keeps the rate it ran at (``run_lr``); the head always trains at the cell's (AdamW's) rate.
 
 Optimizers: every registered ``lowrank_geom`` strategy, AdamW, LoRA+, PEFT's Riemannian
 preconditioner and pytorch-optimizer's ``LoRARite``, built by
@@ -29,8 +35,10 @@ torch and PEFT optimizers, and by a separate ``torch.optim.AdamW`` next to pytor
 ``LoRARite`` (which pairs the tensors of a group two by two).
 
 Verdicts (:func:`verdict`): ``raises`` (an exception: its type and first line are recorded),
-``diverges`` (a non-finite loss, or a final loss above :data:`RATIO` times AdamW's in the same
-cell), ``trains`` (finite and at most :data:`RATIO` times AdamW's), and ``n/a`` when AdamW itself
+``diverges`` (a non-finite loss, a final loss above :data:`BLOWUP` times the initial one, or one
+above :data:`RATIO` times AdamW's without real progress), ``lags`` (real progress — at most
+:data:`ADAMW_TRAINS` times the initial loss — but above :data:`RATIO` times AdamW's), ``trains``
+(finite and at most :data:`RATIO` times AdamW's), and ``n/a`` when AdamW itself
 does not train in that cell (its final loss is not finite or above :data:`ADAMW_TRAINS` times
 the initial loss): the ratio then means nothing, and the cell is left out of the target. An
 optimizer *trains wherever AdamW trains* when its verdict is ``trains`` in every cell where
@@ -104,7 +112,9 @@ SETUPS: dict[str, dict[str, int]] = {
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 LRS = [1e-4, 1e-3, 1e-2]
-VERDICTS = ["trains", "diverges", "raises", "n/a"]
+VERDICTS = ["trains", "lags", "diverges", "raises", "n/a"]
+#: verdicts that miss the target "trains wherever AdamW trains"
+FAILURES = ("lags", "diverges", "raises")
 
 SIZES: dict[str, dict[str, Any]] = {
     # every optimizer (None: optimizer_names()) in one cell, for the tests
@@ -141,10 +151,12 @@ def adamw_trains(adamw_final: float | None, initial: float) -> bool:
 
 def verdict(final: float | None, adamw_final: float | None, initial: float,
             error: str | None = None) -> str:
-    """``raises`` / ``diverges`` / ``trains`` / ``n/a`` for one optimizer in one cell.
+    """``raises`` / ``diverges`` / ``lags`` / ``trains`` / ``n/a`` for one optimizer in one cell.
 
     An exception, a non-finite loss or a loss above :data:`BLOWUP` times the initial one is a
     failure whatever AdamW did; the ratio test needs an AdamW that trained, otherwise ``n/a``.
+    Behind AdamW by more than :data:`RATIO` is ``lags`` when the run made the progress that
+    counts as training for AdamW (:func:`adamw_trains`), ``diverges`` when it did not.
     """
     if error is not None:
         return "raises"
@@ -152,7 +164,20 @@ def verdict(final: float | None, adamw_final: float | None, initial: float,
         return "diverges"
     if not adamw_trains(adamw_final, initial):
         return "n/a"
-    return "trains" if final <= RATIO * adamw_final else "diverges"
+    if final <= RATIO * adamw_final:
+        return "trains"
+    return "lags" if adamw_trains(final, initial) else "diverges"
+
+
+def optimizer_lr(name: str, cell_lr: float) -> float:
+    """The rate ``name`` runs at in a cell of AdamW rate ``cell_lr``: ``cell_lr`` times its
+    config's recommended (untuned ``"default"``) lr over AdamW's; ``cell_lr`` for a strategy
+    registered without a benchmark config."""
+    from benchmarks.optimizers import config_lr, config_path
+
+    if not config_path(name).exists():
+        return cell_lr
+    return cell_lr * config_lr(name) / config_lr(REFERENCE)
 
 
 # --------------------------------------------------------------------------------------- model
@@ -252,15 +277,18 @@ class _WithHead:
         self.head.zero_grad(set_to_none=set_to_none)
 
 
-def build_optimizer(name: str, model: PeftMLP, lr: float):
-    """Optimizer ``name`` over the LoRA pairs plus the head, at learning rate ``lr`` for both."""
+def build_optimizer(name: str, model: PeftMLP, lr: float, head_lr: float | None = None):
+    """Optimizer ``name`` over the LoRA pairs at learning rate ``lr``, plus the head by AdamW at
+    ``head_lr`` (default ``lr``)."""
+    head_lr = lr if head_lr is None else head_lr
     from benchmarks.optimizers import config_path, load_config, make_optimizer
 
     if not config_path(name).exists():  # a strategy registered without a benchmark config
         from lowrank_geom import LowRankOptimizer
 
         pairs = model.pairs()
-        return LowRankOptimizer([{"pairs": pairs}, {"params": model.other_parameters()}],
+        return LowRankOptimizer([{"pairs": pairs},
+                                 {"params": model.other_parameters(), "lr": head_lr}],
                                 strategy=name, lr=lr)
     opt = make_optimizer(name, model, suite=SUITE, lr=lr)
     held = {id(p) for g in opt.param_groups for p in g["params"]}
@@ -268,8 +296,8 @@ def build_optimizer(name: str, model: PeftMLP, lr: float):
     if not rest:
         return opt
     if load_config(name)["library"] == "pytorch_optimizer.LoRARite":
-        return _WithHead(opt, torch.optim.AdamW(rest, lr=lr, weight_decay=0.0))
-    opt.add_param_group({"params": rest, "lr": lr, "weight_decay": 0.0})
+        return _WithHead(opt, torch.optim.AdamW(rest, lr=head_lr, weight_decay=0.0))
+    opt.add_param_group({"params": rest, "lr": head_lr, "weight_decay": 0.0})
     return opt
 
 
@@ -296,13 +324,14 @@ def _train(name: str, cell: dict[str, Any], steps: int) -> dict[str, Any]:
     batch = SETUPS[cell["setup"]]["batch"]
     model = PeftMLP(cell["init"], cell["setup"], dtype, cell["seed"])
     out: dict[str, Any] = {"initial_loss": full_loss(model.peft_model, x, y), "final_loss": None,
-                           "error": None, "steps_done": 0}
+                           "error": None, "steps_done": 0,
+                           "run_lr": optimizer_lr(name, cell["lr"])}
     g = torch.Generator().manual_seed(cell["seed"])
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            opt = build_optimizer(name, model, cell["lr"])
+            opt = build_optimizer(name, model, out["run_lr"], head_lr=cell["lr"])
             for step in range(steps):
                 idx = torch.randint(0, N_SAMPLES, (batch,), generator=g)
                 loss = _loss(model.peft_model, x[idx], y[idx])
@@ -428,7 +457,7 @@ def summarize(records: list[dict[str, Any]], names: list[str],
         mine = [r for r in records if r["optimizer"] == name]
         counts = {v: sum(r["verdict"] == v for r in mine) for v in VERDICTS}
         target = [r for r in mine if r["adamw_trains"]]
-        failing = [_failure(r, with_seed) for r in mine if r["verdict"] in ("diverges", "raises")]
+        failing = [_failure(r, with_seed) for r in mine if r["verdict"] in FAILURES]
         out[name] = {**counts, "target_cells": len(target), "failing": failing,
                      "trains_where_adamw_trains": all(r["verdict"] == "trains" for r in target)}
     return out
@@ -449,14 +478,14 @@ def _failure(r: dict[str, Any], with_seed: bool) -> str:
         error = r["error"] if len(r["error"]) <= 70 else r["error"][:69] + "…"  # JSON: whole
         what = f"raises {error}"
     else:
-        what = f"diverges: {why_diverged(r)}"
+        what = f"{r['verdict']}: {why_diverged(r)}"
     mark = "" if r["adamw_trains"] else " †"
     return f"{cell_label(r, with_seed)} ({what}){mark}"
 
 
 #: the failing-cells column lists at most this many (the JSON has them all)
 MAX_LISTED = 8
-_MARK = {"trains": "✓", "diverges": "✗", "raises": "!", "n/a": "–"}
+_MARK = {"trains": "✓", "lags": "~", "diverges": "✗", "raises": "!", "n/a": "–"}
 
 
 def _table(records: list[dict[str, Any]], summary: dict[str, Any], names: list[str],
@@ -467,10 +496,11 @@ def _table(records: list[dict[str, Any]], summary: dict[str, Any], names: list[s
         fails = s["failing"][:MAX_LISTED]
         if len(s["failing"]) > MAX_LISTED:
             fails.append(f"… {len(s['failing']) - MAX_LISTED} more")
-        rows.append([name, s["trains"], s["diverges"], s["raises"], s["n/a"],
+        rows.append([name, s["trains"], s["lags"], s["diverges"], s["raises"], s["n/a"],
                      "yes" if s["trains_where_adamw_trains"] else "no",
                      "; ".join(fails) or "—"])
-    head = ["optimizer", "trains", "diverges", "raises", "n/a", "trains wherever AdamW trains",
+    head = ["optimizer", "trains", "lags", "diverges", "raises", "n/a",
+            "trains wherever AdamW trains",
             "failing cells"]
     text = "### Verdicts\n\n" + markdown_table(head, rows)
     cells = list(dict.fromkeys(cell_label(r, True) for r in records))
@@ -478,11 +508,11 @@ def _table(records: list[dict[str, Any]], summary: dict[str, Any], names: list[s
         text += "\n\n### Final losses\n\n" + _loss_table(records, names)
     else:  # too many cells to list: where the failures are, axis by axis
         text += "\n\n### Failing runs by axis\n\n" + _axis_table(records, names, size)
-    return text + "\n\n" + _note(size)
+    return text + "\n\n" + _note(size, names)
 
 
 def _axis_table(records: list[dict[str, Any]], names: list[str], size: dict[str, Any]) -> str:
-    """Per optimizer and axis value: failing runs (diverges or raises) / runs."""
+    """Per optimizer and axis value: failing runs (lags, diverges or raises) / runs."""
     axes = [(key, value) for key in ("init", "setup", "dtype", "lr")
             for value in size[key + "s"]]
     rows = []
@@ -490,7 +520,7 @@ def _axis_table(records: list[dict[str, Any]], names: list[str], size: dict[str,
         row: list[Any] = [name]
         for key, value in axes:
             mine = [r for r in records if r["optimizer"] == name and r[key] == value]
-            bad = sum(r["verdict"] in ("diverges", "raises") for r in mine)
+            bad = sum(r["verdict"] in FAILURES for r in mine)
             row.append(f"{bad}/{len(mine)}" if mine else "—")
         rows.append(row)
     head = ["optimizer"] + [f"lr={v:g}" if k == "lr" else str(v) for k, v in axes]
@@ -516,25 +546,31 @@ def _loss_table(records: list[dict[str, Any]], names: list[str]) -> str:
     return markdown_table(["cell (init/setup/dtype/lr/seed)", "initial"] + names, rows)
 
 
-def _note(size: dict[str, Any]) -> str:
+def _note(size: dict[str, Any], names: list[str]) -> str:
     setups = ", ".join(f"{k} = {v['classes']} classes, batch {v['batch']}, r={v['r']}"
                        for k, v in SETUPS.items() if k in size["setups"])
+    scaled = ", ".join(f"{n} {optimizer_lr(n, 1.0):g}×" for n in names
+                       if optimizer_lr(n, 1.0) != 1.0)
     return (
-        f"{size['steps']} steps per run, one learning rate for the LoRA factors and the head; "
-        f"final loss = cross-entropy over all {N_SAMPLES} samples after training. Verdicts: "
-        f"✓ trains (finite, ≤ {RATIO:g}× AdamW's final loss in the same cell), ✗ diverges "
-        f"(non-finite, > {BLOWUP:g}× the initial loss, or finite but > {RATIO:g}× AdamW's: "
-        "the failing-cells column says which), ! raises (exception type; its first line is in "
-        f"the JSON), – n/a (AdamW itself does not train: its final loss is not ≤ "
-        f"{ADAMW_TRAINS:g}× the initial one). 'trains wherever AdamW trains' is over the cells "
-        f"where AdamW trains; † marks a failure in a cell where it does not. Set-ups: {setups}."
+        f"{size['steps']} steps per run; lr = AdamW's rate, the head's rate for every optimizer; "
+        "the LoRA factors run at that rate times the optimizer's recommended lr over AdamW's "
+        f"({scaled or 'none differs'}; 1× for the others). Final loss = cross-entropy over all "
+        f"{N_SAMPLES} samples after training. Verdicts: ✓ trains (finite, ≤ {RATIO:g}× AdamW's "
+        f"final loss in the same cell), ~ lags (≤ {ADAMW_TRAINS:g}× the initial loss but "
+        f"> {RATIO:g}× AdamW's), ✗ diverges (non-finite, > {BLOWUP:g}× the initial loss, or "
+        f"> {RATIO:g}× AdamW's without that progress: the failing-cells column says which), "
+        "! raises (exception type; its first line is in the JSON), – n/a (AdamW itself does not "
+        f"train: its final loss is not ≤ {ADAMW_TRAINS:g}× the initial one). 'trains wherever "
+        "AdamW trains' is over the cells where AdamW trains; † marks a failure in a cell where it "
+        f"does not. Set-ups: {setups}."
     )
 
 
 # -------------------------------------------------------------------------------------- figure
-_COLORS = {"trains": "#4daf4a", "diverges": "#e41a1c", "raises": "#984ea3", "n/a": "#d9d9d9"}
+_COLORS = {"trains": "#4daf4a", "lags": "#ff7f00", "diverges": "#e41a1c", "raises": "#984ea3",
+           "n/a": "#d9d9d9"}
 #: over seeds a heatmap square shows the worst verdict
-_SEVERITY = ["n/a", "trains", "diverges", "raises"]
+_SEVERITY = ["n/a", "trains", "lags", "diverges", "raises"]
 
 
 def _heatmap(records: list[dict[str, Any]], names: list[str], ctx: RunContext) -> str:

@@ -16,7 +16,7 @@ pytest.importorskip("pytorch_optimizer")
 
 CELL_KEYS = {"optimizer", "init", "setup", "dtype", "lr", "seed", "initial_loss", "final_loss",
              "adamw_final_loss", "adamw_trains", "verdict", "error", "steps_done", "seconds",
-             "warnings"}
+             "warnings", "run_lr"}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,9 @@ def test_verdicts_on_constructed_inputs():
     v = robustness.verdict
     assert v(0.14, 0.1, 1.0) == "trains"  # 1.4x AdamW
     assert v(0.15, 0.1, 1.0) == "trains"  # exactly the ratio
-    assert v(0.2, 0.1, 1.0) == "diverges"  # 2x AdamW, though below the initial loss
+    assert v(0.2, 0.1, 1.0) == "lags"  # 2x AdamW, with real progress from the initial loss
+    assert v(0.995, 0.1, 1.0) == "diverges"  # 10x AdamW, no real progress (> 0.99 x initial)
+    assert v(1.5, 0.1, 1.0) == "diverges"  # worse than the start, though below BLOWUP x
     assert v(math.nan, 0.1, 1.0) == "diverges"
     assert v(math.inf, 0.1, 1.0) == "diverges"
     assert v(None, 0.1, 1.0) == "diverges"  # the JSON's non-finite
@@ -50,12 +52,28 @@ def test_summary_counts_only_target_cells_for_the_claim():
                     final_loss=kw.get("final"), initial_loss=1.0, adamw_final_loss=0.2)
 
     records = [rec("a", "trains", True), rec("a", "raises", False, error="E: x"),
-               rec("b", "trains", True), rec("b", "diverges", True, final=0.5)]
-    s = robustness.summarize(records, ["a", "b"])
+               rec("b", "trains", True), rec("b", "diverges", True, final=0.5),
+               rec("c", "trains", True), rec("c", "lags", True, final=0.4)]
+    s = robustness.summarize(records, ["a", "b", "c"])
     assert s["a"]["trains_where_adamw_trains"] and s["a"]["raises"] == 1
     assert s["a"]["failing"] == ["peft_default/2class/float32/lr=0.001 (raises E: x) †"]
     assert not s["b"]["trains_where_adamw_trains"] and s["b"]["diverges"] == 1
     assert s["b"]["failing"] == ["peft_default/2class/float32/lr=0.001 (diverges: 2.5× AdamW)"]
+    # lagging misses the target as diverging does
+    assert not s["c"]["trains_where_adamw_trains"] and s["c"]["lags"] == 1
+    assert s["c"]["failing"] == ["peft_default/2class/float32/lr=0.001 (lags: 2× AdamW)"]
+
+
+def test_each_optimizer_runs_the_decades_around_its_recommended_lr():
+    from benchmarks.optimizers import config_lr
+
+    assert robustness.optimizer_lr("adamw", 1e-3) == 1e-3
+    # ScaledGD's recommended rate is in gradient units: the grid's 1e-3 column runs it at 1e-2
+    assert robustness.optimizer_lr("scaled_gd", 1e-3) == pytest.approx(
+        1e-3 * config_lr("scaled_gd") / config_lr("adamw"), rel=1e-15)
+    assert config_lr("scaled_gd") != config_lr("adamw")  # else the check above is vacuous
+    assert robustness.optimizer_lr("lora_rite", 1e-2) == pytest.approx(1e-2, rel=1e-15)
+    assert robustness.optimizer_lr("no_such_config", 3e-4) == 3e-4  # registered, no config
 
 
 def test_sizes_cover_the_grid():
@@ -90,7 +108,7 @@ def test_full_size_report_on_constructed_records(tmp_path):
     assert "### Failing runs by axis" in table and "### Final losses" not in table
     n = len(size["inits"]) * len(size["lrs"])  # runs per set-up
     trains = n * (len(size["setups"]) - 1)
-    assert f"| lora_rite | {trains} | 0 | {n} | 0 | no |" in table
+    assert f"| lora_rite | {trains} | 0 | 0 | {n} | 0 | no |" in table
     assert "… " in table  # the failing list is cut, the JSON keeps it whole
     per_init = len(size["setups"]) * len(size["lrs"])
     row = f"| lora_rite | {' | '.join([f'3/{per_init}'] * len(size['inits']))} | {n}/{n} | 0/{n} |"
@@ -117,6 +135,7 @@ def test_quick_covers_every_strategy_and_baseline(quick):
         assert r["verdict"] == robustness.verdict(r["final_loss"], r["adamw_final_loss"],
                                                   r["initial_loss"], r["error"])
         assert (r["error"] is None) == (r["verdict"] != "raises")
+        assert r["run_lr"] == robustness.optimizer_lr(r["optimizer"], r["lr"])
     for name in names:
         s = m["summary"][name]
         assert sum(s[v] for v in robustness.VERDICTS) == n_cells
