@@ -15,7 +15,14 @@ from lowrank_geom.geometry.gramian import (
     relative_change_cap,
     unmagnify,
 )
-from lowrank_geom.geometry.gauge import gauge_act, norm_balance, random_gauge, scale_gauge
+from lowrank_geom.geometry.gauge import (
+    balancing_gauge,
+    factorization_excess,
+    gauge_act,
+    norm_balance,
+    random_gauge,
+    scale_gauge,
+)
 from lowrank_geom.geometry.invariance import invariance_gap
 from lowrank_geom.geometry.psd import (
     PSDNumericsError,
@@ -23,9 +30,11 @@ from lowrank_geom.geometry.psd import (
     eigenvalue_distance,
     eigh_resolution,
     eigh_safe,
+    gradient_resolution,
     inverse_root,
     inverse_root_eig,
     symmetrize,
+    unresolved_directions,
 )
 from lowrank_geom.geometry.transport import (
     basis_transport,
@@ -37,6 +46,8 @@ __all__ = [
     "GRAM_DTYPE",
     "eigh_resolution",
     "eigh_safe",
+    "gradient_resolution",
+    "unresolved_directions",
     "gram",
     "gram_cutoff",
     "gram_pinv",
@@ -49,6 +60,8 @@ __all__ = [
     "RankDeficientError",
     "PSDNumericsError",
     "balance",
+    "balancing_gauge",
+    "factorization_excess",
     "basis_transport",
     "compute_dtype",
     "eigenvalue_distance",

@@ -75,3 +75,49 @@ def norm_balance(
     ok = (na > 0) & (nb > 0)
     c = torch.where(ok, (nb / torch.where(ok, na, 1.0)).sqrt(), 1.0)
     return a * c, b / c
+
+
+def factorization_excess(ga: torch.Tensor, gb: torch.Tensor) -> torch.Tensor:
+    """``‖A‖_F ‖B‖_F / ‖A Bᵀ‖_*`` from the Grams ``G_A = AᵀA``, ``G_B = BᵀB``. ``(..., r, r)`` → ``(...,)``.
+
+    ``‖Z‖_* = min ‖A‖_F ‖B‖_F`` over the factorizations of ``Z``, so the excess is ``≥ 1``, with
+    equality exactly at the balanced ones (``AᵀA = BᵀB``); ``inf`` where ``Z = 0``. It bounds how
+    much the entries of ``A Bᵀ`` cancel: the rounding of a product formed from the factors is
+    ``≲ r·u·‖A‖_F‖B‖_F``, the excess times that of the best factorization. The singular values
+    of ``Z`` are the roots of the eigenvalues of ``G_A^{1/2} G_B G_A^{1/2}``.
+    """
+    lam, q = torch.linalg.eigh(ga)
+    root = (q * lam.clamp_min(0.0).sqrt().unsqueeze(-2)) @ q.mT
+    s2 = torch.linalg.eigvalsh(root @ gb @ root)
+    nuclear = s2.clamp_min(0.0).sqrt().sum(dim=-1)
+    frob = (_trace(ga).clamp_min(0.0) * _trace(gb).clamp_min(0.0)).sqrt()
+    return torch.where(nuclear > 0, frob / torch.where(nuclear > 0, nuclear, 1.0), torch.inf)
+
+
+def balancing_gauge(
+    ga: torch.Tensor, gb: torch.Tensor, rtol: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(T_A, T_B, ok)``: ``T_B = T_A⁻ᵀ`` with ``(A T_A)ᵀ(A T_A) = (B T_B)ᵀ(B T_B) = Σ``, ``σ(Z)``.
+
+    From the Grams (use float64): ``G = RᵀR`` (Cholesky), ``R_A R_Bᵀ = W Σ Vᵀ``,
+    ``T_A = R_A⁻¹ W Σ^{1/2}``, ``T_B = R_B⁻¹ V Σ^{1/2}`` (``T_A T_Bᵀ = R_A⁻¹ W Σ Vᵀ R_B⁻ᵀ = I``).
+    ``ok`` is False, and both gauges the identity, where a Gram is not positive definite or
+    ``σ_min(Z) ≤ rtol · ‖A‖_F‖B‖_F``: there a direction of ``Z`` is not resolved, the balanced
+    pair would drop it from *both* factors, and a gradient method could never restart it.
+    """
+    ra, info_a = torch.linalg.cholesky_ex(ga, upper=True)
+    rb, info_b = torch.linalg.cholesky_ex(gb, upper=True)
+    w, s, vh = torch.linalg.svd(ra @ rb.mT)
+    frob = (_trace(ga).clamp_min(0.0) * _trace(gb).clamp_min(0.0)).sqrt()
+    ok = (info_a == 0) & (info_b == 0) & (s[..., -1] > rtol * frob) & torch.isfinite(s).all(dim=-1)
+    root = s.clamp_min(torch.finfo(s.dtype).tiny).sqrt().unsqueeze(-2)
+    eye = torch.eye(ga.shape[-1], dtype=ga.dtype, device=ga.device)
+    keep = ok.unsqueeze(-1).unsqueeze(-1)
+    ra, rb = torch.where(keep, ra, eye), torch.where(keep, rb, eye)
+    ta = torch.linalg.solve_triangular(ra, torch.where(keep, w * root, eye), upper=True)
+    tb = torch.linalg.solve_triangular(rb, torch.where(keep, vh.mT * root, eye), upper=True)
+    return ta, tb, ok
+
+
+def _trace(g: torch.Tensor) -> torch.Tensor:
+    return torch.diagonal(g, dim1=-2, dim2=-1).sum(dim=-1)

@@ -80,6 +80,16 @@ def inverse_root(
     return inverse_root_eig(lam, q, root, shift=shift, eps=eps, null_rtol=null_rtol)
 
 
+def gradient_resolution(dtype: torch.dtype) -> float:
+    """``√eps``: a direction holding at most this fraction of a gradient's norm counts as its round-off.
+
+    Forming ``∇̄ = ∇A R⁻¹`` leaves round-off of about ``c·eps·‖∇̄‖`` in every direction, ``c`` up to
+    ``cond(R)``; ``√eps`` covers ``c ≤ 1/√eps`` (8e3 in float32), and what it drops moves ``Z`` by
+    less than ``√eps`` of the step.
+    """
+    return torch.finfo(compute_dtype(dtype)).eps ** 0.5
+
+
 def eigh_resolution(r: int, dtype: torch.dtype) -> float:
     """``r · eps``: eigenvalues of an r×r PSD matrix at or below this fraction of ``λ_max`` are not resolved.
 
@@ -98,19 +108,44 @@ def inverse_root_eig(
     shift: torch.Tensor | float = 0.0,
     eps: float = 0.0,
     null_rtol: float = 0.0,
+    drop: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`inverse_root` from a given eigendecomposition ``V = Q diag(λ) Qᵀ`` (``(..., r)``, ``(..., r, r)``).
 
-    ``null_rtol > 0`` makes it a pseudo-inverse root: eigenvalues ``λ ≤ null_rtol · λ_max`` (the
-    unresolved null space, :func:`eigh_resolution`) get the factor 0 instead of ``1/(shift^{1/root} + eps)``.
+    ``null_rtol > 0`` floors the eigenvalues at ``null_rtol · λ_max`` (the resolution of ``eigh``,
+    :func:`eigh_resolution`): an eigenvalue below it is only known to lie in ``[0, null_rtol·λ_max]``,
+    so it is taken at that bound — an ε relative to the spectrum, inside the root. Round-off
+    components of the preconditioned vector in the unresolved null space then get a gain
+    ``≤ 1/√(null_rtol·λ_max)`` instead of ``1/eps``, while a small but real direction still gets a
+    step (a gain of 0 there would stall it for good). ``drop`` (``(..., r)`` bool): eigen-directions
+    that get the gain 0 instead (see :func:`unresolved_directions`).
     """
     if isinstance(shift, torch.Tensor):
         shift = shift.to(lam.dtype).unsqueeze(-1)
-    inv = 1.0 / ((lam.clamp_min(0.0) + shift).pow(1.0 / root) + eps)
     if null_rtol > 0:
-        resolved = lam > null_rtol * lam.amax(dim=-1, keepdim=True).clamp_min(0.0)
-        inv = torch.where(resolved, inv, torch.zeros_like(inv))
+        lam = torch.maximum(lam, null_rtol * lam.amax(dim=-1, keepdim=True).clamp_min(0.0))
+    inv = 1.0 / ((lam.clamp_min(0.0) + shift).pow(1.0 / root) + eps)
+    if drop is not None:
+        inv = torch.where(drop, torch.zeros_like(inv), inv)
     return symmetrize((q * inv.unsqueeze(-2)) @ q.mT)
+
+
+def unresolved_directions(
+    lam: torch.Tensor, q: torch.Tensor, increment: torch.Tensor, null_rtol: float, grad_rtol: float
+) -> torch.Tensor:
+    """Eigen-directions ``q_i`` of ``V`` that neither ``V`` nor the current gradient resolves. ``(..., r)`` bool.
+
+    ``λ_i ≤ null_rtol·λ_max`` (below ``eigh``'s resolution) and ``‖∇̄ q_i‖ ≤ grad_rtol·‖∇̄‖``
+    (no more of the gradient than its round-off), read from ``increment = ∇̄ᵀ∇̄`` (any positive
+    scaling): ``‖∇̄ q_i‖² = q_iᵀ (∇̄ᵀ∇̄) q_i``. A direction that only round-off ever reached is
+    both; a small but real one (an ill-conditioned fit's last singular direction, whose second
+    moment is buried under the history of larger gradients) carries the current gradient.
+    """
+    inc = increment.to(q.dtype)
+    energy = ((q.mT @ inc) * q.mT).sum(dim=-1)  # diag(Qᵀ S Q)
+    total = torch.diagonal(inc, dim1=-2, dim2=-1).sum(dim=-1, keepdim=True)
+    below = lam <= null_rtol * lam.amax(dim=-1, keepdim=True).clamp_min(0.0)
+    return below & (energy <= grad_rtol**2 * total)
 
 
 def eigenvalue_distance(v_old: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:

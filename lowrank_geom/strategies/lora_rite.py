@@ -24,16 +24,19 @@ from typing import Any
 import torch
 
 from lowrank_geom.geometry import (
+    GRAM_DTYPE,
+    balancing_gauge,
     basis_transport,
     compute_dtype,
     eigenvalue_distance,
     eigh_resolution,
     eigh_safe,
+    factorization_excess,
+    gradient_resolution,
     gram,
     gram_cutoff,
     gram_pinv,
     inverse_magnitude,
-    inverse_root,
     inverse_root_eig,
     magnify,
     magnitude_pinv,
@@ -44,6 +47,7 @@ from lowrank_geom.geometry import (
     transport_first_moment,
     transport_second_moment,
     unmagnify,
+    unresolved_directions,
 )
 from lowrank_geom.strategies.base import (
     PairBatch,
@@ -99,15 +103,22 @@ def escaped_mass(
 
 
 def preconditioned_direction(
-    gbar: torch.Tensor, v: torch.Tensor, rho: torch.Tensor | float, eps: float
+    gbar: torch.Tensor, v: torch.Tensor, rho: torch.Tensor | float, eps: float,
+    increment: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``S̄ = ∇̄ (V̄ + ρI)^{-1/2}`` (Alg. 1 line 9), as ``Q diag(1/(√(λ+ρ) + ε)) Qᵀ`` with λ clamped at 0.
 
-    Eigen-directions of ``V̄`` that ``eigh`` cannot resolve (``λ ≤ r·eps·λ_max``,
-    :func:`~lowrank_geom.geometry.eigh_resolution`) get the factor 0: ``∇̄`` is round-off there.
+    Eigenvalues below ``eigh``'s resolution (``r·eps·λ_max``,
+    :func:`~lowrank_geom.geometry.eigh_resolution`) are floored there; directions that the current
+    gradient does not resolve either (:func:`~lowrank_geom.geometry.unresolved_directions`, from
+    ``increment = ∇̄ᵀ∇̄``, computed from ``gbar`` when None) get the factor 0: ``∇̄`` is round-off there.
     """
+    lam, q = eigh_safe(v)
+    inc = second_moment_increment(gbar, False) if increment is None else increment
     null_rtol = eigh_resolution(v.shape[-1], v.dtype)
-    return gbar @ inverse_root(v, 2, shift=rho, eps=eps, null_rtol=null_rtol).to(gbar.dtype)
+    drop = unresolved_directions(lam, q, inc, null_rtol, gradient_resolution(gbar.dtype))
+    root = inverse_root_eig(lam, q, 2, shift=rho, eps=eps, null_rtol=null_rtol, drop=drop)
+    return gbar @ root.to(gbar.dtype)
 
 
 def accumulate_first_moment(
@@ -246,6 +257,33 @@ def _balanced(batch: PairBatch, upd: PairUpdate, hp: dict[str, Any]) -> PairUpda
     return PairUpdate(a1 - batch.a, b1 - batch.b, upd.state_a, upd.state_b, skipped=upd.skipped)
 
 
+def _rebalanced(batch: PairBatch, upd: PairUpdate, hp: dict[str, Any]) -> PairUpdate:
+    """With ``rebalance = τ > 0``: pairs whose factorization excess exceeds ``τ`` move to
+    ``(A + δA) T_A, (B + δB) T_B`` with the balancing gauge of ``(A, B)``
+    (:func:`~lowrank_geom.geometry.balancing_gauge`): ``Z_{t+1}`` unchanged, its rounding cut."""
+    tau = hp["rebalance"]
+    if tau <= 0:
+        return upd
+    rr = batch.row_reduce or (lambda t: t)
+    # the check: Grams in the compute dtype (the excess needs no more than a digit)
+    excess = factorization_excess(gram(batch.a, None, rr), gram(batch.b, None, rr))
+    if not bool((excess > tau).any()):  # host sync; rare after the first steps
+        return upd
+    # the gauge: float64 Grams, since a compute-dtype Gram has lost cond(X)² of its digits
+    a64, b64 = batch.a.to(GRAM_DTYPE), batch.b.to(GRAM_DTYPE)
+    rtol = a64.shape[-1] * torch.finfo(batch.a.dtype).eps  # σ_min(Z) above the factors' rounding
+    ta, tb, ok = balancing_gauge(rr(a64.mT @ a64), rr(b64.mT @ b64), rtol)
+    act = ok & (excess > tau)
+    if not bool(act.any()):  # e.g. a zero or rank-deficient factor: Z is not resolved
+        return upd
+    act = act.unsqueeze(-1).unsqueeze(-1)
+    delta_a, delta_b = upd.additive(batch.a, batch.b)
+    new_a = torch.where(act, (a64 + delta_a.to(GRAM_DTYPE)) @ ta - a64, delta_a.to(GRAM_DTYPE))
+    new_b = torch.where(act, (b64 + delta_b.to(GRAM_DTYPE)) @ tb - b64, delta_b.to(GRAM_DTYPE))
+    return PairUpdate(new_a.to(delta_a.dtype), new_b.to(delta_b.dtype), upd.state_a, upd.state_b,
+                      skipped=upd.skipped)
+
+
 @register
 class LoRARITEStrategy(Strategy):
     r"""LoRA-RITE: transformation-invariant adaptive matrix preconditioning of LoRA factors.
@@ -293,13 +331,18 @@ class LoRARITEStrategy(Strategy):
     pair keeps the engine its state was built by, and a param group may not mix engines (the
     global clipping norm couples its pairs). FSDP2 row shards need ``engine="gram"``.
 
-    Safeguards (:doc:`/numerics`): eigenvalues of ``V̄`` at or below ``r·eps·λ_max`` (unresolved
-    by ``eigh``) get the factor 0 in ``(V̄ + ρI)^{-1/2}``, and with ``relative_step_cap = c > 0``
+    Safeguards (:doc:`/numerics`): eigenvalues of ``V̄`` below ``r·eps·λ_max`` (unresolved by
+    ``eigh``) are floored there in ``(V̄ + ρI)^{-1/2}``, and get the factor 0 where the gradient
+    holds only round-off (≤ √eps of its norm) too; with ``relative_step_cap = c > 0``
     (default 1; 0 is the paper's update) each factor's relative change ``E = δX R_X⁺`` has its
     singular values clamped at ``c``
     (:func:`~lowrank_geom.geometry.relative_change_cap`), which bounds the cross term
-    ``δA δBᵀ`` by ``c`` times the first-order terms. Both are GL(r)-invariant and leave the step
-    of full-rank, well-conditioned pairs taking small steps exactly as in Algorithm 1.
+    ``δA δBᵀ`` by ``c`` times the first-order terms; with ``rebalance = τ > 0`` (default 4; 0
+    is the paper's pair) a pair with ``‖A‖_F‖B‖_F > τ‖ABᵀ‖_*`` and ``Z`` resolved moves to the
+    balanced factorization of its new ``Z`` (:func:`~lowrank_geom.geometry.balancing_gauge`),
+    which cuts the rounding of ``A Bᵀ`` and changes no ``Z``. All keep the ``Z``-trajectory
+    GL(r)-invariant and leave the step of full-rank, well-conditioned, balanced-enough pairs
+    taking small steps exactly as in Algorithm 1.
 
     Defaults reproduce the authors' published PyTorch code: ``second_moment="ema"`` with
     ``bias_correction`` (decay ``β(1−β^k)/(1−β^{k+1})`` for both moments and ρ), ``row_normalize``
@@ -326,6 +369,7 @@ class LoRARITEStrategy(Strategy):
         update_skipping=1.0,
         update_capping=0.0,
         relative_step_cap=1.0,
+        rebalance=4.0,
         balance=False,
         basis="qr",
         engine="auto",
@@ -336,7 +380,8 @@ class LoRARITEStrategy(Strategy):
         check_betas(hp["betas"])
         check_eps(hp["eps"])
         check_weight_decay(hp["weight_decay"])
-        for key in ("clip_unmagnified_grad", "update_skipping", "update_capping", "relative_step_cap"):
+        for key in ("clip_unmagnified_grad", "update_skipping", "update_capping", "relative_step_cap",
+                    "rebalance"):
             check_non_negative(key, hp[key])
         check_choice("second_moment", hp["second_moment"], ("ema", "sum"))
         check_choice("basis", hp["basis"], ("qr", "polar"))
@@ -432,7 +477,7 @@ class LoRARITEStrategy(Strategy):
             skipped = sides[2 * bi]["skipped"] + sides[2 * bi + 1]["skipped"] if hp["update_skipping"] > 0 else None
             upd = PairUpdate(deltas[0], deltas[1], states[0], states[1], scale=-lr, decay=lr * wd if wd else 0.0,
                              skipped=skipped)
-            out.append(_balanced(batch, upd, hp))
+            out.append(_rebalanced(batch, _balanced(batch, upd, hp), hp))
         return out
 
     @staticmethod
@@ -474,7 +519,9 @@ class LoRARITEStrategy(Strategy):
             rho = rho + eigenvalue_drop(cat(lambda sd: sd["state"]["second_moment_eigenvalues"]), v_transported)
             if ema:
                 rho = d2 * rho
-        x_root = inverse_root_eig(lam, q, 2, shift=rho, eps=hp["eps"], null_rtol=eigh_resolution(lam.shape[-1], lam.dtype))
+        null_rtol = eigh_resolution(lam.shape[-1], lam.dtype)
+        drop = unresolved_directions(lam, q, inc, null_rtol, gradient_resolution(lam.dtype))
+        x_root = inverse_root_eig(lam, q, 2, shift=rho, eps=hp["eps"], null_rtol=null_rtol, drop=drop)
         w_new = magnify(v, t)
         keep_rr = expand(d1, c) * (c.mT @ gram_pinv(t))
         apply_rr = expand((1.0 - d1) * s, c) * (t @ x_root @ t.mT)
@@ -533,7 +580,7 @@ class LoRARITEStrategy(Strategy):
             wd = hp["weight_decay"]
             upd = PairUpdate(delta_a, delta_b, new_a, new_b, scale=-hp["lr"], decay=hp["lr"] * wd if wd else 0.0,
                              skipped=skipped)
-            out.append(_balanced(batch, upd, hp))
+            out.append(_rebalanced(batch, _balanced(batch, upd, hp), hp))
         return out
 
     @staticmethod
@@ -557,15 +604,14 @@ class LoRARITEStrategy(Strategy):
         p = basis_transport(basis_other, basis_other_old)
         v_old = state["second_moment"]
         v_transported = transport_second_moment(v_old, p)
-        v = accumulate_second_moment(
-            v_transported, second_moment_increment(gbar, hp["row_normalize"]), d2 if ema else None
-        )
+        inc = second_moment_increment(gbar, hp["row_normalize"])
+        v = accumulate_second_moment(v_transported, inc, d2 if ema else None)
         new = {"second_moment": v}
         rho: torch.Tensor | float = 0.0
         if hp["escape"]:
             rho = escaped_mass(state["escaped_mass"], v_old, v_transported, d2 if ema else None)
             new["escaped_mass"] = rho
-        s_bar = preconditioned_direction(gbar, v, rho, hp["eps"])
+        s_bar = preconditioned_direction(gbar, v, rho, hp["eps"], inc)
         m = accumulate_first_moment(transport_first_moment(state["exp_avg"], p), s_bar, d1)
         new["exp_avg"] = m
         if hp["update_capping"] > 0:

@@ -193,3 +193,66 @@ def test_norm_balance_zero_factor_unchanged(zero):
     a2, b2 = norm_balance(a, b)
     assert torch.isfinite(a2).all() and torch.isfinite(b2).all()
     assert torch.equal(a2, a) and torch.equal(b2, b)  # c = 1 exactly
+
+
+# ------------------------------------------------------------ factorization excess, balancing
+def _pair(seed: int, m=12, n=9, r=3, cond=1.0):
+    g = _gen(seed)
+    a, b = torch.randn(m, r, generator=g, dtype=F64), torch.randn(n, r, generator=g, dtype=F64)
+    return gauge_act(a, b, random_gauge(r, cond, g)) if cond > 1 else (a, b)
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e2, 1e4])
+def test_factorization_excess_is_frobenius_over_nuclear(cond):
+    from lowrank_geom.geometry import factorization_excess
+
+    a, b = _pair(0, cond=cond)
+    nuclear = torch.linalg.svdvals(a @ b.T).sum()  # independent: the SVD of the explicit Z
+    expected = (torch.linalg.norm(a) * torch.linalg.norm(b) / nuclear).item()
+    # r×r eigen-route vs m×n SVD: both backward stable; cond(G)² · eps of the Gram, ×100
+    got = factorization_excess(a.T @ a, b.T @ b).item()
+    assert got == pytest.approx(expected, rel=100 * cond**2 * EPS)
+    assert got >= 1.0 - 1e-12
+
+
+def test_factorization_excess_is_one_exactly_when_balanced_and_inf_at_z_zero():
+    from lowrank_geom.geometry import balance, factorization_excess
+
+    a, b = balance(*_pair(1, cond=1e3))
+    assert factorization_excess(a.T @ a, b.T @ b).item() == pytest.approx(1.0, abs=1e-10)
+    z = torch.zeros(12, 3, dtype=F64)
+    assert factorization_excess(z.T @ z, b.T @ b).item() == math.inf
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e3])
+def test_balancing_gauge_balances_and_keeps_z(cond):
+    from lowrank_geom.geometry import balancing_gauge
+
+    a, b = _pair(2, cond=cond)
+    ta, tb, ok = balancing_gauge(a.T @ a, b.T @ b, rtol=1e-12)
+    assert bool(ok)
+    a1, b1 = a @ ta, b @ tb
+    # Z: the gauge is built from Grams of cond(X)², cond ≤ 1e3 here: ≲ 10·cond²·eps relative
+    assert _z_err(a, b, a1, b1) < 10 * cond**2 * EPS
+    ga, gb = a1.T @ a1, b1.T @ b1
+    sigma = torch.linalg.svdvals(a @ b.T)[:3]
+    torch.testing.assert_close(ga, torch.diag(sigma), rtol=0, atol=10 * cond**2 * EPS * sigma[0].item())
+    torch.testing.assert_close(gb, torch.diag(sigma), rtol=0, atol=10 * cond**2 * EPS * sigma[0].item())
+
+
+def test_balancing_gauge_refuses_unresolved_pairs_and_is_identity_there():
+    from lowrank_geom.geometry import balancing_gauge
+
+    a, b = _pair(3)
+    b_def = torch.cat([b[:, :2], torch.zeros(9, 1, dtype=F64)], dim=1)  # rank 2 < r
+    zero = torch.zeros_like(a)
+    batch_a, batch_b = torch.stack([a, a, zero]), torch.stack([b, b_def, b])
+    ta, tb, ok = balancing_gauge(batch_a.mT @ batch_a, batch_b.mT @ batch_b, rtol=1e-12)
+    assert ok.tolist() == [True, False, False]
+    eye = torch.eye(3, dtype=F64)
+    for i in (1, 2):
+        assert torch.equal(ta[i], eye) and torch.equal(tb[i], eye)
+    # a resolved pair is refused once its smallest singular value is below rtol · ‖A‖‖B‖
+    s_min = torch.linalg.svdvals(a @ b.T)[2] / (torch.linalg.norm(a) * torch.linalg.norm(b))
+    assert not bool(balancing_gauge(a.T @ a, b.T @ b, rtol=1.01 * s_min.item())[2])
+    assert bool(balancing_gauge(a.T @ a, b.T @ b, rtol=0.99 * s_min.item())[2])

@@ -343,3 +343,30 @@ def test_eigenvalue_distance_batched_and_bf16():
     assert d16.dtype == F32 and torch.isfinite(d16).all()
     # bf16 storage rounds V to 2^-8 relative: the distance moves by at most that times ‖V‖ (~1)
     torch.testing.assert_close(d16.double(), d, rtol=0, atol=2 * 2.0**-8 * 3)
+
+
+# --------------------------------------------------------- floor and drop of unresolved directions
+def test_null_rtol_floors_eigenvalues_and_drop_zeroes_gains():
+    from lowrank_geom.geometry import inverse_root_eig
+
+    lam = torch.tensor([1e-20, 1e-3, 1.0], dtype=torch.float64)
+    q = torch.eye(3, dtype=torch.float64)
+    got = torch.diagonal(inverse_root_eig(lam, q, 2, eps=1e-6, null_rtol=1e-8))
+    expected = 1.0 / (torch.tensor([1e-8, 1e-3, 1.0], dtype=torch.float64).sqrt() + 1e-6)
+    torch.testing.assert_close(got, expected, rtol=1e-15, atol=0.0)
+    drop = torch.tensor([True, False, False])
+    got = torch.diagonal(inverse_root_eig(lam, q, 2, eps=1e-6, null_rtol=1e-8, drop=drop))
+    assert got[0] == 0 and torch.equal(got[1:], expected[1:])
+
+
+def test_unresolved_directions_needs_both_a_tiny_eigenvalue_and_a_quiet_gradient():
+    from lowrank_geom.geometry import unresolved_directions
+
+    lam = torch.tensor([1e-20, 1e-20, 1.0], dtype=torch.float64)
+    q = torch.eye(3, dtype=torch.float64)
+    # the gradient: loud along e1 (1e-3 of its norm: real), round-off along e0 (1e-12), e2 bulk
+    gbar = torch.tensor([[1e-12, 1e-3, 1.0]], dtype=torch.float64)
+    got = unresolved_directions(lam, q, gbar.T @ gbar, null_rtol=1e-8, grad_rtol=1e-8)
+    assert got.tolist() == [True, False, False]
+    # the increment's scale does not matter (row normalization)
+    assert torch.equal(unresolved_directions(lam, q, 7.0 * gbar.T @ gbar, 1e-8, 1e-8), got)

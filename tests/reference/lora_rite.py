@@ -16,10 +16,14 @@ library's specification layered on top.  For the A factor (B is symmetric with t
 
 plus update skipping, global clipping of the unmagnified gradients over the group, update
 capping and a post-step factor balancing, and the library's two safeguards (both inactive on
-full-rank, well-conditioned problems): eigen-directions of ``V`` below eigh's resolution
-(``lam <= r * eps * lam_max``) get no step, and each factor's relative change ``delta R^+`` has
-its singular values clipped at ``relative_step_cap`` (0: the paper's update).  Everything is
-plain NumPy, float64, no torch.
+full-rank, well-conditioned problems): eigenvalues of ``V`` below eigh's resolution
+(``r * eps * lam_max``) are floored there, and get no step where the gradient holds at most its
+round-off (``sqrt(eps)`` of its norm) in that direction; each factor's relative change ``delta R^+`` has
+its singular values clipped at ``relative_step_cap`` (0: the paper's update).  A third library
+safeguard changes the factorization, never ``Z``: when ``|A|_F |B|_F / |A B^T|_*`` exceeds
+``rebalance`` and every singular value of ``Z`` is resolved, the new pair is multiplied by the
+balancing gauge of the old one (``_balancing_gauge``; 0: off).  Everything is plain NumPy,
+float64, no torch.
 """
 
 from __future__ import annotations
@@ -120,12 +124,15 @@ def basis_and_magnitude(x: np.ndarray, basis: str) -> tuple[np.ndarray, np.ndarr
 def _inv_sqrt_apply(g: np.ndarray, v: np.ndarray, rho: float, eps: float) -> np.ndarray:
     """``g Q diag(1 / (sqrt(max(lam, 0) + rho) + eps)) Q^T`` with ``sym(v) = Q diag(lam) Q^T``.
 
-    Library safeguard: eigenvalues ``lam <= r * eps64 * lam_max`` (below eigh's backward error)
-    get the factor 0.
+    Library safeguard: eigenvalues below eigh's backward error ``floor = r * eps64 * lam_max`` are
+    raised to ``floor``; a direction ``q_i`` below it that also holds no more than ``sqrt(eps64)``
+    of the gradient (``|g q_i| <= sqrt(eps64) |g|_F``) gets the factor 0.
     """
     lam, q = np.linalg.eigh(sym(v))
-    scale = 1.0 / (np.sqrt(np.maximum(lam, 0.0) + rho) + eps)
-    scale[lam <= v.shape[0] * EPS64 * max(float(lam.max()), 0.0)] = 0.0
+    floor = v.shape[0] * EPS64 * max(float(lam.max()), 0.0)
+    scale = 1.0 / (np.sqrt(np.maximum(lam, floor) + rho) + eps)
+    quiet = np.linalg.norm(g @ q, axis=0) <= np.sqrt(EPS64) * np.linalg.norm(g)
+    scale[(lam <= floor) & quiet] = 0.0
     return g @ ((q * scale[None, :]) @ q.T)
 
 
@@ -166,6 +173,7 @@ def run_lora_rite(
     balance=False,
     basis="qr",
     relative_step_cap=1.0,
+    rebalance=4.0,
 ):
     """Run ``steps`` LoRA-RITE steps on a group of pairs; return one record (list of per-pair dicts) per step.
 
@@ -298,6 +306,10 @@ def run_lora_rite(
             # 14: simultaneous update
             a_new = A[i] + deltas["A"]
             b_new = B[i] + deltas["B"]
+            # library safeguard: the balancing gauge of the old pair (Z_{t+1} unchanged)
+            gauge = _balancing_gauge(A[i], B[i], rebalance) if rebalance > 0 else None
+            if gauge is not None:
+                a_new, b_new = a_new @ gauge[0], b_new @ gauge[1]
             # 15: balancing (Z unchanged)
             if balance:
                 na, nb = float(np.linalg.norm(a_new)), float(np.linalg.norm(b_new))
@@ -315,3 +327,27 @@ def run_lora_rite(
             step_rec[i]["Z"] = A[i] @ B[i].T
         records.append(step_rec)
     return records
+
+
+def _balancing_gauge(a: np.ndarray, b: np.ndarray, tau: float):
+    """``(T_A, T_B)`` with ``(A T_A)^T (A T_A) = (B T_B)^T (B T_B) = diag(sigma(Z))`` and
+    ``T_A T_B^T = I``, or None when the pair is balanced enough or ``Z`` is not resolved.
+
+    Excess from the SVD of the explicit ``Z = A B^T`` (nuclear norm = the sum of its singular
+    values); the gauge from ``A = Q_A R_A`` (``R_A`` with a positive diagonal, i.e. the Cholesky
+    factor of ``A^T A``) and the SVD ``R_A R_B^T = W S V^T``: ``T_A = R_A^{-1} W S^{1/2}``.
+    """
+    r = a.shape[1]
+    sigma = np.linalg.svd(a @ b.T, compute_uv=False)[:r]
+    frob = float(np.linalg.norm(a) * np.linalg.norm(b))
+    if sigma.sum() == 0 or frob / sigma.sum() <= tau or sigma[-1] <= r * EPS64 * frob:
+        return None
+    ra = _positive_r(a)
+    rb = _positive_r(b)
+    w, s, vt = np.linalg.svd(ra @ rb.T)
+    return np.linalg.solve(ra, w * np.sqrt(s)), np.linalg.solve(rb, vt.T * np.sqrt(s))
+
+
+def _positive_r(x: np.ndarray) -> np.ndarray:
+    r = np.linalg.qr(x, mode="r")
+    return r * np.where(np.diag(r) < 0, -1.0, 1.0)[:, None]

@@ -168,6 +168,26 @@ def test_unresolved_null_space_of_the_second_moment_gets_no_step(dtype):
     assert plain[1] > 1e4 * torch.finfo(dtype).eps * plain[0], plain
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_direction_below_eigh_resolution_that_carries_the_gradient_still_moves(dtype):
+    """V̄'s last eigenvalue is 1e-2 of eigh's resolution (an ill-conditioned fit's last direction
+    under the history of larger gradients) and the whole current ∇̄ lies along it: the step there
+    takes the floored gain ``1/(√(r·eps·λ_max) + ε)``, neither 0 (which stalled float32 fits at
+    κ = 1e4) nor the plain ``1/(√λ + ε)`` (10× larger here)."""
+    from lowrank_geom.geometry import eigh_resolution
+
+    g = torch.Generator().manual_seed(11)
+    q, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))
+    floor = eigh_resolution(4, dtype)
+    v = (q * torch.tensor([1.0, 1.0, 1.0, 1e-2 * floor], dtype=torch.float64)) @ q.T
+    gbar = torch.randn(24, 1, generator=g, dtype=torch.float64) @ q[:, 3:].T
+    s_bar = preconditioned_direction(gbar.to(dtype), v.to(dtype), 0.0, 1e-6).double()
+    expected = gbar / (floor**0.5 + 1e-6)
+    # float32: eigh's eigenvectors are accurate to ~u/gap = 1e-7, times the gain ratio (1e3) of
+    # the floored and the resolved directions: 1e-4; float64: the same at 1e-16 · 1e7
+    torch.testing.assert_close(s_bar, expected, rtol=1e-4 if dtype == torch.float32 else 1e-8, atol=0.0)
+
+
 def _tiny_direction_pair(dtype=torch.float64):
     """A full-rank B and an A that is tiny along one direction: the partner's plain step there is far too large.
 
@@ -256,19 +276,19 @@ def test_skipped_updates_are_counted_and_announced():
         assert opt.update_skips() == 6, engine  # 3 steps × 2 factors
 
 
-def _conditioned_fit(dtype, kappa, seed, steps, engine="auto"):
+def _conditioned_fit(dtype, kappa, seed, steps, engine="auto", noise=1e-3, **hp):
     """The issue's float32 case: rank-4 target of condition κ, m=64, n=48, A = 0, MSE, lr 1e-3.
 
-    Plus a full-rank noise of relative size ~5e-2, so the attainable error is a noise floor both
-    dtypes can resolve (an exact rank-4 target lets float64 reach 1e-15, which float32 cannot)."""
+    Plus (``noise=1e-3``) a full-rank noise of relative size ~5e-2, so the attainable error is a
+    noise floor both dtypes can resolve; ``noise=0`` lets float64 reach ~1e-15."""
     g = torch.Generator().manual_seed(seed)
     u, _ = torch.linalg.qr(torch.randn(64, 4, generator=g, dtype=torch.float64))
     v, _ = torch.linalg.qr(torch.randn(48, 4, generator=g, dtype=torch.float64))
     target = (u * torch.logspace(0, -torch.log10(torch.tensor(kappa)).item(), 4, dtype=torch.float64)) @ v.T
-    target = target + 1e-3 * torch.randn(64, 48, generator=g, dtype=torch.float64)
+    target = target + noise * torch.randn(64, 48, generator=g, dtype=torch.float64)
     a = torch.zeros(64, 4, dtype=dtype, requires_grad=True)
     b = (torch.randn(48, 4, generator=g, dtype=torch.float64) / 48**0.5).to(dtype).requires_grad_()
-    opt = LoRARITE([(a, b)], lr=1e-3, engine=engine)
+    opt = LoRARITE([(a, b)], lr=1e-3, engine=engine, **hp)
     t = target.to(dtype)
     for _ in range(steps):
         opt.zero_grad()
@@ -286,6 +306,55 @@ def test_float32_ill_conditioned_fit_follows_float64(seed):
     err = _conditioned_fit(torch.float32, 1e3, seed, 1000)
     assert ref < 0.5  # the float64 run does fit
     assert err <= 2 * ref, (err, ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rebalancing_lets_float32_follow_float64_on_a_noise_free_kappa_1e4_fit(seed):
+    """κ = 1e4, exact rank-4 target: float64 reaches ~1e-15, so float32's bar is its own floor,
+    16 unit roundoffs (9.5e-7: where κ = 10 runs end). Unbalanced, the invariant steps let the
+    factorization drift (‖A‖_F‖B‖_F/‖Z‖_* ~ 250): float32's A Bᵀ then cancels to ~r·u·250
+    relative, which buries the 1e-4 direction (error ~1e-4). Rebalanced, float32 follows."""
+    floor = 16 * torch.finfo(torch.float32).eps / 2
+    ref = max(_conditioned_fit(torch.float64, 1e4, seed, 1000, noise=0.0), floor)
+    assert _conditioned_fit(torch.float32, 1e4, seed, 1000, noise=0.0) <= 2 * ref
+    assert _conditioned_fit(torch.float32, 1e4, seed, 1000, noise=0.0, rebalance=0.0) > 10 * ref
+
+
+def _gauged_pair(cond, seed=3):
+    from lowrank_geom.geometry import gauge_act, random_gauge
+
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(20, 4, generator=g, dtype=torch.float64), torch.randn(15, 4, generator=g, dtype=torch.float64)
+    return (*gauge_act(a, b, random_gauge(4, cond, g)), 0.1 * torch.randn(20, 15, generator=g, dtype=torch.float64))
+
+
+def test_rebalance_balances_the_new_pair_and_keeps_its_z():
+    from lowrank_geom.geometry import factorization_excess
+
+    a, b, target = _gauged_pair(1e3)
+    assert factorization_excess(a.T @ a, b.T @ b) > 100  # the start is far from balanced
+    a1, b1 = _one_step(a, b, target)
+    a0, b0 = _one_step(a, b, target, rebalance=0.0)
+    # one step of lr 1e-2 from the balanced gauge of (A, B): balanced to O(lr)
+    assert factorization_excess(a1.T @ a1, b1.T @ b1) < 1.05
+    assert factorization_excess(a0.T @ a0, b0.T @ b0) > 100
+    # the same Z_{t+1}: 1e-12 relative is the rounding of a cond-1e3 gauge in float64
+    torch.testing.assert_close(a1 @ b1.T, a0 @ b0.T, rtol=1e-12, atol=1e-12 * (a0 @ b0.T).abs().max().item())
+
+
+def test_rebalance_never_acts_where_z_is_not_resolved():
+    """From PEFT's A = 0, and with a rank-2 B at r = 4, balancing would zero directions of both
+    factors for good: the step is the plain one, bit for bit."""
+    g = torch.Generator().manual_seed(5)
+    b = torch.randn(15, 4, generator=g, dtype=torch.float64)
+    target = torch.randn(20, 15, generator=g, dtype=torch.float64)
+    starts = [(torch.zeros(20, 4, dtype=torch.float64), b),
+              (1e-3 * torch.randn(20, 4, generator=g, dtype=torch.float64),
+               torch.cat([1e3 * b[:, :2], torch.zeros(15, 2, dtype=torch.float64)], dim=1))]
+    for a0, b0 in starts:
+        for x, y in zip(_one_step(a0, b0, target), _one_step(a0, b0, target, rebalance=0.0)):
+            assert torch.equal(x, y)
 
 
 class _Block(torch.nn.Module):
