@@ -6,7 +6,14 @@ from typing import Any
 
 import torch
 
-from lowrank_geom.geometry import compute_dtype, gram, gram_cutoff, gram_pinv, inverse_magnitude
+from lowrank_geom.geometry import (
+    compute_dtype,
+    gram,
+    gram_cutoff,
+    gram_pinv,
+    inverse_magnitude,
+    relative_change_cap,
+)
 from lowrank_geom.strategies.base import (
     PairBatch,
     PairUpdate,
@@ -22,7 +29,8 @@ from lowrank_geom.strategies.base import (
 
 
 def scaled_gradient(
-    grad: torch.Tensor, other: torch.Tensor, delta: float, row_reduce=None, out: torch.Tensor | None = None
+    grad: torch.Tensor, other: torch.Tensor, delta: float, row_reduce=None, out: torch.Tensor | None = None,
+    gram_other: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``∇A (BᵀB + δI)⁻¹`` (Tong et al. Eq. 6). ``(P, m, r)``, ``(P, n, r)`` → ``(P, m, r)``.
 
@@ -31,15 +39,31 @@ def scaled_gradient(
     the preconditioned metric, ``∇A G⁺`` with ``G⁺ = R⁻¹R⁻ᵀ`` from the Cholesky factor
     (:func:`~lowrank_geom.geometry.inverse_magnitude`): a zero factor gives a zero direction and
     a rank-deficient one the filtered pseudo-inverse. ``δ > 0`` inverts ``G + δI`` by Cholesky.
-    Written to ``out`` when given.
+    Written to ``out`` when given; ``gram_other`` is ``BᵀB`` when the caller has it.
     """
-    g = gram(other, None, row_reduce or (lambda t: t))
+    g = gram(other, None, row_reduce or (lambda t: t)) if gram_other is None else gram_other
     if delta == 0:
         inv = gram_pinv(inverse_magnitude(g, gram_cutoff(g, compute_dtype(other.dtype))))
     else:
         eye = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
         inv = torch.cholesky_inverse(torch.linalg.cholesky(g + delta * eye))
     return right_multiply(grad, inv, out)
+
+
+def capped_direction(
+    d: torch.Tensor, g_self: torch.Tensor, cap: float, lr: float, row_reduce=None
+) -> torch.Tensor:
+    """The direction ``D`` of a factor ``X`` (step ``−η D``) with its relative change ``η D R_X⁺``
+    capped at ``cap`` (:func:`~lowrank_geom.geometry.relative_change_cap`; ``G_X = XᵀX = RᵀR``).
+
+    ScaledGD multiplies the partner's gradient by ``(XᵀX)⁻¹``, so a factor with a direction far
+    smaller than its step there — a newly started direction, or one that rounding to bfloat16
+    created — makes the partner jump by ``1/σ_min²``; capped, each factor changes by at most
+    ``cap`` relative to itself along any direction. GL(r)-invariant; uncapped pairs bit for bit.
+    """
+    t = inverse_magnitude(g_self, gram_cutoff(g_self, compute_dtype(d.dtype)))
+    eye = torch.eye(g_self.shape[-1], dtype=g_self.dtype, device=g_self.device)
+    return relative_change_cap(d, eye, t, t.mT @ g_self, cap, lr, row_reduce or (lambda x: x))
 
 
 @register
@@ -59,6 +83,12 @@ class ScaledGDStrategy(Strategy):
     are applied by the driver's in-place update. State: ``momentum_buffer`` (m×r) with
     ``momentum > 0``, none otherwise.
 
+    Safeguard (``relative_step_cap = c > 0``, default 1; 0 is the paper's update): the applied
+    direction ``buf`` of each factor has its relative change ``η buf R_X⁺`` capped at ``c``
+    (:func:`capped_direction`); the momentum buffer keeps the uncapped ``buf``. Without it a
+    bfloat16 factor whose rounding left a tiny direction, or a newly started one, made the partner
+    jump by ``1/σ_min²`` (:doc:`/numerics`).
+
     Tong, Ma & Chi (2021) Eq. (6); with ``delta=0`` the direction is the Riemannian gradient of
     the metric ``tr(BᵀB ξ_Aᵀ η_A) + tr(AᵀA ξ_Bᵀ η_B)`` (Mishra & Sepulchre 2016), see
     :class:`~lowrank_geom.geometry.manifold.FixedRankQuotient`. Invariant to every ``G ∈ GL(r)`` when
@@ -68,11 +98,12 @@ class ScaledGDStrategy(Strategy):
 
     name = "scaled_gd"
     invariance = "GL(r)"
-    defaults = dict(delta=0.0, momentum=0.0, weight_decay=0.0)
+    defaults = dict(delta=0.0, momentum=0.0, weight_decay=0.0, relative_step_cap=1.0)
 
     def validate(self, hp: dict[str, Any]) -> None:
         _check_lr(hp["lr"])
         check_non_negative("delta", hp["delta"])
+        check_non_negative("relative_step_cap", hp["relative_step_cap"])
         check_weight_decay(hp["weight_decay"])
         if not 0.0 <= hp["momentum"] < 1.0:
             raise ValueError(f"Invalid momentum value: {hp['momentum']}")
@@ -83,11 +114,14 @@ class ScaledGDStrategy(Strategy):
         return {"momentum_buffer": torch.zeros_like(a)}, {"momentum_buffer": torch.zeros_like(b)}
 
     def update_batch(self, batch: PairBatch, hp: dict[str, Any]) -> PairUpdate:
-        ws = batch.workspace
-        d_a = scaled_gradient(batch.grad_a, batch.b, hp["delta"], batch.row_reduce, workspace_like(ws, "direction_a", batch.grad_a))
-        d_b = scaled_gradient(batch.grad_b, batch.a, hp["delta"], batch.row_reduce, workspace_like(ws, "direction_b", batch.grad_b))
-        lr, wd, mu = hp["lr"], hp["weight_decay"], hp["momentum"]
+        ws, rr = batch.workspace, batch.row_reduce
+        g_a, g_b = gram(batch.a, None, rr), gram(batch.b, None, rr)
+        d_a = scaled_gradient(batch.grad_a, batch.b, hp["delta"], rr, workspace_like(ws, "direction_a", batch.grad_a), g_b)
+        d_b = scaled_gradient(batch.grad_b, batch.a, hp["delta"], rr, workspace_like(ws, "direction_b", batch.grad_b), g_a)
+        lr, wd, mu, cap = hp["lr"], hp["weight_decay"], hp["momentum"], hp["relative_step_cap"]
         if mu == 0:
+            if cap > 0:
+                d_a, d_b = capped_direction(d_a, g_a, cap, lr, rr), capped_direction(d_b, g_b, cap, lr, rr)
             # δA = −η(D + λA): scale and decay are applied by the driver in its in-place update
             return PairUpdate(d_a, d_b, {}, {}, scale=-lr, decay=lr * wd if wd else 0.0)
         if wd != 0:
@@ -96,4 +130,7 @@ class ScaledGDStrategy(Strategy):
         # buf_t = μ buf_{t−1} + D_t; the buffer starts at zero, so buf_1 = D_1 exactly
         d_a = d_a.add_(batch.state_a["momentum_buffer"], alpha=mu)
         d_b = d_b.add_(batch.state_b["momentum_buffer"], alpha=mu)
-        return PairUpdate(d_a, d_b, {"momentum_buffer": d_a}, {"momentum_buffer": d_b}, scale=-lr)
+        state_a, state_b = {"momentum_buffer": d_a}, {"momentum_buffer": d_b}
+        if cap > 0:  # the step is capped, the buffer is not
+            d_a, d_b = capped_direction(d_a, g_a, cap, lr, rr), capped_direction(d_b, g_b, cap, lr, rr)
+        return PairUpdate(d_a, d_b, state_a, state_b, scale=-lr)

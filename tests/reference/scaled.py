@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .lora_rite import pinv_cutoff, qr_canonical, resolve_lr
+from .lora_rite import _cap_relative_change, basis_and_magnitude, pinv_cutoff, qr_canonical, resolve_lr
 
 __all__ = ["inv_gram", "scaled_direction", "run_scaled_gd", "run_scaled_adam"]
 
@@ -57,11 +57,14 @@ def _grads(grad_fn, A, B):
     return [np.asarray(g, dtype=np.float64) for g in gA], [np.asarray(g, dtype=np.float64) for g in gB]
 
 
-def run_scaled_gd(As, Bs, grad_fn, steps, lr, delta=0.0, momentum=0.0, weight_decay=0.0):
+def run_scaled_gd(As, Bs, grad_fn, steps, lr, delta=0.0, momentum=0.0, weight_decay=0.0, relative_step_cap=1.0):
     """ScaledGD with optional damping, coupled weight decay and SGD momentum.
 
     Per pair and step: ``D_A = dA (B^T B + delta I)^{-1} + wd A`` (old factors), ``buf_A = D_A`` at the
     first step then ``buf_A = momentum buf_A + D_A``; ``A <- A - lr_t buf_A`` (``D_A`` if momentum == 0).
+    Library safeguard (``relative_step_cap > 0``): the step ``-lr_t buf_A`` (without momentum:
+    ``-lr_t (D_A - wd A)``, the weight decay added after) has the singular values of its relative
+    change ``step R_A^+`` clipped at the cap, as LoRA-RITE's (``_cap_relative_change``).
     Record keys: ``D_A, D_B`` (scaled directions incl. weight decay), ``buf_A, buf_B`` (momentum > 0), ``A, B, Z``.
     """
     A, B = _init(As, Bs)
@@ -90,8 +93,16 @@ def run_scaled_gd(As, Bs, grad_fn, steps, lr, delta=0.0, momentum=0.0, weight_de
                 rec["buf_B"] = dirB.copy()
             else:
                 dirA, dirB = D_A, D_B
-            new_A.append(A[i] - lr_t * dirA)
-            new_B.append(B[i] - lr_t * dirB)
+            steps_ab = []
+            for direction, x in ((dirA, A[i]), (dirB, B[i])):
+                decay = weight_decay * x if momentum == 0 else 0.0  # the driver's uncapped decay
+                step = -lr_t * (direction - decay)
+                if relative_step_cap > 0:
+                    _, r, r_pinv = basis_and_magnitude(x, "qr")
+                    step = _cap_relative_change(step, r, r_pinv, relative_step_cap)
+                steps_ab.append(step - lr_t * decay)
+            new_A.append(A[i] + steps_ab[0])
+            new_B.append(B[i] + steps_ab[1])
             step_rec.append(rec)
         A, B = new_A, new_B
         for i in range(n):
