@@ -155,7 +155,11 @@ def relative_change_cap(
     lr_w = torch.as_tensor(lr, dtype=work, device=k0.device)
     plain = m @ k0.to(m.dtype)
     k = k0 @ t
-    vdv, capped = _clamped_singular_values(lr_w.square() * unmagnify(gram(m, None, row_reduce), k), cap)
+    e_gram = lr_w.square() * unmagnify(gram(m, None, row_reduce), k)  # EᵀE
+    # max s² ≤ tr(EᵀE): no eigendecomposition in the (usual) steps whose whole E is below the cap
+    if not bool((torch.diagonal(e_gram, dim1=-2, dim2=-1).sum(-1) > cap**2).any()):
+        return plain
+    vdv, capped = _clamped_singular_values(e_gram, cap)
     if not bool(capped.any()):
         return plain
     e = lr_w * (m.to(work) @ (k @ vdv))

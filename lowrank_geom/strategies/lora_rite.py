@@ -265,16 +265,19 @@ def _rebalanced(batch: PairBatch, upd: PairUpdate, hp: dict[str, Any]) -> PairUp
     if tau <= 0:
         return upd
     rr = batch.row_reduce or (lambda t: t)
-    # the check: Grams in the compute dtype (the excess needs no more than a digit)
-    excess = factorization_excess(gram(batch.a, None, rr), gram(batch.b, None, rr))
-    if not bool((excess > tau).any()):  # host sync; rare after the first steps
+    # cheap necessary condition, from the Grams: χ ≤ ‖A‖_F‖B‖_F/‖Z‖_F (‖Z‖_F² = ⟨G_A, G_B⟩)
+    ga, gb = gram(batch.a, None, rr), gram(batch.b, None, rr)
+    z_sq = (ga * gb).sum(dim=(-2, -1))
+    frob_sq = torch.diagonal(ga, dim1=-2, dim2=-1).sum(-1) * torch.diagonal(gb, dim1=-2, dim2=-1).sum(-1)
+    if not bool((frob_sq > tau**2 * z_sq).any()):  # host sync; rare after the first steps
         return upd
     # the gauge: float64 Grams, since a compute-dtype Gram has lost cond(X)² of its digits
     a64, b64 = batch.a.to(GRAM_DTYPE), batch.b.to(GRAM_DTYPE)
+    ga, gb = rr(a64.mT @ a64), rr(b64.mT @ b64)
     rtol = a64.shape[-1] * torch.finfo(batch.a.dtype).eps  # σ_min(Z) above the factors' rounding
-    ta, tb, ok = balancing_gauge(rr(a64.mT @ a64), rr(b64.mT @ b64), rtol)
-    act = ok & (excess > tau)
-    if not bool(act.any()):  # e.g. a zero or rank-deficient factor: Z is not resolved
+    ta, tb, ok = balancing_gauge(ga, gb, rtol)
+    act = ok & (factorization_excess(ga, gb) > tau)
+    if not bool(act.any()):  # balanced enough, or Z not resolved (a zero or rank-deficient factor)
         return upd
     act = act.unsqueeze(-1).unsqueeze(-1)
     delta_a, delta_b = upd.additive(batch.a, batch.b)
