@@ -269,7 +269,11 @@ def _rebalanced(batch: PairBatch, upd: PairUpdate, hp: dict[str, Any]) -> PairUp
     ga, gb = gram(batch.a, None, rr), gram(batch.b, None, rr)
     z_sq = (ga * gb).sum(dim=(-2, -1))
     frob_sq = torch.diagonal(ga, dim1=-2, dim2=-1).sum(-1) * torch.diagonal(gb, dim1=-2, dim2=-1).sum(-1)
-    if not bool((frob_sq > tau**2 * z_sq).any()):  # host sync; rare after the first steps
+    maybe = frob_sq > tau**2 * z_sq
+    if not bool(maybe.any()):  # host sync
+        return upd
+    # χ itself from the same Grams (r×r eigensolves; the Frobenius bound is loose by up to √r)
+    if not bool((maybe & (factorization_excess(ga, gb) > tau)).any()):
         return upd
     # the gauge: float64 Grams, since a compute-dtype Gram has lost cond(X)² of its digits
     a64, b64 = batch.a.to(GRAM_DTYPE), batch.b.to(GRAM_DTYPE)
