@@ -283,12 +283,19 @@ def _rebalanced(batch: PairBatch, upd: PairUpdate, hp: dict[str, Any]) -> PairUp
     act = ok & (factorization_excess(ga, gb) > tau)
     if not bool(act.any()):  # balanced enough, or Z not resolved (a zero or rank-deficient factor)
         return upd
+    scale = torch.as_tensor(upd.scale, dtype=GRAM_DTYPE, device=a64.device)
+    decay = torch.as_tensor(upd.decay, dtype=GRAM_DTYPE, device=a64.device)
+    if bool(scale == 0):  # lr = 0: the driver's update cannot express a new factorization
+        return upd
     act = act.unsqueeze(-1).unsqueeze(-1)
-    delta_a, delta_b = upd.additive(batch.a, batch.b)
-    new_a = torch.where(act, (a64 + delta_a.to(GRAM_DTYPE)) @ ta - a64, delta_a.to(GRAM_DTYPE))
-    new_b = torch.where(act, (b64 + delta_b.to(GRAM_DTYPE)) @ tb - b64, delta_b.to(GRAM_DTYPE))
-    return PairUpdate(new_a.to(delta_a.dtype), new_b.to(delta_b.dtype), upd.state_a, upd.state_b,
-                      skipped=upd.skipped)
+    add_a, add_b = upd.additive(batch.a, batch.b)
+    # in the driver's form A ← (1 − decay)·A + scale·δ, so that a pair that does not act keeps
+    # its δ bit for bit (the same arithmetic as a batch without the acting pairs)
+    new_a = ((a64 + add_a.to(GRAM_DTYPE)) @ ta - (1.0 - decay) * a64) / scale
+    new_b = ((b64 + add_b.to(GRAM_DTYPE)) @ tb - (1.0 - decay) * b64) / scale
+    delta_a = torch.where(act, new_a.to(upd.delta_a.dtype), upd.delta_a)
+    delta_b = torch.where(act, new_b.to(upd.delta_b.dtype), upd.delta_b)
+    return upd._replace(delta_a=delta_a, delta_b=delta_b)
 
 
 @register
