@@ -10,10 +10,13 @@ transport from ``C = B_tᵀB_{t−1}``, and updates ``M̃`` with one m×2r×r pr
 transcribes Algorithm 1 with a Householder QR (or polar) basis of every factor. ``engine="auto"``
 (default, :func:`resolve_engine`) is the QR engine in every dtype; the Gram engine is opt-in.
 
-Two safeguards depart from Algorithm 1 only where it is ill-defined (docs/numerics.rst): eigen-
-directions of ``V̄`` that ``eigh`` cannot resolve get no step, and each factor's relative change
-``δX R_X⁺`` is capped at ``relative_step_cap`` (GL(r)-invariant; inactive, bit for bit, on
-steps that are small relative to both factors).
+Three safeguards depart from Algorithm 1 only where it is ill-defined or loses precision
+(docs/numerics.rst): eigenvalues of ``V̄`` that ``eigh`` cannot resolve are floored at its
+resolution (no step where the gradient is round-off too), each factor's relative change
+``δX R_X⁺`` is capped at ``relative_step_cap``, and a pair far from balanced is moved to a
+balanced factorization of the same ``Z`` (``rebalance``). All keep the ``Z``-trajectory
+GL(r)-invariant and are inactive, bit for bit, on well-conditioned, balanced-enough pairs
+taking small steps.
 """
 
 from __future__ import annotations
@@ -352,9 +355,10 @@ class LoRARITEStrategy(Strategy):
     singular values clamped at ``c``
     (:func:`~lowrank_geom.geometry.relative_change_cap`), which bounds the cross term
     ``δA δBᵀ`` by ``c`` times the first-order terms; with ``rebalance = τ > 0`` (default 4; 0
-    is the paper's pair) a pair with ``‖A‖_F‖B‖_F > τ‖ABᵀ‖_*`` and ``Z`` resolved moves to the
-    balanced factorization of its new ``Z`` (:func:`~lowrank_geom.geometry.balancing_gauge`),
-    which cuts the rounding of ``A Bᵀ`` and changes no ``Z``. All keep the ``Z``-trajectory
+    is the paper's pair) a pair with ``‖A‖_F‖B‖_F > τ‖ABᵀ‖_*`` and ``Z`` resolved has its new
+    factors multiplied by the balancing gauge of the old ones
+    (:func:`~lowrank_geom.geometry.balancing_gauge`), which cuts the rounding of ``A Bᵀ`` and
+    changes no ``Z``. All keep the ``Z``-trajectory
     GL(r)-invariant and leave the step of full-rank, well-conditioned, balanced-enough pairs
     taking small steps exactly as in Algorithm 1.
 

@@ -30,7 +30,7 @@ from lowrank_geom.strategies.base import (
 
 def scaled_gradient(
     grad: torch.Tensor, other: torch.Tensor, delta: float, row_reduce=None, out: torch.Tensor | None = None,
-    gram_other: torch.Tensor | None = None,
+    gram_other: torch.Tensor | None = None, rinv_other: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``∇A (BᵀB + δI)⁻¹`` (Tong et al. Eq. 6). ``(P, m, r)``, ``(P, n, r)`` → ``(P, m, r)``.
 
@@ -39,31 +39,38 @@ def scaled_gradient(
     the preconditioned metric, ``∇A G⁺`` with ``G⁺ = R⁻¹R⁻ᵀ`` from the Cholesky factor
     (:func:`~lowrank_geom.geometry.inverse_magnitude`): a zero factor gives a zero direction and
     a rank-deficient one the filtered pseudo-inverse. ``δ > 0`` inverts ``G + δI`` by Cholesky.
-    Written to ``out`` when given; ``gram_other`` is ``BᵀB`` when the caller has it.
+    Written to ``out`` when given; ``gram_other`` is ``BᵀB`` and ``rinv_other`` its inverse
+    magnitude (:func:`inverse_magnitude` at the compute dtype's cutoff) when the caller has them.
     """
     g = gram(other, None, row_reduce or (lambda t: t)) if gram_other is None else gram_other
     if delta == 0:
-        inv = gram_pinv(inverse_magnitude(g, gram_cutoff(g, compute_dtype(other.dtype))))
+        rinv = magnitude_inverse(g, other.dtype) if rinv_other is None else rinv_other
+        inv = gram_pinv(rinv)
     else:
         eye = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
         inv = torch.cholesky_inverse(torch.linalg.cholesky(g + delta * eye))
     return right_multiply(grad, inv, out)
 
 
+def magnitude_inverse(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``R⁺`` of a factor of ``dtype`` from its Gram ``G = RᵀR``, at the compute dtype's cutoff."""
+    return inverse_magnitude(g, gram_cutoff(g, compute_dtype(dtype)))
+
+
 def capped_direction(
-    d: torch.Tensor, g_self: torch.Tensor, cap: float, lr: float, row_reduce=None
+    d: torch.Tensor, g_self: torch.Tensor, rinv_self: torch.Tensor, cap: float, lr: float, row_reduce=None
 ) -> torch.Tensor:
     """The direction ``D`` of a factor ``X`` (step ``−η D``) with its relative change ``η D R_X⁺``
-    capped at ``cap`` (:func:`~lowrank_geom.geometry.relative_change_cap`; ``G_X = XᵀX = RᵀR``).
+    capped at ``cap`` (:func:`~lowrank_geom.geometry.relative_change_cap`; ``G_X = XᵀX = RᵀR``,
+    ``rinv_self = R⁺`` from :func:`magnitude_inverse`).
 
     ScaledGD multiplies the partner's gradient by ``(XᵀX)⁻¹``, so a factor with a direction far
     smaller than its step there — a newly started direction, or one that rounding to bfloat16
     created — makes the partner jump by ``1/σ_min²``; capped, each factor changes by at most
     ``cap`` relative to itself along any direction. GL(r)-invariant; uncapped pairs bit for bit.
     """
-    t = inverse_magnitude(g_self, gram_cutoff(g_self, compute_dtype(d.dtype)))
     eye = torch.eye(g_self.shape[-1], dtype=g_self.dtype, device=g_self.device)
-    return relative_change_cap(d, eye, t, t.mT @ g_self, cap, lr, row_reduce or (lambda x: x))
+    return relative_change_cap(d, eye, rinv_self, rinv_self.mT @ g_self, cap, lr, row_reduce or (lambda x: x))
 
 
 @register
@@ -115,13 +122,22 @@ class ScaledGDStrategy(Strategy):
 
     def update_batch(self, batch: PairBatch, hp: dict[str, Any]) -> PairUpdate:
         ws, rr = batch.workspace, batch.row_reduce
-        g_a, g_b = gram(batch.a, None, rr), gram(batch.b, None, rr)
-        d_a = scaled_gradient(batch.grad_a, batch.b, hp["delta"], rr, workspace_like(ws, "direction_a", batch.grad_a), g_b)
-        d_b = scaled_gradient(batch.grad_b, batch.a, hp["delta"], rr, workspace_like(ws, "direction_b", batch.grad_b), g_a)
         lr, wd, mu, cap = hp["lr"], hp["weight_decay"], hp["momentum"], hp["relative_step_cap"]
+        g_a, g_b = gram(batch.a, None, rr), gram(batch.b, None, rr)
+        # each R⁺ serves both the partner's direction (δ = 0) and its own factor's cap
+        t_a, t_b = (None, None) if hp["delta"] > 0 and cap == 0 else (
+            magnitude_inverse(g_a, batch.a.dtype), magnitude_inverse(g_b, batch.b.dtype))
+        d_a = scaled_gradient(batch.grad_a, batch.b, hp["delta"], rr, workspace_like(ws, "direction_a", batch.grad_a),
+                              g_b, t_b)
+        d_b = scaled_gradient(batch.grad_b, batch.a, hp["delta"], rr, workspace_like(ws, "direction_b", batch.grad_b),
+                              g_a, t_a)
+
+        def capped(d_a, d_b):
+            return capped_direction(d_a, g_a, t_a, cap, lr, rr), capped_direction(d_b, g_b, t_b, cap, lr, rr)
+
         if mu == 0:
             if cap > 0:
-                d_a, d_b = capped_direction(d_a, g_a, cap, lr, rr), capped_direction(d_b, g_b, cap, lr, rr)
+                d_a, d_b = capped(d_a, d_b)
             # δA = −η(D + λA): scale and decay are applied by the driver in its in-place update
             return PairUpdate(d_a, d_b, {}, {}, scale=-lr, decay=lr * wd if wd else 0.0)
         if wd != 0:
@@ -132,5 +148,5 @@ class ScaledGDStrategy(Strategy):
         d_b = d_b.add_(batch.state_b["momentum_buffer"], alpha=mu)
         state_a, state_b = {"momentum_buffer": d_a}, {"momentum_buffer": d_b}
         if cap > 0:  # the step is capped, the buffer is not
-            d_a, d_b = capped_direction(d_a, g_a, cap, lr, rr), capped_direction(d_b, g_b, cap, lr, rr)
+            d_a, d_b = capped(d_a, d_b)
         return PairUpdate(d_a, d_b, state_a, state_b, scale=-lr)
