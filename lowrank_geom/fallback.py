@@ -29,11 +29,12 @@ def adamw_step(params: list[torch.Tensor], state: Any, group: dict[str, Any]) ->
             s["step"] = torch.tensor(0.0)
             s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        grad = -p.grad if group.get("maximize", False) else p.grad
         s["step"] += 1
         t = s["step"].item()
         p.mul_(1 - lr * wd)
-        s["exp_avg"].lerp_(p.grad, 1 - beta1)
-        s["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        s["exp_avg"].lerp_(grad, 1 - beta1)
+        s["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         bias1 = 1 - beta1**t
         bias2_sqrt = (1 - beta2**t) ** 0.5
         denom = (s["exp_avg_sq"].sqrt() / bias2_sqrt).add_(eps)

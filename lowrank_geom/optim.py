@@ -7,6 +7,7 @@ policy and exact checkpoints. The math lives in :mod:`lowrank_geom.strategies`.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections import defaultdict
 from typing import Any, Callable, Iterable
@@ -22,17 +23,51 @@ from lowrank_geom.strategies import PairBatch, PairUpdate, Strategy, get_strateg
 #: keys that torch's lr schedulers add to param groups; accepted in any group.
 _SCHEDULER_KEYS = {"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "base_lr"}
 _NONFINITE = ("skip", "raise")
+#: torch.optim's keyword arguments and the values the driver takes (the first is torch's default)
+_TORCH_OPTIONS: dict[str, tuple] = {
+    "maximize": (False, True),
+    "foreach": (None, True, False),
+    "fused": (None, False),
+    "capturable": (False,),
+    "differentiable": (False,),
+}
+#: why a torch option's other values are refused
+_UNSUPPORTED = {
+    "fused": "there is no fused kernel; the step already batches same-shape pairs (foreach=None or True)",
+    "capturable": "a step reads a few scalars on the host (the non-finite gradient check and the "
+    "strategies' safeguards), which CUDA-graph capture forbids",
+    "differentiable": "steps run under torch.no_grad; differentiating through them is not supported",
+}
 #: param-group keys of the driver itself (not a strategy's hyperparameters)
-_DRIVER_KEYS = ("strategy", "nonfinite", "compile")
+_DRIVER_KEYS = ("strategy", "nonfinite", "compile", *_TORCH_OPTIONS)
 #: param-group keys a compiled strategy update never reads (guarding on them would recompile)
-_NOT_HYPERPARAMETERS = ("params", "rank_dims", "pair_names", "compile", *_SCHEDULER_KEYS)
+_NOT_HYPERPARAMETERS = ("params", "rank_dims", "pair_names", "compile", *_TORCH_OPTIONS, *_SCHEDULER_KEYS)
 #: keys of A's state that belong to the driver (float32 scalars); strategies never see them
 _DRIVER_STATE = ("step", "nonfinite_skips", "update_skips")
 
 
-def _check_compile(value: Any) -> None:
-    if value not in (True, False):
-        raise ValueError(f"Invalid compile: {value!r} (expected True or False)")
+def _check_driver_options(group: dict[str, Any], where: str) -> None:
+    """``ValueError`` naming the option for an invalid driver key or torch keyword argument."""
+    at = f"{where}: " if where else ""
+    if group["nonfinite"] not in _NONFINITE:
+        raise ValueError(f"{at}Invalid nonfinite policy: {group['nonfinite']!r} (expected 'skip' or 'raise')")
+    if not any(group["compile"] is v for v in (True, False)):
+        raise ValueError(f"{at}Invalid compile: {group['compile']!r} (expected True or False)")
+    _check_torch_options(group, where)
+
+
+def _check_torch_options(group: dict[str, Any], where: str) -> None:
+    at = f"{where}: " if where else ""
+    for key, allowed in _TORCH_OPTIONS.items():
+        value = group.get(key, allowed[0])
+        if any(value is v for v in allowed):  # by identity: 0 is not False, 1 is not True
+            continue
+        if key in _UNSUPPORTED and isinstance(value, bool):
+            raise ValueError(
+                f"{at}{key}={value!r} is not supported: {_UNSUPPORTED[key]}; pass {key}="
+                f"{allowed[0]!r} (torch's default) or leave it out"
+            )
+        raise ValueError(f"{at}Invalid {key}: {value!r} (expected one of {', '.join(map(repr, allowed))})")
 
 
 def _as_pair(item: Any, where: str) -> LoRAPair:
@@ -58,6 +93,14 @@ class LowRankOptimizer(Optimizer):
         strategy: ``"lora_rite"``, ``"scaled_gd"``, ``"scaled_adam"``, ``"one_sided_adagrad"``
             (or any registered name); a pair group may override it with its own ``"strategy"``.
         lr: learning rate.
+        maximize: maximize the objective instead of minimizing it (the strategies step along
+            ``−∇``), as in torch's optimizers.
+        foreach: ``None`` or ``True`` (default): same-shape pairs of a param group are stepped
+            as one batch; ``False``: each pair alone (less peak memory, one kernel per pair).
+            Either way the step is the same, bit for bit.
+        fused, capturable, differentiable: torch's keyword arguments, taken at torch's defaults
+            (``None``/``False``, ``False``, ``False``) so code that passes them through works;
+            other values raise ``ValueError`` saying why.
         nonfinite: what a non-finite gradient does. ``"skip"`` (default): that pair's step is
             skipped — its factors and state stay exactly as before and its step count does not
             advance — and :meth:`nonfinite_skips` counts it; ``"raise"``: ``FloatingPointError``
@@ -100,16 +143,21 @@ class LowRankOptimizer(Optimizer):
         *,
         nonfinite: str = "skip",
         compile: bool = False,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
         **hyperparameters: Any,
     ) -> None:
         if isinstance(pairs, torch.Tensor):
             raise TypeError("pairs must be an iterable of (A, B) pairs or param-group dicts, got a Tensor")
         strat = get_strategy(strategy)
         _check_keys(strat, hyperparameters, f"{type(self).__name__}")
-        if nonfinite not in _NONFINITE:
-            raise ValueError(f"Invalid nonfinite policy: {nonfinite!r} (expected 'skip' or 'raise')")
-        _check_compile(compile)
-        defaults = dict(strat.defaults, lr=lr, strategy=strategy, nonfinite=nonfinite, compile=compile)
+        defaults = dict(strat.defaults, lr=lr, strategy=strategy, nonfinite=nonfinite, compile=compile,
+                        maximize=maximize, foreach=foreach, fused=fused, capturable=capturable,
+                        differentiable=differentiable)
+        _check_driver_options(defaults, type(self).__name__)
         defaults.update(hyperparameters)
         strat.validate(defaults)
         items = list(pairs)
@@ -163,9 +211,7 @@ class LowRankOptimizer(Optimizer):
         group.update(g)
         group["strategy"] = name
         strat.validate(group)
-        if group["nonfinite"] not in _NONFINITE:
-            raise ValueError(f"Invalid nonfinite policy: {group['nonfinite']!r}")
-        _check_compile(group["compile"])
+        _check_driver_options(group, f"param group {index}")
         params, rank_dims, names, layouts = [], [], [], []
         seen: dict[int, str] = {}
         for i, item in enumerate(raw):
@@ -188,13 +234,14 @@ class LowRankOptimizer(Optimizer):
     def _fallback_group(self, g: dict[str, Any], index: int) -> dict[str, Any]:
         params = g.pop("params")
         params = [params] if isinstance(params, torch.Tensor) else list(params)
-        unknown = set(g) - set(fallback.DEFAULTS) - {"lr", "strategy"} - _SCHEDULER_KEYS
+        unknown = set(g) - set(fallback.DEFAULTS) - {"lr", "strategy"} - set(_TORCH_OPTIONS) - _SCHEDULER_KEYS
         if unknown:
             raise TypeError(f"param group {index} (fallback AdamW) got unexpected key(s): {sorted(unknown)}")
         if g.get("strategy", fallback.NAME) != fallback.NAME:
             raise ValueError(f"param group {index}: a 'params' group is the AdamW fallback group")
-        group = dict(fallback.DEFAULTS, lr=self.defaults["lr"])
+        group = dict(fallback.DEFAULTS, lr=self.defaults["lr"], **{k: self.defaults[k] for k in _TORCH_OPTIONS})
         group.update(g)
+        _check_torch_options(group, f"param group {index} (fallback AdamW)")
         group.update(strategy=fallback.NAME, params=params)
         for p in params:
             if not isinstance(p, torch.Tensor):
@@ -234,8 +281,14 @@ class LowRankOptimizer(Optimizer):
         or any replacement of a state tensor rebuilds the stack from the per-parameter tensors).
         """
         strat = self._strategy(group["strategy"])
+        try:  # the group may have changed since construction (schedulers, user code): a few comparisons
+            strat.validate(group)
+            _check_driver_options(group, "")
+        except ValueError as err:
+            raise ValueError(f"param group {self._group_index(group)} (changed mid-run?): {err}") from None
         buckets: dict[tuple, list] = defaultdict(list)
-        for a, b, ad, bd, name in self._pairs(group):
+        alone = group.get("foreach") is False  # one pair per batch
+        for i, (a, b, ad, bd, name) in enumerate(self._pairs(group)):
             if a.grad is None and b.grad is None:
                 continue
             if a.grad is None or b.grad is None:
@@ -250,7 +303,7 @@ class LowRankOptimizer(Optimizer):
             # The key has the global shapes: same-layout pairs then have same-shape local shards
             # on every rank, and every rank forms the same buckets (so the same collectives).
             layout, loc = distributed.localize(a, b, ad, bd, name, strat, group)
-            key = (tuple(a.shape), ad % a.ndim, tuple(b.shape), bd % b.ndim, a.dtype, a.device, layout)
+            key = (tuple(a.shape), ad % a.ndim, tuple(b.shape), bd % b.ndim, a.dtype, a.device, layout) + ((i,) if alone else ())
             buckets[key].append((a, b, name, loc))
         if not buckets:
             return
@@ -258,7 +311,7 @@ class LowRankOptimizer(Optimizer):
         compiled = group.get("compile", False)
         cache = self.__dict__.setdefault("_stacked_state", {})
         batches, members, masks = [], [], []
-        for (_, ad, _, bd, dtype, device, _layout), items in buckets.items():
+        for (_, ad, _, bd, dtype, device, _layout, *_), items in buckets.items():
             cdt = compute_dtype(dtype)
             # the parameters key the state; their local tensors (the parameters themselves unless
             # DTensors) are read and written
@@ -267,15 +320,7 @@ class LowRankOptimizer(Optimizer):
             la = [it[3].a for it in items]
             lb = [it[3].b for it in items]
             row_reduce = items[0][3].row_reduce
-            for a, b, _, loc in items:
-                if not self.state[a]:
-                    sa, sb = strat.init(factor_view(loc.a, ad).to(cdt), factor_view(loc.b, bd).to(cdt), group)
-                    zeros = {k: _scalar(device) for k in _DRIVER_STATE}
-                    self.state[a].update(zeros, **sa)
-                    self.state[b].update(sb)
-                elif "update_skips" not in self.state[a]:
-                    # state from a checkpoint that predates the counter: it counts from here on
-                    self.state[a]["update_skips"] = _scalar(device)
+            self._ensure_state(strat, group, items, ad, bd, cdt, device)
             full_a, hit_a = _cached_stack(cache, self.state, pa, "a")
             state_b, hit_b = _cached_stack(cache, self.state, pb, "b")
             # storages the members' state views: on a cache hit exactly the cached stacks
@@ -288,6 +333,8 @@ class LowRankOptimizer(Optimizer):
             gb = [it[3].grad_b for it in items]
             ga = _stacked_view(torch.stack(ga, out=ws.empty("grad_a", (len(ga),) + ga[0].shape, ga[0].dtype, device)), ad).to(cdt)
             gb = _stacked_view(torch.stack(gb, out=ws.empty("grad_b", (len(gb),) + gb[0].shape, gb[0].dtype, device)), bd).to(cdt)
+            if group.get("maximize", False):  # the strategies minimize: they step along −∇ (our copies)
+                ga, gb = ga.neg_(), gb.neg_()
             # a sum is non-finite iff some entry is (or, for |entries| ~ 1e38, overflows): one pass
             finite = torch.isfinite(ga.sum(dim=(1, 2)) + gb.sum(dim=(1, 2)))
             if row_reduce is not distributed.identity:
@@ -350,6 +397,37 @@ class LowRankOptimizer(Optimizer):
         if not self.__dict__.get("_warned_update_skips") and report.every_pair_skipped():
             self._warned_update_skips = True
             warnings.warn(self._all_skipped_message(group), UserWarning, stacklevel=2)
+
+    def _ensure_state(self, strat: Strategy, group: dict[str, Any], items: list, ad: int, bd: int,
+                      cdt: torch.dtype, device: torch.device) -> None:
+        """Create the state of new pairs, and fit existing state to the current hyperparameters.
+
+        A hyperparameter switched mid-run (a scheduler's momentum, an option turned on) may need
+        state keys that the pair's state lacks, or leave some unused:
+        :meth:`~lowrank_geom.strategies.Strategy.reconcile_state` adds (as ``init`` makes them)
+        or drops those, or refuses the switch naming the option."""
+        keys_a, keys_b = strat.state_keys(group)
+        for a, b, _, loc in items:
+            sa, sb = self.state[a], self.state[b]
+            if not sa:
+                new_a, new_b = strat.init(factor_view(loc.a, ad).to(cdt), factor_view(loc.b, bd).to(cdt), group)
+                sa.update({k: _scalar(device) for k in _DRIVER_STATE}, **new_a)
+                sb.update(new_b)
+                continue
+            # state from a checkpoint that predates a driver counter: it counts from here on
+            for k in _DRIVER_STATE:
+                if k not in sa:
+                    sa[k] = _scalar(device)
+            own_a = {k: v for k, v in sa.items() if k not in _DRIVER_STATE}
+            if own_a.keys() == keys_a and sb.keys() == keys_b:
+                continue
+            new_a, new_b = strat.reconcile_state(
+                factor_view(loc.a, ad).to(cdt), factor_view(loc.b, bd).to(cdt), own_a, dict(sb), group)
+            for k in own_a.keys() - new_a.keys():
+                del sa[k]
+            sa.update(new_a)
+            sb.clear()
+            sb.update(new_b)
 
     def _group_index(self, group: dict[str, Any]) -> int:
         # by identity: == on param groups would compare their tensors
@@ -440,29 +518,57 @@ class LowRankOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a checkpoint; pair layout and strategies must match, state dtypes are kept exactly.
 
-        ``torch.optim.Optimizer.load_state_dict`` casts floating state to each parameter's dtype,
-        which would round the float32 state of bf16 parameters; it is put back bit-exactly here.
+        Follows ``torch.optim.Optimizer.load_state_dict`` (pre-hooks may edit or replace the
+        state dict, post-hooks run last; saved hyperparameters replace the current ones) with
+        two differences: tensors of pair state keep their dtype exactly (torch casts floating
+        state to each parameter's dtype, which would round the float32 state of bf16 factors)
+        and are copied, not aliased; and group keys a checkpoint lacks (hyperparameters added
+        since it was written) keep their current values. The fallback AdamW group follows
+        torch's rules.
         """
-        saved_groups = state_dict["param_groups"]
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        saved_groups = copy.deepcopy(state_dict["param_groups"])
+        self._check_checkpoint_groups(saved_groups)
+        params = [p for g in self.param_groups for p in g["params"]]
+        index = dict(zip((i for g in saved_groups for i in g["params"]), params))
+        pair_params = {p for g in self.param_groups if g["strategy"] != fallback.NAME for p in g["params"]}
+        state: defaultdict[Any, dict] = defaultdict(dict)
+        for key, saved in state_dict["state"].items():
+            p = index.get(key)
+            if p is None:  # state of no parameter is kept as is (torch does too)
+                state[key] = saved
+                continue
+            state[p] = {k: _loaded(v, p, k, p in pair_params) for k, v in saved.items()}
+        groups = []
+        for cur, old in zip(self.param_groups, saved_groups):
+            group = {k: v for k, v in cur.items() if k != "params"}
+            group.update(old)
+            group["params"] = cur["params"]
+            groups.append(group)
+        self.__setstate__({"state": state, "param_groups": groups})
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _check_checkpoint_groups(self, saved_groups: list[dict[str, Any]]) -> None:
+        """``ValueError`` unless the checkpoint's groups are this optimizer's (pairs, layouts, strategies)."""
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
         for i, (cur, old) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(cur["params"]) != len(old["params"]):
+                raise ValueError(
+                    f"param group {i}: the checkpoint has {len(old['params'])} tensors, this optimizer "
+                    f"{len(cur['params'])}; load into an optimizer built over the same pairs"
+                )
             for key in ("strategy", "rank_dims"):
                 if cur.get(key) != old.get(key):
                     raise ValueError(
                         f"param group {i}: checkpoint has {key}={old.get(key)!r}, this optimizer "
                         f"has {cur.get(key)!r}; load into an optimizer built over the same pairs"
                     )
-        super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        index = {}
-        for g in saved_groups:
-            index.update(zip(g["params"], params[len(index):len(index) + len(g["params"])]))
-        for key, saved in state_dict["state"].items():
-            p = index[key]
-            for k, v in saved.items():
-                if isinstance(v, torch.Tensor):
-                    self.state[p][k] = v.detach().to(device=p.device, copy=True)
 
     # --------------------------------------------------------------------------------- reports
     def nonfinite_skips(self) -> int:
@@ -624,7 +730,22 @@ def _cached_stack(cache: dict, state: dict, params: list[torch.Tensor], side: st
         ):
             return dict(stacked), True
     keys = list(state[params[0]])
-    return {k: torch.stack([state[p][k] for p in params]) for k in keys}, False
+    return {k: _stack_like([state[p][k] for p in params]) for k in keys}, False
+
+
+def _stack_like(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack`` that keeps the members' memory layout (their dim order by stride).
+
+    A strategy's outputs may be transposed views (:func:`~lowrank_geom.strategies.base.workspace_like`),
+    so an uninterrupted run keeps such state; matrix products round differently on another layout,
+    so a resumed run must rebuild the same one to continue bit for bit."""
+    first = tensors[0]
+    if first.ndim < 2 or first.is_contiguous():
+        return torch.stack(tensors)
+    order = sorted(range(first.ndim), key=lambda d: -first.stride(d))  # outermost dim first
+    stacked = torch.stack([t.permute(order) for t in tensors])
+    inverse = sorted(range(first.ndim), key=order.__getitem__)
+    return stacked.permute([0] + [1 + d for d in inverse])
 
 
 def _install(cache: dict, state: dict, params: list[torch.Tensor], side: str, new: dict[str, torch.Tensor]) -> None:
@@ -676,6 +797,21 @@ class _SkipReport:
         dev = self.all_both[0].device
         both = torch.stack([t.to(dev) for t in self.all_both]).all()
         return bool(both & torch.stack([t.to(dev) for t in self.stepped]).any())
+
+
+def _loaded(value: Any, p: torch.Tensor, key: str, in_pair: bool) -> Any:
+    """A checkpoint's state value for parameter ``p``: pair state keeps its dtype and moves to
+    ``p``'s device as a copy; fallback AdamW state follows torch (``step`` as is, floating state
+    cast to ``p``'s dtype)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if in_pair:
+        return value.detach().to(device=p.device, copy=True)
+    if key == "step":
+        return value
+    if p.is_floating_point() and value.is_floating_point():
+        return value.to(dtype=p.dtype, device=p.device)
+    return value.to(device=p.device)
 
 
 def _scalar(device: torch.device) -> torch.Tensor:

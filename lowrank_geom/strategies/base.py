@@ -82,6 +82,9 @@ class Strategy:
     name: ClassVar[str] = ""
     #: hyperparameters (besides ``lr``) and their defaults; they live in param groups.
     defaults: ClassVar[dict[str, Any]] = {}
+    #: the values a hyperparameter taking one of a few strings may take (validated; the contract
+    #: tests switch each hyperparameter mid-run among them)
+    choices: ClassVar[dict[str, tuple]] = {}
     #: invariance class, for docs and benchmarks: "GL(r)", "O(r)" or "none".
     invariance: ClassVar[str] = "none"
 
@@ -92,6 +95,26 @@ class Strategy:
     def init(self, a: torch.Tensor, b: torch.Tensor, hp: dict[str, Any]) -> tuple[State, State]:
         """Fresh state of one pair, ``a`` ``(m, r)`` and ``b`` ``(n, r)`` in the compute dtype."""
         raise NotImplementedError
+
+    def state_keys(self, hp: dict[str, Any]) -> tuple[frozenset[str], frozenset[str]]:
+        """The keys of the state ``init`` creates under ``hp`` (A's, B's), read from an ``init`` on meta tensors."""
+        a, b = torch.empty(4, 2, device="meta"), torch.empty(3, 2, device="meta")
+        state_a, state_b = self.init(a, b, hp)
+        return frozenset(state_a), frozenset(state_b)
+
+    def reconcile_state(
+        self, a: torch.Tensor, b: torch.Tensor, state_a: State, state_b: State, hp: dict[str, Any]
+    ) -> tuple[State, State]:
+        """A pair's state fitted to hyperparameters changed mid-run (the driver calls this only
+        when the state's keys differ from :meth:`state_keys`).
+
+        Keys ``init`` would not create are dropped; keys it would create and the state lacks are
+        made as ``init`` makes them, so an option switched on mid-run starts its state afresh
+        (like ``torch.optim.SGD``'s momentum buffer). Override to refuse a switch that existing
+        state cannot follow, with a ``ValueError`` naming the option."""
+        fresh_a, fresh_b = self.init(a, b, hp)
+        return ({k: state_a.get(k, v) for k, v in fresh_a.items()},
+                {k: state_b.get(k, v) for k, v in fresh_b.items()})
 
     def update_batch(self, batch: PairBatch, hp: dict[str, Any]) -> PairUpdate:
         """Updates of one batch of pairs."""

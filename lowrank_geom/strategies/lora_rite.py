@@ -222,20 +222,14 @@ def resolve_engine(engine: str, dtype: torch.dtype) -> str:
     return "qr" if engine == "auto" else engine
 
 
-def batch_engine(batch: PairBatch, hp: dict[str, Any]) -> str:
-    """The engine a batch's state was initialized for; an explicit ``engine`` must agree with it."""
+def batch_engine(batch: PairBatch) -> str:
+    """The engine a batch's state was built by (:meth:`LoRARITEStrategy.reconcile_state` has
+    checked it against the ``engine`` option)."""
     found = [e for e, key in _ENGINE_KEYS.items() if key in batch.state_a]
     if len(found) != 1:
         raise KeyError(f"lora_rite: state has neither {' nor '.join(map(repr, _ENGINE_KEYS.values()))}; "
                        f"got keys {sorted(batch.state_a)}")
-    (engine,) = found
-    if hp["engine"] not in ("auto", engine):
-        raise ValueError(
-            f"lora_rite: engine={hp['engine']!r} but the optimizer state was built by engine={engine!r} "
-            f"(its state keys differ); keep engine={engine!r} (or 'auto') for this state, or start "
-            "from a fresh optimizer"
-        )
-    return engine
+    return found[0]
 
 
 def _row_count(grad: torch.Tensor, row_reduce) -> torch.Tensor:
@@ -393,6 +387,8 @@ class LoRARITEStrategy(Strategy):
         engine="auto",
     )
 
+    choices = dict(second_moment=("ema", "sum"), basis=("qr", "polar"), engine=("auto", "gram", "qr"))
+
     def validate(self, hp: dict[str, Any]) -> None:
         _check_lr(hp["lr"])
         check_betas(hp["betas"])
@@ -401,9 +397,8 @@ class LoRARITEStrategy(Strategy):
         for key in ("clip_unmagnified_grad", "update_skipping", "update_capping", "relative_step_cap",
                     "rebalance"):
             check_non_negative(key, hp[key])
-        check_choice("second_moment", hp["second_moment"], ("ema", "sum"))
-        check_choice("basis", hp["basis"], ("qr", "polar"))
-        check_choice("engine", hp["engine"], ("auto", "gram", "qr"))
+        for key, values in self.choices.items():
+            check_choice(key, hp[key], values)
         for key in ("escape", "bias_correction", "row_normalize", "balance"):
             check_choice(key, hp[key], (True, False))
 
@@ -427,16 +422,27 @@ class LoRARITEStrategy(Strategy):
 
         return side(a), side(b)
 
-    def update(self, batches: list[PairBatch], hp: dict[str, Any]) -> list[PairUpdate]:
-        engines = {batch_engine(batch, hp) for batch in batches}
-        if len(engines) > 1:
+    def reconcile_state(
+        self, a: torch.Tensor, b: torch.Tensor, state_a: State, state_b: State, hp: dict[str, Any]
+    ) -> tuple[State, State]:
+        """:meth:`Strategy.reconcile_state`, refusing an engine switch: neither engine's state
+        holds what the other needs (the QR engine keeps moments in the other factor's basis, the
+        Gram engine magnified ones and the previous factor), so no moment could be carried over."""
+        built = [e for e, key in _ENGINE_KEYS.items() if key in state_a]
+        want = resolve_engine(hp["engine"], a.dtype)
+        if built and built != [want]:
             raise ValueError(
-                "lora_rite: this param group has pairs whose state was built by both engines (the "
-                "engine option changed between the steps that created them), and the global "
-                "clipping norm couples them; keep one engine for the group (start a fresh optimizer "
-                "to switch), or put the pairs of each engine in a param group of their own"
+                f"lora_rite: engine={hp['engine']!r} runs the {want!r} engine, but this pair's state "
+                f"was built by the {built[0]!r} engine (the option changed mid-run, or a checkpoint "
+                f"of an older default was loaded); the engines keep different moments and neither "
+                f"can be converted to the other. Set engine={built[0]!r} in the param group to "
+                "continue this state, or start a fresh optimizer to switch engines"
             )
-        if engines == {"gram"}:
+        return super().reconcile_state(a, b, state_a, state_b, hp)
+
+    def update(self, batches: list[PairBatch], hp: dict[str, Any]) -> list[PairUpdate]:
+        # one engine per group: every pair's state was fitted to the group's engine option
+        if batch_engine(batches[0]) == "gram":
             return self._update_gram(batches, hp)
         return self._update_qr(batches, hp)
 
