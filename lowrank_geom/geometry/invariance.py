@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import torch
@@ -12,6 +13,62 @@ StepFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict],
     tuple[torch.Tensor, torch.Tensor],
 ]
+
+
+def _takes_pairs(cls: type) -> bool:
+    """Whether the optimizer class ``cls`` is built from ``(A, B)`` pairs rather than a flat list.
+
+    The test is the name of the constructor's first parameter: ``pairs`` (lowrank_geom's
+    ``LowRankOptimizer(pairs, ...)`` and its subclasses) versus ``params`` (torch's convention).
+    A duck-typed rule, so this bottom layer needs nothing from the driver above it.
+    """
+    try:
+        params = list(inspect.signature(cls).parameters.values())
+    except (TypeError, ValueError):  # no introspectable signature: assume torch's flat form
+        return False
+    return bool(params) and params[0].name == "pairs"
+
+
+def _build_optimizer(optimizer: Any, a: torch.Tensor, b: torch.Tensor, kwargs: dict) -> Any:
+    """One fresh optimizer over the leaves ``a``, ``b``, from a class or a factory.
+
+    A ``torch.optim.Optimizer`` subclass is built as ``cls([(A, B)], **kwargs)`` when it takes
+    pairs (:func:`_takes_pairs`), else as ``cls([A, B], **kwargs)``; any other callable as
+    ``optimizer(A, B, **kwargs)``. An optimizer *instance* is refused: it is bound to other
+    tensors, and each of the two runs needs its own fresh state.
+    """
+    if isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer= got an instance of {type(optimizer).__name__}; pass its class or a "
+            "factory (A, B, **kwargs) -> optimizer: invariance_gap builds a fresh one for each run"
+        )
+    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        if _takes_pairs(optimizer):
+            opt = optimizer([(a, b)], **kwargs)
+        else:
+            try:
+                opt = optimizer([a, b], **kwargs)
+            except TypeError as err:  # most likely a pair-taking class that did not say so
+                name = optimizer.__name__
+                raise TypeError(
+                    f"invariance_gap built {name}([A, B], **kwargs), which failed: {err}. A class "
+                    "that takes (A, B) pairs is recognized by its first constructor parameter "
+                    "being named `pairs`; otherwise pass a factory, e.g. "
+                    f"optimizer=lambda a, b: {name}([(a, b)], ...)"
+                ) from err
+    elif callable(optimizer):
+        opt = optimizer(a, b, **kwargs)
+    else:
+        raise TypeError(
+            "optimizer= must be a torch.optim.Optimizer subclass or a factory (A, B, **kwargs) -> "
+            f"optimizer, got {type(optimizer).__name__}"
+        )
+    if not all(callable(getattr(opt, name, None)) for name in ("zero_grad", "step")):
+        raise TypeError(
+            f"optimizer= built a {type(opt).__name__}, which has no zero_grad() and step(); "
+            "a factory must return an optimizer"
+        )
+    return opt
 
 
 def _z_trajectory(
@@ -36,10 +93,7 @@ def _z_trajectory(
             b = b_new.detach().requires_grad_(True)
             zs.append((a @ b.mT).detach())
         return zs
-    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
-        opt = optimizer([a, b], **optimizer_kwargs)
-    else:
-        opt = optimizer(a, b, **optimizer_kwargs)
+    opt = _build_optimizer(optimizer, a, b, optimizer_kwargs)
     for _ in range(steps):
         opt.zero_grad()
         loss(a @ b.mT).backward()
@@ -69,8 +123,12 @@ def invariance_gap(
     Args:
         a, b: the starting pair, ``(m, r)`` and ``(n, r)`` (copied, never modified).
         loss: a function of ``Z`` (``(m, n)``) returning a scalar tensor.
-        optimizer: a ``torch.optim.Optimizer`` subclass (built as ``cls([A, B], **optimizer_kwargs)``)
-            or a factory ``(A, B, **optimizer_kwargs) -> optimizer``; e.g. ``torch.optim.Adam``.
+        optimizer: a ``torch.optim.Optimizer`` subclass, e.g. ``torch.optim.Adam``, built as
+            ``cls([A, B], **optimizer_kwargs)`` — or as ``cls([(A, B)], **optimizer_kwargs)`` when
+            its constructor's first parameter is named ``pairs``, as for ``LowRankOptimizer``,
+            ``LoRARITE``, ``ScaledGD``, ``ScaledAdam`` and ``OneSidedAdagrad`` — or a factory
+            ``(A, B, **optimizer_kwargs) -> optimizer``. Not an optimizer instance: each run
+            builds its own (``TypeError``).
         step_fn: instead of ``optimizer``, a function ``(A, B, ∇A, ∇B, state) -> (A_new, B_new)``
             (``state`` is a dict it may keep across steps).
         steps: number of steps ``k``.

@@ -74,7 +74,8 @@ class FixedRankQuotient(geoopt.Manifold):
     a pair with a numerically rank-deficient or non-finite factor (singular values with
     ``σ_min ≤ max(rows, r)·eps·σ_max``, the rule of ``torch.linalg.matrix_rank``) instead of
     returning inf/NaN. :meth:`check_point_on_manifold` applies the same rule and says which
-    factor failed. :meth:`inner` and :meth:`retr` invert nothing and never raise.
+    factor failed. :meth:`inner` and :meth:`retr` invert nothing and never raise
+    :class:`RankDeficientError`.
 
     All linear algebra runs in ``promote_types(dtype, float32)`` and results are cast back to the
     inputs' promoted dtype.
@@ -213,6 +214,18 @@ class FixedRankQuotient(geoopt.Manifold):
         for t in tensors[1:]:
             out = torch.promote_types(out, t.dtype)
         return out, compute_dtype(out)
+
+    def _inner_batch(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Size:
+        """The broadcast batch shape of ``x``, ``u``, ``v`` (each ``(..., m+n, r)``); else ValueError."""
+        for name, t in (("x", x), ("u", u), ("v", v)):
+            self._assert_check_shape(t.shape, name)
+        try:
+            return torch.broadcast_shapes(x.shape[:-2], u.shape[:-2], v.shape[:-2])
+        except RuntimeError as err:
+            raise ValueError(
+                f"inner: batch dims of `x` {tuple(x.shape)}, `u` {tuple(u.shape)} and `v` "
+                f"{tuple(v.shape)} do not broadcast"
+            ) from err
 
     def _proju(self, x, ua, ub, spec_a, spec_b):
         a, b = self.unpack(x)
@@ -367,16 +380,20 @@ class FixedRankQuotient(geoopt.Manifold):
 
         Euclidean: ``tr(u_Aᵀ v_A) + tr(u_Bᵀ v_B)``. Preconditioned:
         ``tr(BᵀB u_Aᵀ v_A) + tr(AᵀA u_Bᵀ v_B) = Σ (u_A BᵀB) ⊙ v_A + Σ (u_B AᵀA) ⊙ v_B``.
-        Inputs ``(..., m+n, r)`` broadcast; returns ``(...)``, or ``(..., 1, 1)`` with
-        ``keepdim=True`` (the point dims kept, as geoopt's matrix manifolds do). Nothing is
-        inverted: a rank-deficient ``x`` gives a degenerate (semi-definite) form, never NaN.
+        Inputs ``(..., m+n, r)`` broadcast, ``x`` included (under either metric); returns the
+        broadcast batch shape ``(...)``, or ``(..., 1, 1)`` with ``keepdim=True`` (the point dims
+        kept, as geoopt's matrix manifolds do). A wrong-shaped or non-broadcasting ``x``, ``u`` or
+        ``v`` raises ``ValueError``. Nothing is inverted: a rank-deficient ``x`` gives a
+        degenerate (semi-definite) form, never NaN.
         """
         if v is None:
             v = u
+        batch = self._inner_batch(x, u, v)
         out, work = self._work(x, u, v)
         if self.metric == "euclidean":
             res = (u.to(work) * v.to(work)).sum(dim=(-2, -1), keepdim=keepdim)
-            return res.to(out)
+            # the value does not depend on x, but its batch dims do count, as in geoopt.Euclidean
+            return res.expand((*batch, *((1, 1) if keepdim else ()))).to(out)
         a, b = self.unpack(x.to(work))
         ua, ub = self.unpack(u.to(work))
         va, vb = self.unpack(v.to(work))

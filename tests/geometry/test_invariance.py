@@ -15,6 +15,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lowrank_geom import (
+    LoRARITE,
+    LowRankOptimizer,
+    OneSidedAdagrad,
+    ScaledAdam,
+    ScaledGD,
+)
 from lowrank_geom.geometry import invariance_gap, random_gauge, scale_gauge
 
 F64 = torch.float64
@@ -165,3 +172,71 @@ def test_bad_arguments():
         invariance_gap(a, b, loss, step_fn=scaled_step, steps=0)
     with pytest.raises(ValueError, match="s != 0"):
         invariance_gap(a, b, loss, step_fn=scaled_step, gauge=0.0)
+
+
+# ------------------------------------------------- the library's own optimizer classes (pairs)
+
+# every optimizer class the package exports; each takes a list of (A, B) pairs, not of tensors
+LIBRARY_CLASSES = [LoRARITE, ScaledGD, ScaledAdam, OneSidedAdagrad, LowRankOptimizer]
+
+
+def _small_problem(seed: int):
+    """``_problem`` shrunk (factors × 0.3, target × 0.2), as in docs/geometry.rst: a summed loss on
+    O(1) factors has gradients above LoRA-RITE's default ``update_skipping=1.0``, whose skipped
+    steps would leave ``Z`` still and make a zero gap vacuous."""
+    a, b, _ = _problem(seed)
+    target = 0.2 * torch.randn(8, 6, generator=_gen(seed + 100), dtype=F64)
+    return 0.3 * a, 0.3 * b, lambda z: 0.5 * (z - target).pow(2).sum()
+
+
+@pytest.mark.parametrize("cls", LIBRARY_CLASSES, ids=lambda c: c.__name__)
+def test_class_form_builds_the_library_optimizers_from_pairs(cls):
+    a, b, loss = _small_problem(13)
+    gauge = random_gauge(3, 10.0, _gen(14))
+    gap, zs, _ = invariance_gap(a, b, loss, optimizer=cls, lr=0.05, gauge=gauge, return_trajectories=True)
+    assert 0.0 <= gap < float("inf")
+    assert not torch.equal(zs[-1], a @ b.mT)  # it did take steps
+    # the class form is cls([(A, B)], **kwargs): the same arithmetic as the factory, bit for bit
+    by_factory = invariance_gap(a, b, loss, optimizer=lambda x, y: cls([(x, y)], lr=0.05), gauge=gauge)
+    assert gap == by_factory
+
+
+def test_class_form_shows_lora_rite_invariant_and_adam_not():
+    a, b, loss = _small_problem(15)
+    gauge = random_gauge(3, 10.0, _gen(16))
+    gap, zs, _ = invariance_gap(a, b, loss, optimizer=LoRARITE, lr=0.05, gauge=gauge, return_trajectories=True)
+    # LoRA-RITE is GL(r)-invariant: round-off only, ~1e-15 here (module docstring: 1e-10 leaves a
+    # ≥1000× margin over the cond(G)·cond(BᵀB)-amplified float64 round-off of 10 steps)
+    assert gap < 1e-10
+    # ... and not because it stood still (skipped updates would give a gap of 0 too)
+    assert torch.linalg.matrix_norm(zs[-1] - a @ b.mT) > 0.1 * torch.linalg.matrix_norm(a @ b.mT)
+    # the same problem, gauge and lr with Adam: the invariance claim fails, as it must
+    assert invariance_gap(a, b, loss, optimizer=torch.optim.Adam, lr=0.05, gauge=gauge) > 1e-2
+
+
+def test_class_form_passes_hyperparameters_to_the_library_class():
+    a, b, loss = _small_problem(17)
+    kw = {"optimizer": LowRankOptimizer, "lr": 0.05, "gauge": random_gauge(3, 10.0, _gen(18))}
+    # the strategy keyword reaches the driver: ScaledAdam is not invariant, LoRA-RITE is
+    assert invariance_gap(a, b, loss, strategy="scaled_adam", **kw) > 1e-2
+    assert invariance_gap(a, b, loss, strategy="lora_rite", **kw) < 1e-10
+
+
+def test_bad_optimizer_arguments():
+    a, b, loss = _problem(19)
+    with pytest.raises(TypeError, match="instance of Adam; pass its class or a factory"):
+        invariance_gap(a, b, loss, optimizer=torch.optim.Adam([a.clone().requires_grad_()]), gauge=2.0)
+    with pytest.raises(TypeError, match="Optimizer subclass or a factory.*str"):
+        invariance_gap(a, b, loss, optimizer="adam", gauge=2.0)
+    with pytest.raises(TypeError, match="no zero_grad"):
+        invariance_gap(a, b, loss, optimizer=lambda x, y: None, gauge=2.0)
+
+    class PairsCalledParams(LowRankOptimizer):  # takes pairs, but does not say so by name
+        def __init__(self, params, lr=1e-3):
+            super().__init__(params, lr=lr)
+
+    with pytest.raises(TypeError, match=r"PairsCalledParams\(\[A, B\], \*\*kwargs\).*named `pairs`.*factory"):
+        invariance_gap(a, b, loss, optimizer=PairsCalledParams, lr=0.05, gauge=2.0)
+    # hyperparameter errors still come from the optimizer itself
+    with pytest.raises(ValueError, match="learning rate"):
+        invariance_gap(a, b, loss, optimizer=LoRARITE, lr=-1.0, gauge=2.0)

@@ -226,6 +226,38 @@ def test_inner_formula_keepdim_and_symmetry(metric, dtype):
     assert man.inner(x[0], u, v).shape == (3,)
 
 
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_inner_broadcasts_the_batch_of_x_and_checks_shapes(metric):
+    """Both metrics: the batch dims of x count (one value per point, as in geoopt.Euclidean,
+    though the euclidean value does not depend on x), and a wrong shape is a ValueError."""
+    man, x, u, _ = _setup(metric, torch.float64, (5, 4, 2), seed=2, batch=(4,))
+    one = u[0]  # a single vector at each of the 4 points
+    got = man.inner(x, one)
+    assert got.shape == (4,)
+    assert man.inner(x, one, keepdim=True).shape == (4, 1, 1)
+    assert man.component_inner(x, one).shape == (4, 1, 1)  # geoopt's RiemannianAdam uses this
+    assert man.norm(x, one).shape == (4,)
+    looped = torch.stack([man.inner(x[i], one) for i in range(4)])
+    torch.testing.assert_close(got, looped, rtol=1e-12, atol=0)
+    # x, u and v broadcast together: (4, 1) with (3,) gives (4, 3)
+    assert man.inner(x.unsqueeze(1), u[:3]).shape == (4, 3)
+    assert man.inner(x[0], u[:3], one).shape == (3,)
+    bad_rows = torch.randn(4, 8, 2, dtype=torch.float64)
+    bad_rank = torch.randn(9, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"`x` should have shape \(\.\.\., m\+n, r\)"):
+        man.inner(bad_rows, one)
+    with pytest.raises(ValueError, match="`x` should have shape"):
+        man.inner(bad_rank, one)
+    with pytest.raises(ValueError, match="requires more than 2 dim"):
+        man.inner(torch.randn(9, dtype=torch.float64), one)
+    with pytest.raises(ValueError, match="`u` should have shape"):
+        man.inner(x, bad_rank)
+    with pytest.raises(ValueError, match="`v` should have shape"):
+        man.inner(x, one, bad_rank)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        man.inner(x, u[:3])
+
 def test_preconditioned_metric_is_gauge_invariant_and_euclidean_is_not():
     """g_{xG}(ξG, ηG) = g_x(ξ, η) with (A, B)·G = (AG, BG⁻ᵀ): for all G (preconditioned), for
     orthogonal G only (Euclidean)."""
