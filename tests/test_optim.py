@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import io
 import warnings
-from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -16,68 +15,11 @@ from lowrank_geom import (
     LowRankOptimizer,
     OneSidedAdagrad,
     PSDNumericsError,
-    ScaledAdam,
     ScaledGD,
 )
 from lowrank_geom.strategies import PairUpdate, Strategy, base
 from lowrank_geom.strategies.base import rms
-
-
-@dataclass
-class StrategyInfo:
-    name: str
-    cls: type
-    lr: float
-    #: (hyperparameters, exception, message regex) the constructor must reject
-    errors: list = field(default_factory=list)
-    #: extra kwargs making every pair's step independent of the others and never skipped
-    #: (LoRA-RITE clips over a whole group and skips factors whose gradient RMS exceeds 1)
-    independent: dict = field(default_factory=dict)
-    has_betas: bool = False
-
-
-_COMMON_ERRORS = [
-    (dict(lr=-1.0), ValueError, r"Invalid learning rate: -1.0"),
-    (dict(weight_decay=-0.1), ValueError, r"Invalid weight_decay value: -0.1"),
-    (dict(not_a_hyperparameter=1), TypeError, r"unexpected hyperparameter"),
-]
-
-STRATEGIES = [
-    StrategyInfo(
-        "lora_rite", LoRARITE, 1e-2,
-        _COMMON_ERRORS + [
-            (dict(eps=-1e-3), ValueError, r"Invalid epsilon value: -0.001"),
-            (dict(betas=(1.0, 0.9)), ValueError, r"Invalid beta parameter at index 0: 1.0"),
-            (dict(betas=(0.9, -0.1)), ValueError, r"Invalid beta parameter at index 1: -0.1"),
-            (dict(second_moment="max"), ValueError, r"Invalid second_moment"),
-            (dict(basis="svd"), ValueError, r"Invalid basis"),
-            (dict(update_skipping=-1.0), ValueError, r"Invalid update_skipping value"),
-            (dict(clip_unmagnified_grad=-1.0), ValueError, r"Invalid clip_unmagnified_grad value"),
-        ],
-        independent=dict(clip_unmagnified_grad=0.0, update_skipping=0.0),
-        has_betas=True,
-    ),
-    StrategyInfo(
-        "scaled_gd", ScaledGD, 1e-2,
-        _COMMON_ERRORS + [
-            (dict(momentum=1.0), ValueError, r"Invalid momentum value: 1.0"),
-            (dict(delta=-1.0), ValueError, r"Invalid delta value: -1.0"),
-        ],
-    ),
-    StrategyInfo(
-        "scaled_adam", ScaledAdam, 1e-2,
-        _COMMON_ERRORS + [
-            (dict(eps=-1.0), ValueError, r"Invalid epsilon value: -1.0"),
-            (dict(betas=(0.9, 1.5)), ValueError, r"Invalid beta parameter at index 1: 1.5"),
-        ],
-        has_betas=True,
-    ),
-    StrategyInfo(
-        "one_sided_adagrad", OneSidedAdagrad, 1e-2,
-        _COMMON_ERRORS + [(dict(eps=-1.0), ValueError, r"Invalid epsilon value: -1.0")],
-    ),
-]
-IDS = [s.name for s in STRATEGIES]
+from tests.strategy_table import IDS, STRATEGIES
 
 
 def make_pairs(dtype=torch.float64, seed=0, shapes=((7, 5, 2), (6, 4, 3)), zero_a=False):

@@ -1,0 +1,111 @@
+"""The table of strategies that the generic contract tests run over, built from the registry.
+
+Every strategy the package registers is in it: a new strategy file is checked by every contract
+test without editing anything here. A strategy may add entries to ``EXTRAS`` (its own invalid
+hyperparameters, the convenience class, options that decouple its pairs) but needs none.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from lowrank_geom import (
+    LoRARITE,
+    LowRankOptimizer,
+    OneSidedAdagrad,
+    ScaledAdam,
+    ScaledGD,
+)
+from lowrank_geom.strategies import Strategy, available_strategies, get_strategy
+
+
+@dataclass
+class StrategyInfo:
+    name: str
+    #: builds the optimizer: ``cls(pairs, lr=..., **hyperparameters)``
+    cls: Callable[..., LowRankOptimizer]
+    strategy: Strategy
+    lr: float = 1e-2
+    #: (hyperparameters, exception, message regex) the constructor must reject
+    errors: list = field(default_factory=list)
+    #: extra kwargs making every pair's step independent of the others and never skipped
+    #: (LoRA-RITE clips over a whole group and skips factors whose gradient RMS exceeds 1)
+    independent: dict = field(default_factory=dict)
+
+    @property
+    def has_betas(self) -> bool:
+        return "betas" in self.strategy.defaults
+
+
+COMMON_ERRORS = [
+    (dict(lr=-1.0), ValueError, r"Invalid learning rate: -1.0"),
+    (dict(not_a_hyperparameter=1), TypeError, r"unexpected hyperparameter"),
+]
+
+EXTRAS: dict[str, dict[str, Any]] = {
+    "lora_rite": dict(
+        cls=LoRARITE,
+        errors=[
+            (dict(eps=-1e-3), ValueError, r"Invalid epsilon value: -0.001"),
+            (dict(betas=(1.0, 0.9)), ValueError, r"Invalid beta parameter at index 0: 1.0"),
+            (dict(betas=(0.9, -0.1)), ValueError, r"Invalid beta parameter at index 1: -0.1"),
+            (dict(second_moment="max"), ValueError, r"Invalid second_moment"),
+            (dict(basis="svd"), ValueError, r"Invalid basis"),
+            (dict(update_skipping=-1.0), ValueError, r"Invalid update_skipping value"),
+            (dict(clip_unmagnified_grad=-1.0), ValueError, r"Invalid clip_unmagnified_grad value"),
+        ],
+        independent=dict(clip_unmagnified_grad=0.0, update_skipping=0.0),
+    ),
+    "scaled_gd": dict(
+        cls=ScaledGD,
+        errors=[
+            (dict(momentum=1.0), ValueError, r"Invalid momentum value: 1.0"),
+            (dict(delta=-1.0), ValueError, r"Invalid delta value: -1.0"),
+        ],
+    ),
+    "scaled_adam": dict(
+        cls=ScaledAdam,
+        errors=[
+            (dict(eps=-1.0), ValueError, r"Invalid epsilon value: -1.0"),
+            (dict(betas=(0.9, 1.5)), ValueError, r"Invalid beta parameter at index 1: 1.5"),
+        ],
+    ),
+    "one_sided_adagrad": dict(cls=OneSidedAdagrad, errors=[(dict(eps=-1.0), ValueError, r"Invalid epsilon value: -1.0")]),
+}
+
+
+def _info(name: str) -> StrategyInfo:
+    strat = get_strategy(name)
+    extra = dict(EXTRAS.get(name, {}))
+    errors = list(COMMON_ERRORS) + extra.pop("errors", [])
+    if "weight_decay" in strat.defaults:
+        errors.append((dict(weight_decay=-0.1), ValueError, r"Invalid weight_decay value: -0.1"))
+    cls = extra.pop("cls", functools.partial(LowRankOptimizer, strategy=name))
+    return StrategyInfo(name, cls, strat, errors=errors, **extra)
+
+
+def shipped_strategies() -> list[str]:
+    """The registered strategies that ship with the package (tests register their own as well)."""
+    return [n for n in available_strategies() if type(get_strategy(n)).__module__.startswith("lowrank_geom.")]
+
+
+STRATEGIES = [_info(name) for name in shipped_strategies()]
+IDS = [s.name for s in STRATEGIES]
+
+
+def switched_values(strat: Strategy, key: str) -> list[Any]:
+    """Values to switch hyperparameter ``key`` to mid-run: every other declared choice of a
+    string option, the other boolean, and a different valid number (half, or 0.5 from 0)."""
+    value = strat.defaults[key]
+    if isinstance(value, bool):
+        return [not value]
+    if isinstance(value, str):
+        # a string option must declare its values (Strategy.choices) so all of them are tested
+        return [c for c in strat.choices[key] if c != value]
+    if isinstance(value, tuple):
+        return [tuple(v / 2 for v in value)]
+    if isinstance(value, (int, float)):
+        return [value / 2 if value else 0.5]
+    raise TypeError(f"{strat.name}: no rule to switch hyperparameter {key}={value!r}; extend switched_values")
