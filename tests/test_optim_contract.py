@@ -376,3 +376,60 @@ def test_zero_gradients_leave_the_factors_unchanged_and_the_state_finite(info):
         p.a.grad.zero_(), p.b.grad.zero_()
     opt.step()
     assert all(torch.isfinite(t).all() for t in tensors(pairs))
+
+
+# ------------------------------------------------------------------------------ HF Trainer
+
+
+class _Net(torch.nn.Module):
+    """Linear, embedding and conv LoRA layers (every stored layout PEFT gives) and a 2-class head."""
+
+    def __init__(self):
+        super().__init__()
+        # sizes at which BLAS picks layout-dependent kernels (M, N above)
+        self.emb = torch.nn.Embedding(M, N)
+        self.q = torch.nn.Linear(N, M)
+        self.c2 = torch.nn.Conv2d(20, 24, (2, 2))
+        self.head = torch.nn.Linear(M + 24, 2)
+
+    def forward(self, ids, img, labels):
+        h = torch.cat([self.q(self.emb(ids).mean(1)), self.c2(img).mean((2, 3))], -1)
+        logits = self.head(h)
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def _trainer(info, out_dir, steps):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from lowrank_geom.peft import lora_pairs, non_pair_parameters
+
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(r=R, lora_alpha=16, target_modules=["emb", "q", "c2"], modules_to_save=["head"])
+    model = peft.get_peft_model(_Net(), cfg)  # PEFT's default init: one factor of each pair is zero
+    pairs = lora_pairs(model)
+    opt = info.cls([{"pairs": pairs}, {"params": non_pair_parameters(model, pairs)}], lr=info.lr)
+    sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.25, total_iters=4)
+    g = torch.Generator().manual_seed(5)
+    data = [dict(ids=torch.randint(0, M, (4,), generator=g), img=torch.randn(20, 5, 4, generator=g),
+                 labels=torch.randint(0, 2, (), generator=g)) for _ in range(32)]
+    args = transformers.TrainingArguments(
+        output_dir=str(out_dir), max_steps=steps, save_steps=3, per_device_train_batch_size=4,
+        report_to=[], use_cpu=True, seed=0, remove_unused_columns=False, disable_tqdm=True,
+        logging_strategy="no", save_strategy="steps",
+    )
+    return model, transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, sched))
+
+
+@pytest.mark.parametrize("info", STRATEGIES, ids=IDS)
+def test_trainer_resume_from_checkpoint_continues_bit_identically(info, tmp_path):
+    """HF ``Trainer(optimizers=(opt, sched))`` saves ``optimizer.pt`` and resumes with
+    ``resume_from_checkpoint``: the resumed run ends exactly where the uninterrupted one does."""
+    model, trainer = _trainer(info, tmp_path, 6)
+    trainer.train()
+    resumed_model, resumed = _trainer(info, tmp_path / "unused", 6)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    ours = dict(model.named_parameters())
+    theirs = dict(resumed_model.named_parameters())
+    fresh = dict(_trainer(info, tmp_path / "fresh", 6)[0].named_parameters())
+    assert any(not torch.equal(ours[n], fresh[n]) for n in ours if "lora_" in n)  # it trained
+    assert all(torch.equal(ours[n], theirs[n]) for n in ours)
