@@ -290,3 +290,14 @@ def test_readme_result_table_is_the_published_one():
     readme = (ROOT / "README.md").read_text()
     block = readme.split(publish_results.README_BEGIN, 1)[1].split(publish_results.README_END, 1)[0]
     assert block.strip() == publish_results.readme_block(md.read_text()).strip()
+
+
+def test_every_test_the_docs_name_exists():
+    """The docs cite tests as proof (``test_x`` or ``file.py::test_x``): each must be a test function."""
+    defined = {m.group(1) for path in (ROOT / "tests").rglob("test_*.py")
+               for m in re.finditer(r"^def (test_\w+)\(", path.read_text(), re.M)}
+    cited = {(path.relative_to(DOCS), m.group(1)) for path in _rst_sources()
+             for m in re.finditer(r"``(?:[\w/.]+::)?(test_\w+)``", path.read_text())}
+    assert cited, "the docs cite no test: the pattern no longer matches"
+    missing = sorted(f"{where}: {name}" for where, name in cited if name not in defined)
+    assert not missing, "docs cite tests that do not exist:\n" + "\n".join(missing)
