@@ -268,3 +268,150 @@ def row_shard_placement(pairs: Iterable[LoRAPair]) -> Callable[[torch.nn.Paramet
         return None if d is None else Shard(d)
 
     return placement
+
+
+# ---------------------------------------------------------------------- distributed checkpoints
+# torch.distributed.checkpoint (DCP) saves a DTensor shard by shard and a plain tensor once, as
+# replicated. So in ``state_dict()`` the row-wise state of a row-sharded pair is a DTensor laid
+# out and sharded like its parameter (as torch's Adam state is under FSDP2), and everything else
+# (r×r, r, scalars: identical on every rank) stays plain; loading turns such a DTensor back into
+# the local (rows, r) tensor the driver keeps. Resharding (another world size) then is DCP's job.
+
+
+def row_wise_keys(strategy: Any, hp: dict[str, Any]) -> tuple[frozenset[str], frozenset[str]]:
+    """The state keys of A and of B that ``strategy.init`` makes ``(rows, r)`` under ``hp``.
+
+    Read from two ``init`` calls on meta tensors with different row counts, so a new strategy
+    needs no declaration. ``NotImplementedError`` for state whose shape depends on the rows in
+    another way (a checkpoint could not shard it like the factor)."""
+    r, rows = 2, ((4, 3), (5, 7))  # row counts never equal to r: no ambiguity with r×r state
+    inits = [strategy.init(torch.empty(m, r, device="meta"), torch.empty(n, r, device="meta"), hp) for m, n in rows]
+    out = []
+    for side, which in enumerate("AB"):
+        first, second = inits[0][side], inits[1][side]
+        keys = set()
+        for key, value in first.items():
+            other = second.get(key)
+            if not isinstance(value, torch.Tensor) or (other is not None and value.shape == other.shape):
+                continue  # independent of the rows: identical on every rank
+            if value.shape != (rows[0][side], r) or other is None or other.shape != (rows[1][side], r):
+                raise NotImplementedError(
+                    f"strategy {getattr(strategy, 'name', strategy)!r}: state {key!r} of factor {which} "
+                    f"has shape {tuple(value.shape)} for a {rows[0][side]}×{r} factor; a distributed "
+                    "checkpoint shards state shaped (rows, r) like its factor, or keeps state "
+                    "independent of the rows whole"
+                )
+            keys.add(key)
+        out.append(frozenset(keys))
+    return out[0], out[1]
+
+
+def is_row_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor with a ``Shard`` placement (a row-sharded factor, once validated)."""
+    if not is_dtensor(t):
+        return False
+    from torch.distributed.tensor import Shard
+
+    return any(isinstance(pl, Shard) for pl in t.placements)
+
+
+def sharded_state(value: torch.Tensor, param: torch.Tensor, rank_dim: int) -> torch.Tensor:
+    """A row-wise state tensor ``(local rows, r)`` of row-sharded factor ``param`` as a DTensor
+    in ``param``'s stored layout, global shape and sharding (a view of the state where torch.save
+    allows it).
+
+    ``from_local`` with the parameter's global shape and stride: uneven shards (FSDP2 chunks
+    like ``torch.chunk``), empty shards and factors of any rank dim are described exactly."""
+    from torch.distributed.tensor import DTensor
+
+    from lowrank_geom.pairs import factor_unview, factor_view
+
+    local = param.to_local()
+    if tuple(value.shape) != tuple(factor_view(local, rank_dim).shape):
+        raise ValueError(
+            f"row-wise state of shape {tuple(value.shape)} does not match the local shard "
+            f"{tuple(local.shape)} (rank dim {rank_dim}) of its factor"
+        )
+    stored = factor_unview(value, local, rank_dim)
+    if stored.storage_offset():
+        # torch.save cannot pickle a DTensor whose local tensor starts inside its storage (torch
+        # 2.13: "invalid python storage"), as the driver's views of stacked state do: a copy
+        stored = stored.clone(memory_format=torch.preserve_format)
+    return DTensor.from_local(
+        stored, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+    )
+
+
+def local_state(value: Any, param: torch.Tensor, rank_dim: int, key: str) -> Any:
+    """Inverse of :func:`sharded_state` for loading: a DTensor value of pair state as the local
+    ``(rows, r)`` tensor of ``param``'s shard (redistributed to its placements if they differ);
+    anything else as it is."""
+    if not is_dtensor(value):
+        return value
+    from lowrank_geom.pairs import factor_view
+
+    if not is_dtensor(param):
+        raise ValueError(
+            f"state {key!r}: the checkpoint holds it as a DTensor (row-sharded, from an FSDP2 run), "
+            f"but its factor (shape {tuple(param.shape)}) is a plain tensor here; load it into an "
+            "optimizer over the FSDP2 (fully_shard) model, with any mesh size"
+        )
+    if tuple(value.shape) != tuple(param.shape) or value.device_mesh != param.device_mesh:
+        raise ValueError(
+            f"state {key!r}: the checkpoint's DTensor has global shape {tuple(value.shape)} on "
+            f"{value.device_mesh}, but its factor has {tuple(param.shape)} on {param.device_mesh}; "
+            "load with torch.distributed.checkpoint into the state dict of the fresh optimizer "
+            "(get_state_dict), which lays the state out like the factors"
+        )
+    if tuple(value.placements) != tuple(param.placements):
+        value = value.redistribute(param.device_mesh, param.placements)
+    return factor_view(value.to_local(), rank_dim)
+
+
+def shard_pair_state(state_dict: dict[str, Any], param_groups: list[dict[str, Any]], strategy_of: Callable[[str], Any]) -> dict[str, Any]:
+    """``Optimizer.state_dict()`` with the row-wise state of every row-sharded pair as DTensors
+    (:func:`sharded_state`); returned as is when no pair is row-sharded.
+
+    ``param_groups``: the optimizer's (``rank_dims`` marks a pair group); ``strategy_of``: a
+    strategy by name. Only the ``state`` dict and the DTensors are new (see :func:`sharded_state`)."""
+    state, index = None, 0
+    for group in param_groups:
+        params = group["params"]
+        pairs = group.get("rank_dims") or []
+        kinds = None
+        for i, (ad, bd) in enumerate(pairs):
+            for p, rd, side in ((params[2 * i], ad, 0), (params[2 * i + 1], bd, 1)):
+                saved = state_dict["state"].get(index + 2 * i + side)
+                if saved is None or not is_row_sharded(p):
+                    continue
+                if kinds is None:  # once per group, and only for a group with sharded state
+                    strategy = strategy_of(group["strategy"])
+                    kinds = row_wise_keys(strategy, group), strategy.state_keys(group)
+                if state is None:
+                    state = dict(state_dict["state"])
+                label = group["pair_names"][i]
+                state[index + 2 * i + side] = _sharded_entry(saved, p, rd, kinds[0][side], kinds[1][side], label)
+        index += len(params)
+    return state_dict if state is None else {**state_dict, "state": state}
+
+
+def _sharded_entry(
+    saved: dict[str, Any], p: torch.Tensor, rank_dim: int, row_wise: frozenset[str], known: frozenset[str], label: str
+) -> dict[str, Any]:
+    """One factor's saved state with its row-wise tensors as DTensors; the driver's counters
+    (0-dim) and the strategy's other keys stay plain."""
+    out = {}
+    for key, value in saved.items():
+        if key in row_wise:
+            value = sharded_state(value, p, rank_dim)
+        elif isinstance(value, torch.Tensor) and value.ndim > 0 and not is_dtensor(value):
+            # e.g. state of an option switched off since the last step: its kind is unknown
+            if key not in known:
+                raise ValueError(
+                    f"{label}: state {key!r} (shape {tuple(value.shape)}) is not created by the "
+                    "strategy under the current hyperparameters, so a distributed checkpoint cannot "
+                    "tell whether to shard it; take a step (which fits the state to the "
+                    "hyperparameters) before saving"
+                )
+        out[key] = value
+    return out

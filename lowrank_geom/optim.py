@@ -406,7 +406,7 @@ class LowRankOptimizer(Optimizer):
         state keys that the pair's state lacks, or leave some unused:
         :meth:`~lowrank_geom.strategies.Strategy.reconcile_state` adds (as ``init`` makes them)
         or drops those, or refuses the switch naming the option."""
-        keys_a, keys_b = strat.state_keys(group)
+        keys_a, keys_b = strat.state_keys(group, cdt)
         for a, b, _, loc in items:
             sa, sb = self.state[a], self.state[b]
             if not sa:
@@ -515,6 +515,12 @@ class LowRankOptimizer(Optimizer):
         return fn(batches, hp)
 
     # ------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict``, except that the row-wise state of row-sharded
+        (FSDP2) pairs is a ``DTensor`` laid out and sharded like its factor, so that
+        ``torch.distributed.checkpoint`` saves it shard by shard (see :doc:`/distributed`)."""
+        return distributed.shard_pair_state(super().state_dict(), self.param_groups, self._strategy)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a checkpoint; pair layout and strategies must match, state dtypes are kept exactly.
 
@@ -535,14 +541,16 @@ class LowRankOptimizer(Optimizer):
         self._check_checkpoint_groups(saved_groups)
         params = [p for g in self.param_groups for p in g["params"]]
         index = dict(zip((i for g in saved_groups for i in g["params"]), params))
-        pair_params = {p for g in self.param_groups if g["strategy"] != fallback.NAME for p in g["params"]}
+        # pair parameters and their rank dims (DCP hands back row-wise state as DTensors)
+        pair_params = {p: rd for g in self.param_groups if g["strategy"] != fallback.NAME
+                       for p, rd in zip(g["params"], (d for dims in g["rank_dims"] for d in dims))}
         state: defaultdict[Any, dict] = defaultdict(dict)
         for key, saved in state_dict["state"].items():
             p = index.get(key)
             if p is None:  # state of no parameter is kept as is (torch does too)
                 state[key] = saved
                 continue
-            state[p] = {k: _loaded(v, p, k, p in pair_params) for k, v in saved.items()}
+            state[p] = {k: _loaded(v, p, k, pair_params.get(p)) for k, v in saved.items()}
         groups = []
         for cur, old in zip(self.param_groups, saved_groups):
             group = {k: v for k, v in cur.items() if k != "params"}
@@ -799,13 +807,15 @@ class _SkipReport:
         return bool(both & torch.stack([t.to(dev) for t in self.stepped]).any())
 
 
-def _loaded(value: Any, p: torch.Tensor, key: str, in_pair: bool) -> Any:
-    """A checkpoint's state value for parameter ``p``: pair state keeps its dtype and moves to
-    ``p``'s device as a copy; fallback AdamW state follows torch (``step`` as is, floating state
-    cast to ``p``'s dtype)."""
+def _loaded(value: Any, p: torch.Tensor, key: str, rank_dim: int | None) -> Any:
+    """A checkpoint's state value for parameter ``p`` (``rank_dim``: ``p``'s in its pair, None
+    outside pairs): pair state keeps its dtype and moves to ``p``'s device as a copy, a DTensor
+    (row-wise state of a distributed checkpoint) as its local ``(rows, r)`` shard; fallback AdamW
+    state follows torch (``step`` as is, floating state cast to ``p``'s dtype)."""
     if not isinstance(value, torch.Tensor):
         return value
-    if in_pair:
+    if rank_dim is not None:
+        value = distributed.local_state(value, p, rank_dim, key)
         return value.detach().to(device=p.device, copy=True)
     if key == "step":
         return value

@@ -246,8 +246,10 @@ def _decays(hp: dict[str, Any], step: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def _balanced(batch: PairBatch, upd: PairUpdate, hp: dict[str, Any]) -> PairUpdate:
-    """With ``balance``: the updates that also norm-balance the new pair (``Z`` unchanged)."""
-    if not hp["balance"]:
+    """With ``balance``: the updates that also norm-balance the new pair (``Z`` unchanged); none
+    at ``lr = 0``, where a step must leave the factors as they are (torch.distributed.checkpoint
+    creates a fresh optimizer's state with such a step)."""
+    if not hp["balance"] or bool(torch.as_tensor(upd.scale) == 0):
         return upd
     delta_a, delta_b = upd.additive(batch.a, batch.b)
     a1, b1 = norm_balance(batch.a + delta_a, batch.b + delta_b, batch.row_reduce)

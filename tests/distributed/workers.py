@@ -450,6 +450,106 @@ def checkpoint_resume(rank: int, world: int) -> dict:
     return dict(bit_identical=same, state_kinds=state_kinds)
 
 
+# strategies whose DCP round trip must continue the run (float64, relative error <= 1e-12)
+DCP_STRATEGIES = [
+    ("lora_rite", dict(lr=2e-2, **RITE_GRAM)),
+    ("scaled_gd", dict(lr=5e-2, momentum=0.9, weight_decay=1e-2)),
+    ("scaled_adam", dict(lr=1e-2, delta=1e-3)),
+]
+DCP_STEPS, DCP_SAVE_AT = 8, 4
+
+
+class BiasedPairModel(PairModel):
+    """``PairModel`` plus a parameter outside the pairs (the AdamW fallback group; 5 entries:
+    an uneven shard on 2 ranks)."""
+
+    def __init__(self, specs, tensors):
+        super().__init__(specs, tensors)
+        self.bias = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 5, dtype=DTYPE))
+
+    def forward(self, tgts, wts):
+        return super().forward(tgts, wts) + LOSS_SCALE * (wts[0][0] * (self.bias - 0.5)).square().sum()
+
+
+def _dcp_setup(strategy: str, hp: dict, mesh=None):
+    """A fresh FSDP2 ``BiasedPairModel`` and its optimizer (pairs + fallback AdamW group)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from lowrank_geom import LowRankOptimizer
+    from lowrank_geom.distributed import row_shard_placement
+
+    model = BiasedPairModel(SPECS, init_tensors(SPECS))
+    fully_shard(model, shard_placement_fn=row_shard_placement(lora_pairs_of(SPECS, list(model.factors))), mesh=mesh)
+    groups = [{"pairs": lora_pairs_of(SPECS, list(model.factors))}, {"params": [model.bias], "lr": 1e-2}]
+    return model, LowRankOptimizer(groups, strategy=strategy, **hp)
+
+
+def _dcp_steps(model, opt, ranks: list[int], start: int, stop: int) -> None:
+    """Steps ``start..stop`` on the mean loss of ``ranks`` (one process standing in for every
+    rank averages their losses, as FSDP2 averages their gradients)."""
+    tgts = targets(SPECS)
+    for step in range(start, stop):
+        opt.zero_grad()
+        (sum(model(tgts, weights(SPECS, k, step)) for k in ranks) / len(ranks)).backward()
+        opt.step()
+
+
+def _dcp_load(model, opt, path: str, group=None) -> None:
+    """The documented resume: DCP loads into the fresh model's and optimizer's state dicts."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=path, process_group=group)
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+
+def dcp_resume(rank: int, world: int, out_dir: str) -> dict:
+    """``torch.distributed.checkpoint`` mid-run, resumed into a fresh FSDP2 model and optimizer
+    at the same world size and at world size 1 (resharding); each continuation vs the
+    uninterrupted run. Also the per-rank ``torch.save`` path with ``weights_only=True``."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from lowrank_geom import LowRankOptimizer
+
+    solo = dist.new_group([0])  # every rank takes part in creating it; rank 0 alone uses it
+    out = {}
+    for strategy, hp in DCP_STRATEGIES:
+        path = os.path.join(out_dir, f"dcp_{strategy}")
+        model, opt = _dcp_setup(strategy, hp)
+        _dcp_steps(model, opt, [rank], 0, DCP_SAVE_AT)
+        msd, osd = get_state_dict(model, opt)
+        kinds = {k: type(v).__name__ for k, v in osd["state"]["factors.2"].items()}
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+        _dcp_steps(model, opt, [rank], DCP_SAVE_AT, DCP_STEPS)
+        final = [p.full_tensor().detach() for p in model.parameters()]
+
+        model2, opt2 = _dcp_setup(strategy, hp)
+        _dcp_load(model2, opt2, path)
+        _dcp_steps(model2, opt2, [rank], DCP_SAVE_AT, DCP_STEPS)
+        same = max(rel_err(p.full_tensor().detach(), q) for p, q in zip(model2.parameters(), final))
+        res = dict(same_world=same, kinds_pair2_b=kinds)
+        dist.barrier()
+        if rank == 0:  # resharded: one process on a mesh of size 1 over the 2-rank checkpoint
+            model1, opt1 = _dcp_setup(strategy, hp, mesh=DeviceMesh.from_group(solo, "cpu"))
+            _dcp_load(model1, opt1, path, group=solo)
+            _dcp_steps(model1, opt1, list(range(world)), DCP_SAVE_AT, DCP_STEPS)
+            res["world_1"] = max(rel_err(p.full_tensor().detach(), q) for p, q in zip(model1.parameters(), final))
+        dist.barrier()
+        out[strategy] = res
+    # a sharded state dict into an optimizer over plain (unsharded) factors: a clear error
+    plain = [torch.nn.Parameter(t.clone()) for t in init_tensors(SPECS)]
+    bias = torch.nn.Parameter(torch.zeros(5, dtype=DTYPE))
+    into_plain = LowRankOptimizer([{"pairs": lora_pairs_of(SPECS, plain)}, {"params": [bias], "lr": 1e-2}],
+                                  strategy=strategy, **hp)
+    out["into_plain"] = _error_of(lambda: into_plain.load_state_dict(opt.state_dict()))
+    return out
+
+
 def peft_recipe(rank: int, world: int) -> dict:
     """The documented recipe: a PEFT model, ``row_shard_placement`` for ``fully_shard``, then
     ``lora_pairs`` of the sharded model; 20 steps vs the same model in one process."""
@@ -524,14 +624,20 @@ def scenarios() -> list[tuple[str, Callable[[int, int], dict]]]:
         ("nonfinite", nonfinite_skip),
         ("replicated", replicated_dtensors),
         ("checkpoint", checkpoint_resume),
+        ("dcp", lambda rank, world: dcp_resume(rank, world, SCRATCH[0])),
         ("peft", peft_recipe),
     ]
     return out
 
 
 # -------------------------------------------------------------------------------------- entry
-def run_all(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    """``torch.multiprocessing.spawn`` target: every scenario on this rank, results as JSON."""
+#: a directory shared by the processes (the scenarios' checkpoints); set by ``run_all``
+SCRATCH: list[str] = [""]
+
+
+def run_all(rank: int, world: int, init_file: str, out_dir: str, only: tuple = ()) -> None:
+    """``torch.multiprocessing.spawn`` target: every scenario (or those named in ``only``) on this
+    rank, results as JSON."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -539,9 +645,12 @@ def run_all(rank: int, world: int, init_file: str, out_dir: str) -> None:
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
     )
     register_test_strategy()
+    SCRATCH[0] = out_dir
     results = {}
     try:
         for name, fn in scenarios():
+            if only and name not in only:
+                continue
             try:
                 results[name] = dict(ok=True, value=fn(rank, world))
             except Exception:  # noqa: BLE001 - reported by the test of that scenario
