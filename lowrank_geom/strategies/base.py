@@ -11,6 +11,7 @@ of one param group are passed together so a strategy can reduce over all pairs o
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
@@ -96,11 +97,18 @@ class Strategy:
         """Fresh state of one pair, ``a`` ``(m, r)`` and ``b`` ``(n, r)`` in the compute dtype."""
         raise NotImplementedError
 
-    def state_keys(self, hp: dict[str, Any]) -> tuple[frozenset[str], frozenset[str]]:
-        """The keys of the state ``init`` creates under ``hp`` (A's, B's), read from an ``init`` on meta tensors."""
-        a, b = torch.empty(4, 2, device="meta"), torch.empty(3, 2, device="meta")
-        state_a, state_b = self.init(a, b, hp)
-        return frozenset(state_a), frozenset(state_b)
+    def state_keys(self, hp: dict[str, Any], dtype: torch.dtype = torch.float32) -> tuple[frozenset[str], frozenset[str]]:
+        """The keys of the state ``init`` creates under ``hp`` for factors of compute ``dtype`` (A's, B's).
+
+        Read from an ``init`` on tiny tensors, once per distinct setting of the strategy's own
+        hyperparameters (the keys of ``defaults``, which are all that ``init`` may depend on):
+        the driver asks every step."""
+        try:
+            setting = tuple((k, hp[k]) for k in sorted(self.defaults))
+            hash(setting)
+        except TypeError:  # an unhashable value: no memo
+            return _init_keys(type(self), hp, dtype)
+        return _memo_init_keys(type(self), setting, dtype)
 
     def reconcile_state(
         self, a: torch.Tensor, b: torch.Tensor, state_a: State, state_b: State, hp: dict[str, Any]
@@ -123,6 +131,18 @@ class Strategy:
     def update(self, batches: list[PairBatch], hp: dict[str, Any]) -> list[PairUpdate]:
         """Updates of every batch of a param group (override to reduce across the group)."""
         return [self.update_batch(batch, hp) for batch in batches]
+
+
+def _init_keys(cls: type[Strategy], hp: dict[str, Any], dtype: torch.dtype) -> tuple[frozenset[str], frozenset[str]]:
+    # tiny CPU tensors: an init on them costs microseconds (the first one on meta tensors ~1 s)
+    a, b = torch.zeros(4, 2, dtype=dtype), torch.zeros(3, 2, dtype=dtype)
+    state_a, state_b = cls().init(a, b, hp)
+    return frozenset(state_a), frozenset(state_b)
+
+
+@functools.lru_cache(maxsize=256)
+def _memo_init_keys(cls: type[Strategy], setting: tuple, dtype: torch.dtype) -> tuple[frozenset[str], frozenset[str]]:
+    return _init_keys(cls, dict(setting), dtype)
 
 
 _REGISTRY: dict[str, type[Strategy]] = {}
