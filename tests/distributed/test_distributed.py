@@ -206,3 +206,63 @@ def test_sharded_state_into_an_unsharded_optimizer_raises_naming_the_fix(_result
         assert err["type"] == "ValueError"
         for needle in ("as a DTensor", "plain tensor here", "fully_shard"):
             assert needle in err["message"], (needle, err["message"])
+
+
+def test_distributed_module_keeps_working_without_a_process_group():
+    # a plain single-process optimizer never touches torch.distributed
+    from lowrank_geom import LowRankOptimizer
+    from lowrank_geom.distributed import LOCAL, pair_layout
+    from lowrank_geom.pairs import LoRAPair
+
+    a = torch.randn(5, 2, requires_grad=True)
+    b = torch.randn(4, 2, requires_grad=True)
+    assert pair_layout(LoRAPair(a, b), "p") == LOCAL
+    assert not torch.distributed.is_initialized()
+    opt = LowRankOptimizer([(a, b)], strategy="scaled_gd", lr=1e-2)
+    (a @ b.T).square().sum().backward()
+    opt.step()
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("strategy", [name for name, _ in workers.PEFT_STRATEGIES])
+def test_peft_recipe_with_fully_shard(_results, strategy):
+    for v in scenario(_results, "peft"):
+        if "skipped" in v:
+            pytest.skip(v["skipped"])
+        res = v[strategy]
+        assert "error" not in res, res.get("error")
+        # lora_B.weight (out×r) keeps Shard(0); lora_A.weight (r×in) is sharded Shard(1)
+        assert res["placements"][:2] == ["(Shard(dim=0),)", "(Shard(dim=1),)"]
+        assert len(res["fallback"]) == 2  # the two biases, as DTensors in the AdamW fallback group
+        assert res["max_rel_err"] <= TOL
+
+
+def test_row_shard_placement_shards_each_factor_on_its_first_row_dim():
+    from torch.distributed.tensor import Shard
+
+    from lowrank_geom import LoRAPair
+    from lowrank_geom.distributed import row_shard_placement
+
+    a = torch.nn.Parameter(torch.zeros(8, 2))        # lora_B.weight: out×r, rank dim 1
+    b = torch.nn.Parameter(torch.zeros(2, 6))        # lora_A.weight: r×in, rank dim 0
+    conv = torch.nn.Parameter(torch.zeros(2, 3, 3, 3))  # conv lora_A: r×in×kh×kw
+    other = torch.nn.Parameter(torch.zeros(4, 4))
+    placement = row_shard_placement([LoRAPair(a, b, 1, 0), LoRAPair(torch.zeros(5, 2), conv, -1, 0)])
+    assert placement(a) == Shard(0) and placement(b) == Shard(1) and placement(conv) == Shard(1)
+    assert placement(other) is None  # FSDP2's default
+
+
+def test_row_sharding_requirements_name_the_hyperparameters():
+    from lowrank_geom import get_strategy
+    from lowrank_geom.distributed import row_sharding_requirements
+
+    rite = get_strategy("lora_rite")
+    defaults = dict(rite.defaults, lr=1e-3)
+    # engine='auto' is the QR engine in every dtype: on shards LoRA-RITE must ask for the Gram one
+    for dtype in (None, torch.float32, torch.bfloat16, torch.float64):
+        assert "engine='gram'" in " ".join(row_sharding_requirements(rite, defaults, dtype))
+        # the authors' other defaults run on shards
+        assert row_sharding_requirements(rite, dict(defaults, engine="gram"), dtype) == []
+    assert row_sharding_requirements(rite, dict(defaults, **workers.RITE_SHARDABLE)) == []
+    assert "engine='gram'" in " ".join(row_sharding_requirements(rite, dict(defaults, engine="qr")))
+    assert row_sharding_requirements(get_strategy("one_sided_adagrad"), {}) is None
