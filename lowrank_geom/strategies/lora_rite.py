@@ -391,6 +391,15 @@ class LoRARITEStrategy(Strategy):
 
     choices = dict(second_moment=("ema", "sum"), basis=("qr", "polar"), engine=("auto", "gram", "qr"))
 
+    def row_sharding_requirements(self, hp: dict[str, Any], dtype: torch.dtype | None = None) -> list[str] | None:
+        # the Gram engine routes every Gram, norm and row count through row_reduce; the QR
+        # engine factorizes each factor, which a shard cannot do alone
+        engine = hp.get("engine", "auto")
+        if resolve_engine(engine, dtype if dtype is not None else torch.float32) == "gram":
+            return []
+        why = "engine='auto' runs the QR engine" if engine == "auto" else "engine='qr'"
+        return [f"engine='gram' ({why}, which factorizes each factor: a shard cannot do that alone)"]
+
     def validate(self, hp: dict[str, Any]) -> None:
         _check_lr(hp["lr"])
         check_betas(hp["betas"])
