@@ -27,31 +27,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 import torch
 
 from lowrank_geom.pairs import LoRAPair
-
-
-def _lora_rite_on_shards(hp: dict[str, Any], dtype: torch.dtype | None) -> list[str]:
-    # LoRA-RITE's Gram engine routes every Gram, norm and row count through row_reduce; the QR
-    # engine factorizes each factor, which a shard cannot do alone
-    from lowrank_geom.strategies.lora_rite import resolve_engine
-
-    engine = hp.get("engine", "auto")
-    if resolve_engine(engine, dtype if dtype is not None else torch.float32) != "gram":
-        why = "engine='auto' runs the QR engine" if engine == "auto" else "engine='qr'"
-        why += ", which factorizes each factor: a shard cannot do that alone"
-        return [f"engine='gram' ({why})"]
-    return []
-
-
-#: built-in strategies that run on row shards, each with a function of the param group's
-#: hyperparameters and the factors' dtype that returns what must change for that (an empty list:
-#: nothing). A strategy that is correct on row shards for every hyperparameter declares it with a
-#: class attribute ``supports_row_sharding = True`` instead, which takes precedence.
-ROW_SHARDED_STRATEGIES: dict[str, Callable[[dict[str, Any], torch.dtype | None], list[str]]] = {
-    "lora_rite": _lora_rite_on_shards,
-    # Gram-based (r×r Grams through row_reduce), element-wise otherwise: every hyperparameter
-    "scaled_gd": lambda hp, dtype: [],
-    "scaled_adam": lambda hp, dtype: [],
-}
+from lowrank_geom.strategies.base import Strategy
 
 
 def row_sharding_requirements(strategy: Any, hp: dict[str, Any], dtype: torch.dtype | None = None) -> list[str] | None:
@@ -59,12 +35,22 @@ def row_sharding_requirements(strategy: Any, hp: dict[str, Any], dtype: torch.dt
 
     ``[]``: it runs as is (``row_reduce`` completes every row sum); a list of hyperparameter
     settings it needs; ``None``: it cannot run on row shards at all (e.g. it factorizes each factor).
-    ``dtype`` None: float32.
+    ``dtype`` None: float32. The strategy declares this itself
+    (:meth:`Strategy.row_sharding_requirements <lowrank_geom.strategies.Strategy.row_sharding_requirements>`).
     """
-    if getattr(strategy, "supports_row_sharding", False):
-        return []
-    rule = ROW_SHARDED_STRATEGIES.get(getattr(strategy, "name", None))
-    return None if rule is None else rule(hp, dtype)
+    return strategy.row_sharding_requirements(hp, dtype)
+
+
+def row_shardable_strategies() -> list[str]:
+    """The registered strategies that run on row shards with some hyperparameters (for messages)."""
+    from lowrank_geom.strategies import available_strategies, get_strategy
+
+    out = []
+    for name in available_strategies():
+        strategy = get_strategy(name)
+        if type(strategy).row_sharding_requirements is not Strategy.row_sharding_requirements:
+            out.append(name)
+    return out
 
 
 def identity(t: torch.Tensor) -> torch.Tensor:
@@ -194,8 +180,8 @@ def check_strategy(layout: Layout, strategy: Any, hp: dict[str, Any], label: str
         raise NotImplementedError(
             f"{label}: its factors are row-sharded DTensors (FSDP2), but strategy {strategy.name!r} "
             "does not support row sharding (it may need whole factors, e.g. a QR of each factor); "
-            f"use one that does ({', '.join(sorted(ROW_SHARDED_STRATEGIES))}, or a strategy with "
-            "supports_row_sharding = True), or keep these factors unsharded (DDP, or "
+            f"use one that does ({', '.join(row_shardable_strategies())}, or a strategy whose "
+            "row_sharding_requirements returns []), or keep these factors unsharded (DDP, or "
             "fully_shard(..., ignored_params=...))"
         )
     if need:

@@ -12,6 +12,11 @@ of one param group are passed together so a strategy can reduce over all pairs o
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.metadata
+import pkgutil
+import types
+import warnings
 from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
@@ -86,8 +91,27 @@ class Strategy:
     #: the values a hyperparameter taking one of a few strings may take (validated; the contract
     #: tests switch each hyperparameter mid-run among them)
     choices: ClassVar[dict[str, tuple]] = {}
-    #: invariance class, for docs and benchmarks: "GL(r)", "O(r)" or "none".
+    #: invariance class, for docs and benchmarks: "GL(r)", "O(r)" or "none" (the invariance
+    #: tests check every registered strategy for the class it declares here).
     invariance: ClassVar[str] = "none"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "supports_row_sharding" in vars(cls):  # the attribute of earlier versions: never read now
+            raise TypeError(
+                f"{cls.__name__}: supports_row_sharding is no longer read; define "
+                "row_sharding_requirements(self, hp, dtype) returning [] instead"
+            )
+
+    def row_sharding_requirements(self, hp: dict[str, Any], dtype: torch.dtype | None = None) -> list[str] | None:
+        """Whether this strategy with hyperparameters ``hp`` runs on row shards (FSDP2) of factors of ``dtype``.
+
+        ``None`` (the default): it cannot (it may factorize a factor, or sum over rows without
+        ``PairBatch.row_reduce``); ``[]``: it runs as is; else the hyperparameter settings it needs,
+        as readable strings (``"engine='gram' (why)"``). ``dtype`` None: float32. Declare ``[]``
+        only when every row sum goes through ``row_reduce`` and no factor is factorized
+        (docs/distributed.rst)."""
+        return None
 
     def validate(self, hp: dict[str, Any]) -> None:
         """Raise ``ValueError`` (torch's wording) for an invalid hyperparameter in ``hp``."""
@@ -146,18 +170,39 @@ def _memo_init_keys(cls: type[Strategy], setting: tuple, dtype: torch.dtype) -> 
 
 
 _REGISTRY: dict[str, type[Strategy]] = {}
+#: name -> where discovery found it (a module of this package, or an entry point); strategies
+#: registered at run time by other code (tests) are not in it
+_DISCOVERED: dict[str, str] = {}
+#: the entry-point group other packages add strategies under (``name = "module"`` or ``"module:Class"``)
+ENTRY_POINT_GROUP = "lowrank_geom.strategies"
+_entry_points_loaded = False
 
 
 def register(cls: type[Strategy]) -> type[Strategy]:
-    """Class decorator: make a strategy available by ``cls.name``."""
+    """Class decorator: make a strategy available by ``cls.name``.
+
+    Raises ``ValueError`` when another class already has that name (registering the same class
+    again, e.g. when its module is reloaded, is allowed)."""
     if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
+        raise ValueError(f"{cls.__name__} has no name: set the class attribute name = '...'")
+    old = _REGISTRY.get(cls.name)
+    # a reloaded module defines a new class object with the same qualified name
+    if old is not None and _qualname(old) != _qualname(cls):
+        raise ValueError(
+            f"strategy name {cls.name!r} is taken by {_qualname(old)}; {_qualname(cls)} needs another "
+            "name (names are global: those of this package, of installed plugins and of your code)"
+        )
     _REGISTRY[cls.name] = cls
     return cls
 
 
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def get_strategy(name: str) -> Strategy:
     """The strategy registered as ``name``."""
+    _load_entry_points()
     try:
         return _REGISTRY[name]()
     except KeyError:
@@ -167,8 +212,56 @@ def get_strategy(name: str) -> Strategy:
 
 
 def available_strategies() -> list[str]:
-    """Names of all registered strategies."""
+    """Names of all registered strategies (this package's, installed plugins' and any registered at run time)."""
+    _load_entry_points()
     return sorted(_REGISTRY)
+
+
+def discovered_strategies() -> dict[str, str]:
+    """``{name: origin}`` of the strategies found by discovery: every module of
+    ``lowrank_geom/strategies/`` and every entry point of the group ``lowrank_geom.strategies``
+    (origin: the module, or ``"entry point <name> = <value> (<distribution>)"``). Strategies
+    registered at run time by other code are not in it."""
+    _load_entry_points()
+    return {name: _DISCOVERED[name] for name in sorted(_DISCOVERED) if name in _REGISTRY}
+
+
+def import_package_modules(package: str, path: list[str]) -> None:
+    """Import every module of the package ``package`` (its ``__path__`` ``path``), so each
+    ``@register``-ed class in them is registered; record them as discovered."""
+    for info in pkgutil.iter_modules(path):
+        module = importlib.import_module(f"{package}.{info.name}")
+        for name, cls in _REGISTRY.items():
+            if cls.__module__ == module.__name__:
+                _DISCOVERED.setdefault(name, module.__name__)
+
+
+def _load_entry_points() -> None:
+    # on first use, not at import: a plugin may import lowrank_geom (the driver) itself
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(getattr(ep, "dist", None), "name", None) or "unknown distribution"
+        origin = f"entry point {ep.name} = {ep.value} ({dist})"
+        try:
+            _load_entry_point(ep, origin)
+        except Exception as err:  # noqa: BLE001 - a broken plugin must not break the package
+            warnings.warn(f"lowrank_geom: strategy {origin} was not loaded: {type(err).__name__}: {err}",
+                          RuntimeWarning, stacklevel=3)
+
+
+def _load_entry_point(ep: importlib.metadata.EntryPoint, origin: str) -> None:
+    before = dict(_REGISTRY)
+    obj = ep.load()
+    if isinstance(obj, type) and issubclass(obj, Strategy):
+        register(obj)  # an entry point may name an undecorated class
+    elif isinstance(obj, type) or not isinstance(obj, types.ModuleType):
+        raise TypeError(f"it names {obj!r}: name a Strategy subclass ('module:Class') or a module")
+    for name, cls in _REGISTRY.items():
+        if before.get(name) is not cls:
+            _DISCOVERED.setdefault(name, origin)
 
 
 def bias_corrected_decay(beta: float, step: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,10 @@ class ScaledAdamStrategy(Strategy):
     invariance = "none"
     defaults = dict(betas=(0.9, 0.999), eps=1e-8, delta=0.0, weight_decay=0.0)
 
+    def row_sharding_requirements(self, hp: dict[str, Any], dtype: torch.dtype | None = None) -> list[str]:
+        # every hyperparameter: one r×r Gram per factor through row_reduce, element-wise otherwise
+        return []
+
     def validate(self, hp: dict[str, Any]) -> None:
         _check_lr(hp["lr"])
         check_betas(hp["betas"])

@@ -107,6 +107,10 @@ class ScaledGDStrategy(Strategy):
     invariance = "GL(r)"
     defaults = dict(delta=0.0, momentum=0.0, weight_decay=0.0, relative_step_cap=1.0)
 
+    def row_sharding_requirements(self, hp: dict[str, Any], dtype: torch.dtype | None = None) -> list[str]:
+        # every hyperparameter: one r×r Gram per factor through row_reduce, element-wise otherwise
+        return []
+
     def validate(self, hp: dict[str, Any]) -> None:
         _check_lr(hp["lr"])
         check_non_negative("delta", hp["delta"])
