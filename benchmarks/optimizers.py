@@ -1,12 +1,14 @@
 """Every optimizer the suites compare, built from real libraries with settings from ``configs/*.json``.
 
-* :data:`OPTIMIZERS` — the names, in report order: this package's strategies (``lora_rite``,
-  ``scaled_gd``, ``scaled_adam``, ``one_sided_adagrad``), ``torch.optim`` (``adam``, ``adamw``,
+* :data:`OPTIMIZERS` — the names, in report order: this package's strategies, from the registry
+  (``lora_rite``, ``scaled_gd``, ``scaled_adam``, ``one_sided_adagrad``, then any other
+  discovered strategy by name: :data:`PACKAGE_OPTIMIZERS`), ``torch.optim`` (``adam``, ``adamw``,
   ``adagrad``, ``sgd``), PEFT's optimizer factories (``loraplus`` = LoRA+ over ``torch.optim.AdamW``,
   ``peft_riemannian`` = PEFT's Riemannian preconditioner wrapping ``torch.optim.AdamW``) and
   ``pytorch_optimizer`` (``lamb``, ``shampoo``, ``pyopt_lora_rite``). None is re-implemented here:
   each config names the constructor it calls.
-* :func:`load_config` — ``configs/<name>.json`` validated against the schema below.
+* :func:`load_config` — ``configs/<name>.json`` validated against the schema below; a package
+  strategy without a file gets :func:`default_config` (its defaults, ``lr`` 1e-2).
 * :class:`PairModel` — a real PEFT LoRA model over bias-free ``nn.Linear`` layers of given shapes,
   so LoRA+ and PEFT's Riemannian optimizer find their parameters by name; :class:`LeafPairs` — the
   same interface over plain leaf ``(A, B)`` tensors (for suites that batch many pairs by hand).
@@ -38,12 +40,10 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-#: every optimizer, in report order
-OPTIMIZERS: list[str] = [
-    "lora_rite",
-    "scaled_gd",
-    "scaled_adam",
-    "one_sided_adagrad",
+#: report order of the built-in strategies; other discovered strategies follow, by name
+_STRATEGY_ORDER = ("lora_rite", "scaled_gd", "scaled_adam", "one_sided_adagrad")
+#: the optimizers of other libraries, in report order
+EXTERNAL_OPTIMIZERS: list[str] = [
     "adam",
     "adamw",
     "adagrad",
@@ -54,10 +54,29 @@ OPTIMIZERS: list[str] = [
     "shampoo",
     "pyopt_lora_rite",
 ]
-#: the strategies of this package (built as :class:`lowrank_geom.LowRankOptimizer` subclasses)
-PACKAGE_OPTIMIZERS: list[str] = OPTIMIZERS[:4]
-#: optimizers whose documentation claims invariance to every gauge ``G ∈ GL(r)``
-INVARIANT: list[str] = ["lora_rite", "scaled_gd", "pyopt_lora_rite"]
+
+
+def package_optimizers() -> list[str]:
+    """The discovered strategies (this package's and installed plugins'), in report order."""
+    from lowrank_geom.strategies import discovered_strategies
+
+    rank = {name: i for i, name in enumerate(_STRATEGY_ORDER)}
+    return sorted(discovered_strategies(), key=lambda name: (rank.get(name, len(rank)), name))
+
+
+def _package_invariant() -> list[str]:
+    from lowrank_geom.strategies import get_strategy
+
+    return [name for name in PACKAGE_OPTIMIZERS if get_strategy(name).invariance == "GL(r)"]
+
+
+#: the strategies of this package, from the registry (built as :class:`lowrank_geom.LowRankOptimizer`)
+PACKAGE_OPTIMIZERS: list[str] = package_optimizers()
+#: every optimizer, in report order
+OPTIMIZERS: list[str] = PACKAGE_OPTIMIZERS + EXTERNAL_OPTIMIZERS
+#: optimizers whose documentation claims invariance to every gauge ``G ∈ GL(r)`` (package
+#: strategies: their declared ``invariance``)
+INVARIANT: list[str] = _package_invariant() + ["pyopt_lora_rite"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 _REQUIRED = {"name": str, "label": str, "library": str, "kwargs": dict, "lr": dict, "tuned": str}
@@ -101,9 +120,25 @@ def validate_config(cfg: Any, where: str = "config", name: str | None = None) ->
     return cfg
 
 
+def default_config(name: str) -> dict[str, Any]:
+    """The config of a package strategy without a config file: the strategy's defaults, lr 1e-2."""
+    return {
+        "name": name,
+        "label": f"{name} (lowrank_geom)",
+        "library": "lowrank_geom.LowRankOptimizer",
+        "kwargs": {"strategy": name},
+        "lr": {"default": 1e-2},
+        "tuned": f"default: no configs/{name}.json, so the strategy's defaults and lr 1e-2, not swept "
+                 "(a suite's --tune writes the file)",
+    }
+
+
 def load_config(name: str) -> dict[str, Any]:
-    """``benchmarks/configs/<name>.json``, validated (:class:`ConfigError` with the file and key)."""
+    """``benchmarks/configs/<name>.json``, validated (:class:`ConfigError` with the file and key);
+    :func:`default_config` for a package strategy without one."""
     path = config_path(name)
+    if not path.exists() and name in PACKAGE_OPTIMIZERS:
+        return validate_config(default_config(name), f"default config of {name}", name)
     if not path.exists():
         raise ConfigError(f"no config for optimizer {name!r}: {path} does not exist (known: {OPTIMIZERS})")
     try:

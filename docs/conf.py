@@ -12,6 +12,8 @@ Sphinx reads any source, :func:`generate` writes ``docs/_generated/`` (git-ignor
 * ``benchdoc_<suite>.rst``: the module docstring of ``benchmarks/<suite>.py`` (read with
   :mod:`ast`, never imported), or a note while that module does not exist.
 * ``api_peft.rst``: ``automodule`` of :mod:`lowrank_geom.peft` when that module exists.
+* ``strategy_toctree.rst`` and ``docs/strategies/_generated/<name>.rst``: a page, from its
+  docstring, for every registered strategy without a hand-written one (``strategy_pages.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ sys.path.insert(0, str(DOCS))  # publish_results (conversion of the benchmark Ma
 sys.path.insert(0, str(ROOT))  # the package, also when it is not installed
 
 import lowrank_geom  # noqa: E402
+import strategy_pages  # noqa: E402
 from publish_results import SUITES, rst_for_suite  # noqa: E402
 
 project = "lowrank_geom"
@@ -144,6 +147,7 @@ def generate() -> None:
     # the full-size fine-tune comparison (hours; see docs/benchmarks/finetune.rst)
     _write_if_changed(out / "results_finetune_full.rst", _results_rst("finetune", "results/finetune-full"))
     _write_if_changed(out / "api_peft.rst", _api_peft_rst())
+    strategy_pages.generate()
 
 
 generate()

@@ -1,7 +1,8 @@
 """The table of strategies that the generic contract tests run over, built from the registry.
 
-Every strategy the package registers is in it: a new strategy file is checked by every contract
-test without editing anything here. A strategy may add entries to ``EXTRAS`` (its own invalid
+Every discovered strategy is in it (a module of ``lowrank_geom/strategies/`` or an entry point of
+the group ``lowrank_geom.strategies``): a new strategy file is checked by every contract test
+without editing anything here. A strategy may add entries to ``EXTRAS`` (its own invalid
 hyperparameters, the convenience class, options that decouple its pairs) but needs none.
 """
 
@@ -18,7 +19,7 @@ from lowrank_geom import (
     ScaledAdam,
     ScaledGD,
 )
-from lowrank_geom.strategies import Strategy, available_strategies, get_strategy
+from lowrank_geom.strategies import Strategy, discovered_strategies, get_strategy
 
 
 @dataclass
@@ -87,8 +88,9 @@ def _info(name: str) -> StrategyInfo:
 
 
 def shipped_strategies() -> list[str]:
-    """The registered strategies that ship with the package (tests register their own as well)."""
-    return [n for n in available_strategies() if type(get_strategy(n)).__module__.startswith("lowrank_geom.")]
+    """The strategies found by discovery: this package's modules and installed entry points
+    (group ``lowrank_geom.strategies``); not those tests register ad hoc."""
+    return list(discovered_strategies())
 
 
 STRATEGIES = [_info(name) for name in shipped_strategies()]

@@ -65,11 +65,22 @@ def _module_members(module, members: str | None) -> list:
     return [getattr(module, n) for n in names]
 
 
+def _strategy_pages():
+    spec = importlib.util.spec_from_file_location("strategy_pages", DOCS / "strategy_pages.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def documented() -> dict[str, object]:
-    """``{qualified name: object}`` for every object the reST sources document with autodoc."""
+    """``{qualified name: object}`` for every object the reST sources document with autodoc
+    (the generated pages of strategies without a hand-written page included)."""
+    sources = [(path, path.read_text()) for path in _rst_sources()]
+    generated = _strategy_pages().generated_pages()
+    sources += [(DOCS / "strategies" / "_generated" / f"{name}.rst", text) for name, text in generated.items()]
     found: dict[str, object] = {}
-    for path in _rst_sources():
-        lines = path.read_text().splitlines()
+    for path, text in sources:
+        lines = text.splitlines()
         current = None
         for i, line in enumerate(lines):
             m = _DIRECTIVE.match(line)
@@ -134,11 +145,24 @@ def test_peft_public_functions_are_documented():
 
 
 def test_every_registered_strategy_has_a_page():
-    from lowrank_geom import available_strategies
+    """A hand-written page in docs/strategies/, or one generated from the strategy's docstring
+    (docs/strategy_pages.py, written by conf.py before every build)."""
+    from lowrank_geom import available_strategies, get_strategy
 
-    pages = " ".join(p.read_text() for p in (DOCS / "strategies").glob("*.rst"))
-    missing = [name for name in available_strategies() if f'``strategy="{name}"``' not in pages]
-    assert not missing, f"strategies without a page in docs/strategies/: {missing}"
+    pages = _strategy_pages()
+    written, generated = pages.hand_written(), pages.generated_pages()
+    assert set(written) | set(generated) == set(available_strategies())
+    assert {"lora_rite", "scaled_gd", "scaled_adam", "one_sided_adagrad"} <= set(written)
+    for name, text in generated.items():
+        cls = type(get_strategy(name))
+        assert pages.marker(name) in text and f".. autoclass:: {cls.__module__}.{cls.__qualname__}" in text
+        assert (cls.__doc__ or "").strip(), (  # a class's __doc__ is its own, never inherited
+            f"strategy {name!r} has no docstring for its generated page: give {cls.__qualname__} one, "
+            f"or write docs/strategies/{name}.rst saying {pages.marker(name)}"
+        )
+    index = (DOCS / "strategies" / "index.rst").read_text()
+    assert ".. include:: /_generated/strategy_toctree.rst" in index
+    assert all(f"/strategies/_generated/{n}" in pages.toctree(sorted(generated)) for n in generated)
 
 
 def test_every_benchmark_suite_has_a_page():

@@ -23,15 +23,33 @@ def _loss(model) -> torch.Tensor:
 
 
 def test_lists_and_configs_are_consistent():
-    assert O.PACKAGE_OPTIMIZERS == ["lora_rite", "scaled_gd", "scaled_adam", "one_sided_adagrad"]
-    assert O.OPTIMIZERS[:4] == O.PACKAGE_OPTIMIZERS
-    assert len(set(O.OPTIMIZERS)) == len(O.OPTIMIZERS) == 13
-    assert set(O.INVARIANT) == {"lora_rite", "scaled_gd", "pyopt_lora_rite"}
-    assert sorted(p.stem for p in O.CONFIG_DIR.glob("*.json")) == sorted(O.OPTIMIZERS)
+    from lowrank_geom.strategies import discovered_strategies, get_strategy
+
+    # the package's strategies come from the registry, built-in ones first in report order
+    assert sorted(O.PACKAGE_OPTIMIZERS) == sorted(discovered_strategies())
+    assert O.PACKAGE_OPTIMIZERS[:4] == ["lora_rite", "scaled_gd", "scaled_adam", "one_sided_adagrad"]
+    assert O.OPTIMIZERS == O.PACKAGE_OPTIMIZERS + O.EXTERNAL_OPTIMIZERS
+    assert len(set(O.OPTIMIZERS)) == len(O.OPTIMIZERS)
+    claims = {n for n in O.PACKAGE_OPTIMIZERS if get_strategy(n).invariance == "GL(r)"}
+    assert set(O.INVARIANT) == claims | {"pyopt_lora_rite"} and {"lora_rite", "scaled_gd"} <= claims
+    # every config is an optimizer's; only package strategies may go without one (default_config)
+    configs = {p.stem for p in O.CONFIG_DIR.glob("*.json")}
+    assert configs <= set(O.OPTIMIZERS) and set(O.EXTERNAL_OPTIMIZERS) <= configs
     for name in O.OPTIMIZERS:
         cfg = O.load_config(name)
         assert cfg["name"] == name and cfg["lr"]["default"] > 0
         assert O.config_lr(name, "no-such-suite") == cfg["lr"]["default"]
+
+
+def test_a_strategy_without_a_config_runs_at_its_defaults(monkeypatch, tmp_path, model64):
+    # a new strategy file needs no benchmarks/configs entry: it runs untuned until --tune writes one
+    monkeypatch.setattr(O, "CONFIG_DIR", tmp_path)
+    cfg = O.load_config("scaled_gd")
+    assert cfg == O.default_config("scaled_gd") and O.config_lr("scaled_gd", "convex") == 1e-2
+    opt = O.make_optimizer("scaled_gd", model64)
+    assert opt.param_groups[0]["strategy"] == "scaled_gd"
+    with pytest.raises(O.ConfigError, match="no config for optimizer 'adam'"):
+        O.load_config("adam")
 
 
 @pytest.mark.parametrize("name", O.OPTIMIZERS)
