@@ -1,5 +1,8 @@
 """Each strategy has exactly the invariance class it claims; non-invariant optimizers fail the same check.
 
+The table is built from the registry: every discovered strategy, at its defaults, is checked for
+the class its ``invariance`` attribute declares (``VARIANTS`` adds option settings and references).
+
 Gauges ``G`` are drawn by hypothesis with bounded condition number. An invariant optimizer's gap
 is round-off: observed ≤ 1e-14 at cond(G) = 100 over 20 float64 steps; a conservative bound is
 cond(G)² · eps · steps · O(10) ≈ 1e-10, so 1e-9 is the pass threshold. Non-invariant optimizers
@@ -15,17 +18,19 @@ from hypothesis import strategies as st
 
 from lowrank_geom import (
     LoRARITE,
-    OneSidedAdagrad,
-    ScaledAdam,
+    LowRankOptimizer,
     ScaledGD,
     invariance_gap,
     random_gauge,
     scale_gauge,
 )
+from lowrank_geom.strategies import get_strategy
+from tests.strategy_table import shipped_strategies
 
 INVARIANT_TOL = 1e-9
 BROKEN_TOL = 1e-3
 STEPS = 20
+CLASSES = ("GL(r)", "O(r)", "none")
 
 
 def problem(seed: int, m: int = 9, n: int = 7, r: int = 3):
@@ -48,22 +53,30 @@ def pair_opt(cls, **kw):
 PAPER_RITE = dict(escape=True, second_moment="sum", bias_correction=False, row_normalize=False,
                   clip_unmagnified_grad=0.0, update_skipping=0.0)
 
-GL_INVARIANT = {
-    "lora_rite": pair_opt(LoRARITE, lr=0.05),
-    "lora_rite_paper": pair_opt(LoRARITE, lr=0.05, **PAPER_RITE),
-    "lora_rite_options": pair_opt(LoRARITE, lr=0.05, balance=True, weight_decay=0.1, update_capping=0.01),
-    "lora_rite_polar": pair_opt(LoRARITE, lr=0.05, basis="polar"),
-    "scaled_gd": pair_opt(ScaledGD, lr=0.05),
-    "scaled_gd_momentum": pair_opt(ScaledGD, lr=0.05, momentum=0.9, weight_decay=0.01),
+#: learning rates other than 0.05 (elementwise-normalized steps move much further per step)
+LR = {"scaled_adam": 0.01}
+#: variants with options that change (or must keep) the class, and references outside the package
+VARIANTS = {
+    "lora_rite_paper": ("GL(r)", pair_opt(LoRARITE, lr=0.05, **PAPER_RITE)),
+    "lora_rite_options": ("GL(r)", pair_opt(LoRARITE, lr=0.05, balance=True, weight_decay=0.1, update_capping=0.01)),
+    "lora_rite_polar": ("GL(r)", pair_opt(LoRARITE, lr=0.05, basis="polar")),
+    "scaled_gd_momentum": ("GL(r)", pair_opt(ScaledGD, lr=0.05, momentum=0.9, weight_decay=0.01)),
+    "scaled_gd_damped": ("O(r)", pair_opt(ScaledGD, lr=0.05, delta=0.1)),
+    "torch_adam": ("none", lambda a, b: torch.optim.Adam([a, b], lr=0.01)),
 }
-ORTHOGONAL_ONLY = {
-    "scaled_gd_damped": pair_opt(ScaledGD, lr=0.05, delta=0.1),
-    "one_sided_adagrad": pair_opt(OneSidedAdagrad, lr=0.05),
-}
-NOT_INVARIANT = {
-    "scaled_adam": pair_opt(ScaledAdam, lr=0.01),
-    "torch_adam": lambda a, b: torch.optim.Adam([a, b], lr=0.01),
-}
+
+
+def _declared() -> dict[str, tuple[str, object]]:
+    # every discovered strategy at its defaults, checked for the class it declares: no edit here
+    return {name: (get_strategy(name).invariance,
+                   pair_opt(LowRankOptimizer, strategy=name, lr=LR.get(name, 0.05)))
+            for name in shipped_strategies()}
+
+
+TABLE = {**_declared(), **VARIANTS}
+GL_INVARIANT = {k: opt for k, (cls, opt) in TABLE.items() if cls == "GL(r)"}
+ORTHOGONAL_ONLY = {k: opt for k, (cls, opt) in TABLE.items() if cls == "O(r)"}
+NOT_INVARIANT = {k: opt for k, (cls, opt) in TABLE.items() if cls == "none"}
 
 # 12 examples per class: each runs 2 × 20 optimizer steps; classes are wide apart (see above)
 few = settings(max_examples=12)
@@ -117,9 +130,10 @@ def test_non_invariant_optimizers_fail_the_check(name, seed):
 
 
 def test_strategy_metadata_matches_the_measured_classes():
-    from lowrank_geom.strategies import get_strategy
-
-    assert get_strategy("lora_rite").invariance == "GL(r)"
-    assert get_strategy("scaled_gd").invariance == "GL(r)"
-    assert get_strategy("one_sided_adagrad").invariance == "O(r)"
-    assert get_strategy("scaled_adam").invariance == "none"
+    """Every discovered strategy declares a class the tests above can check (and so are checked
+    for it); the built-in ones keep the classes their papers prove."""
+    bad = {n: cls for n, (cls, _) in _declared().items() if cls not in CLASSES}
+    assert not bad, f"Strategy.invariance must be one of {CLASSES} (the classes tested here), got {bad}"
+    assert set(_declared()) <= set(GL_INVARIANT) | set(ORTHOGONAL_ONLY) | set(NOT_INVARIANT)
+    builtin = {"lora_rite": "GL(r)", "scaled_gd": "GL(r)", "one_sided_adagrad": "O(r)", "scaled_adam": "none"}
+    assert {n: get_strategy(n).invariance for n in builtin} == builtin
