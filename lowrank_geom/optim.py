@@ -10,14 +10,15 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import defaultdict
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 from torch.optim import Optimizer
 
 from lowrank_geom import distributed, fallback
-from lowrank_geom.geometry import PSDNumericsError, compute_dtype
-from lowrank_geom.pairs import LoRAPair, factor_view
+from lowrank_geom.buckets import Active, Bucket, Gathered, PairRef, SkipReport, bucket_key, build_buckets
+from lowrank_geom.geometry import PSDNumericsError
+from lowrank_geom.pairs import LoRAPair
 from lowrank_geom.strategies import PairBatch, PairUpdate, Strategy, get_strategy
 
 #: keys that torch's lr schedulers add to param groups; accepted in any group.
@@ -42,8 +43,6 @@ _UNSUPPORTED = {
 _DRIVER_KEYS = ("strategy", "nonfinite", "compile", *_TORCH_OPTIONS)
 #: param-group keys a compiled strategy update never reads (guarding on them would recompile)
 _NOT_HYPERPARAMETERS = ("params", "rank_dims", "pair_names", "compile", *_TORCH_OPTIONS, *_SCHEDULER_KEYS)
-#: keys of A's state that belong to the driver (float32 scalars); strategies never see them
-_DRIVER_STATE = ("step", "nonfinite_skips", "update_skips")
 
 
 def _check_driver_options(group: dict[str, Any], where: str) -> None:
@@ -195,6 +194,7 @@ class LowRankOptimizer(Optimizer):
                     f"(shape {tuple(p.shape)}); each tensor may appear once"
                 )
         self.param_groups.append(group)
+        self.__dict__.pop("_bucket_sets", None)  # group indices and pairs may have changed
 
     def _pair_group(self, g: dict[str, Any], index: int) -> dict[str, Any]:
         raw = g.pop("pairs")
@@ -272,162 +272,88 @@ class LowRankOptimizer(Optimizer):
         return loss
 
     def _step_pairs(self, group: dict[str, Any]) -> None:
-        """One step of every pair with gradients in ``group``, batched by (shapes, layout, dtype, device).
-
-        Per bucket the factors and gradients are stacked in their stored layout (one contiguous
-        copy each) and viewed as ``(P, rows, r)``; the state stays stacked between steps: each
-        pair's ``self.state[p][k]`` is a view ``stacked[i]`` of the bucket's tensor, so the next
-        step reuses the stacked tensor as long as every view is still in place (a checkpoint load
-        or any replacement of a state tensor rebuilds the stack from the per-parameter tensors).
-        """
+        """One step of every pair with gradients in ``group``: per bucket (:mod:`lowrank_geom.buckets`)
+        gather a batch, update all batches of the group at once, apply each."""
         strat = self._strategy(group["strategy"])
         try:  # the group may have changed since construction (schedulers, user code): a few comparisons
             strat.validate(group)
             _check_driver_options(group, "")
         except ValueError as err:
             raise ValueError(f"param group {self._group_index(group)} (changed mid-run?): {err}") from None
-        buckets: dict[tuple, list] = defaultdict(list)
-        alone = group.get("foreach") is False  # one pair per batch
-        for i, (a, b, ad, bd, name) in enumerate(self._pairs(group)):
+        gathered = self._gather(strat, group)
+        if not gathered:
+            return
+        updates = self._update(strat, group, gathered)
+        report = SkipReport()
+        for g, upd in zip(gathered, updates):
+            g.bucket.apply(g, upd, self.state, report)
+        if not self.__dict__.get("_warned_update_skips") and report.every_pair_skipped():
+            self._warned_update_skips = True
+            warnings.warn(self._all_skipped_message(group), UserWarning, stacklevel=3)
+
+    def _gather(self, strat: Strategy, group: dict[str, Any]) -> list[Gathered]:
+        """Each bucket's batch of the pairs that have gradients (buckets rebuilt once if the model
+        was moved or cast since they were built)."""
+        for _ in range(2):
+            try:
+                return [bucket.gather(active, self.state, strat, group)
+                        for bucket in self._buckets(group)
+                        if (active := self._active(bucket, strat, group))]
+            except _Rebucket:
+                continue
+        raise RuntimeError("the pairs' shapes, dtypes or devices keep changing during the step")
+
+    def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
+        """The buckets of ``group``, built once; rebuilt when its pairs or ``foreach`` changed, and after
+        :meth:`add_param_group` or :meth:`load_state_dict` (which drop them all)."""
+        index = self._group_index(group)
+        sets = self.__dict__.setdefault("_bucket_sets", {})
+        alone = group.get("foreach") is False
+        kept = sets.get(index)
+        if kept is None or kept.params is not group["params"] or kept.alone != alone:
+            refs = [PairRef(a, b, ad, bd, name) for a, b, ad, bd, name in self._pairs(group)]
+            kept = sets[index] = _BucketSet(group["params"], alone, build_buckets(refs, alone))
+        return kept.buckets
+
+    def _active(self, bucket: Bucket, strat: Strategy, group: dict[str, Any]) -> list[Active]:
+        """The pairs of ``bucket`` with gradients, as local tensors (DTensor shards under FSDP2)."""
+        active = []
+        for i, ref in enumerate(bucket.pairs):
+            a, b = ref.a, ref.b
             if a.grad is None and b.grad is None:
                 continue
             if a.grad is None or b.grad is None:
-                missing = "A" if a.grad is None else "B"
                 raise RuntimeError(
-                    f"{name}: factor {missing} has no gradient while the other has one; a LoRA "
-                    "pair is optimized jointly (leave a frozen factor out of the optimizer)"
+                    f"{ref.name}: factor {'A' if a.grad is None else 'B'} has no gradient while the other "
+                    "has one; a LoRA pair is optimized jointly (leave a frozen factor out of the optimizer)"
                 )
             if a.grad.is_sparse or b.grad.is_sparse:
-                raise RuntimeError(f"LowRankOptimizer does not support sparse gradients ({name})")
-            # plain tensors as they are; DTensors (FSDP2) as their local shards, see distributed.py.
-            # The key has the global shapes: same-layout pairs then have same-shape local shards
-            # on every rank, and every rank forms the same buckets (so the same collectives).
-            layout, loc = distributed.localize(a, b, ad, bd, name, strat, group)
-            key = (tuple(a.shape), ad % a.ndim, tuple(b.shape), bd % b.ndim, a.dtype, a.device, layout) + ((i,) if alone else ())
-            buckets[key].append((a, b, name, loc))
-        if not buckets:
-            return
-
-        compiled = group.get("compile", False)
-        cache = self.__dict__.setdefault("_stacked_state", {})
-        batches, members, masks = [], [], []
-        for (_, ad, _, bd, dtype, device, _layout, *_), items in buckets.items():
-            cdt = compute_dtype(dtype)
-            # the parameters key the state; their local tensors (the parameters themselves unless
-            # DTensors) are read and written
-            pa = [it[0] for it in items]
-            pb = [it[1] for it in items]
-            la = [it[3].a for it in items]
-            lb = [it[3].b for it in items]
-            row_reduce = items[0][3].row_reduce
-            self._ensure_state(strat, group, items, ad, bd, cdt, device)
-            full_a, hit_a = _cached_stack(cache, self.state, pa, "a")
-            state_b, hit_b = _cached_stack(cache, self.state, pb, "b")
-            # storages the members' state views: on a cache hit exactly the cached stacks
-            views = [v for st in (full_a, state_b) for v in st.values()] if hit_a and hit_b else \
-                [v for p in pa + pb for v in self.state[p].values() if isinstance(v, torch.Tensor)]
-            ws = _Workspace(self.__dict__.setdefault("_workspaces", {}), tuple(map(id, pa)), views)
-            a_s = _stacked_view(torch.stack(la, out=ws.empty("a", (len(la),) + la[0].shape, dtype, device)), ad).to(cdt)
-            b_s = _stacked_view(torch.stack(lb, out=ws.empty("b", (len(lb),) + lb[0].shape, dtype, device)), bd).to(cdt)
-            ga = [it[3].grad_a for it in items]
-            gb = [it[3].grad_b for it in items]
-            ga = _stacked_view(torch.stack(ga, out=ws.empty("grad_a", (len(ga),) + ga[0].shape, ga[0].dtype, device)), ad).to(cdt)
-            gb = _stacked_view(torch.stack(gb, out=ws.empty("grad_b", (len(gb),) + gb[0].shape, gb[0].dtype, device)), bd).to(cdt)
-            if group.get("maximize", False):  # the strategies minimize: they step along −∇ (our copies)
-                ga, gb = ga.neg_(), gb.neg_()
-            # a sum is non-finite iff some entry is (or, for |entries| ~ 1e38, overflows): one pass
-            finite = torch.isfinite(ga.sum(dim=(1, 2)) + gb.sum(dim=(1, 2)))
-            if row_reduce is not distributed.identity:
-                # row shards: a pair is skipped on every rank if any rank's shard is non-finite
-                finite = row_reduce((~finite).to(cdt)) == 0
-            # one host sync per bucket buys the common all-finite case every masking pass below
-            all_finite = bool(finite.all())
-            if group["nonfinite"] == "raise" and not all_finite:
-                bad = [it[2] for it, ok in zip(items, finite.tolist()) if not ok]
-                raise FloatingPointError(f"non-finite gradient in {', '.join(bad)}")
-            if not all_finite:
-                keep = finite.view(-1, 1, 1)
-                ga = torch.where(keep, ga, torch.zeros((), dtype=cdt, device=device))
-                gb = torch.where(keep, gb, torch.zeros((), dtype=cdt, device=device))
-            state_a = {k: v for k, v in full_a.items() if k not in _DRIVER_STATE}
-            if compiled and row_reduce is not distributed.identity:
+                raise RuntimeError(f"LowRankOptimizer does not support sparse gradients ({ref.name})")
+            # plain tensors as they are; DTensors (FSDP2) as their local shards, see distributed.py
+            layout, loc = distributed.localize(a, b, ref.a_rank_dim, ref.b_rank_dim, ref.name, strat, group)
+            if bucket_key(ref, layout) != bucket.key:  # the model was moved or cast since the buckets were built
+                self.__dict__.pop("_bucket_sets", None)
+                raise _Rebucket
+            if group.get("compile", False) and layout.kind == "row_sharded":
                 raise NotImplementedError(
-                    f"{items[0][2]}: compile=True is not supported for row-sharded (FSDP2) factors "
-                    "yet (the all-reduces would be traced); use compile=False for this param group"
+                    f"{ref.name}: compile=True is not supported for row-sharded (FSDP2) factors yet "
+                    "(the all-reduces would be traced); use compile=False for this param group"
                 )
-            # compiled: the strategy's large outputs are the compiler's to allocate (no out= buffers)
-            batches.append(PairBatch(a_s, b_s, ga, gb, state_a, state_b, full_a["step"], row_reduce,
-                                     *(() if compiled else (ws,))))
-            members.append((pa, pb, la, lb, ad, bd, full_a))
-            masks.append(None if all_finite else finite)
+            active.append(Active(i, loc))
+        return active
 
+    def _update(self, strat: Strategy, group: dict[str, Any], gathered: list[Gathered]) -> list[PairUpdate]:
+        """The strategy's updates of every batch of the group (compiled with ``compile=True``)."""
+        batches = [g.batch for g in gathered]
         try:
-            if compiled:
-                updates = self._compiled_update(strat, group, batches)
-            else:
-                updates = strat.update(batches, group)
+            if group.get("compile", False):
+                return self._compiled_update(strat, group, batches)
+            return strat.update(batches, group)
         except PSDNumericsError as err:
             # psd.py only knows the matrix; what the driver checked belongs in the message
-            dtypes = {m[2][0].dtype for m in members}  # the factors' own dtypes (batches: compute)
-            msg = self._psd_failure(group, batches, masks, dtypes, err)
+            dtypes = {g.bucket.dtype for g in gathered}  # the factors' own dtypes (batches: compute)
+            msg = self._psd_failure(group, batches, [g.finite for g in gathered], dtypes, err)
             raise PSDNumericsError(msg) from err
-        report = _SkipReport()
-        for batch, upd, (pa, pb, la, lb, ad, bd, full_a), finite in zip(batches, updates, members, masks):
-            delta_a, delta_b, new_a, new_b = upd[:4]
-            if finite is None:
-                step, skips = batch.step + 1.0, full_a["nonfinite_skips"]
-                _apply(la, delta_a, ad, upd.scale, upd.decay)
-                _apply(lb, delta_b, bd, upd.scale, upd.decay)
-            else:
-                delta_a, delta_b = upd.additive(batch.a, batch.b)
-                keep = finite.view(-1, 1, 1)
-                delta_a = torch.where(keep, delta_a, torch.zeros((), dtype=delta_a.dtype, device=keep.device))
-                delta_b = torch.where(keep, delta_b, torch.zeros((), dtype=delta_b.dtype, device=keep.device))
-                new_a = _select_state(finite, new_a, batch.state_a)
-                new_b = _select_state(finite, new_b, batch.state_b)
-                fin = finite.to(torch.float32)
-                step, skips = batch.step + fin, full_a["nonfinite_skips"] + (1.0 - fin)
-                _apply(la, delta_a, ad, 1.0, 0.0)
-                _apply(lb, delta_b, bd, 1.0, 0.0)
-            update_skips = report.count(upd.skipped, finite, full_a["update_skips"])
-            # keys a strategy does not return keep their stacked value
-            counters = {"step": step, "nonfinite_skips": skips, "update_skips": update_skips}
-            _install(cache, self.state, pa, "a", {**full_a, **new_a, **counters})
-            _install(cache, self.state, pb, "b", {**batch.state_b, **new_b})
-        if not self.__dict__.get("_warned_update_skips") and report.every_pair_skipped():
-            self._warned_update_skips = True
-            warnings.warn(self._all_skipped_message(group), UserWarning, stacklevel=2)
-
-    def _ensure_state(self, strat: Strategy, group: dict[str, Any], items: list, ad: int, bd: int,
-                      cdt: torch.dtype, device: torch.device) -> None:
-        """Create the state of new pairs, and fit existing state to the current hyperparameters.
-
-        A hyperparameter switched mid-run (a scheduler's momentum, an option turned on) may need
-        state keys that the pair's state lacks, or leave some unused:
-        :meth:`~lowrank_geom.strategies.Strategy.reconcile_state` adds (as ``init`` makes them)
-        or drops those, or refuses the switch naming the option."""
-        keys_a, keys_b = strat.state_keys(group, cdt)
-        for a, b, _, loc in items:
-            sa, sb = self.state[a], self.state[b]
-            if not sa:
-                new_a, new_b = strat.init(factor_view(loc.a, ad).to(cdt), factor_view(loc.b, bd).to(cdt), group)
-                sa.update({k: _scalar(device) for k in _DRIVER_STATE}, **new_a)
-                sb.update(new_b)
-                continue
-            # state from a checkpoint that predates a driver counter: it counts from here on
-            for k in _DRIVER_STATE:
-                if k not in sa:
-                    sa[k] = _scalar(device)
-            own_a = {k: v for k, v in sa.items() if k not in _DRIVER_STATE}
-            if own_a.keys() == keys_a and sb.keys() == keys_b:
-                continue
-            new_a, new_b = strat.reconcile_state(
-                factor_view(loc.a, ad).to(cdt), factor_view(loc.b, bd).to(cdt), own_a, dict(sb), group)
-            for k in own_a.keys() - new_a.keys():
-                del sa[k]
-            sa.update(new_a)
-            sb.clear()
-            sb.update(new_b)
 
     def _group_index(self, group: dict[str, Any]) -> int:
         # by identity: == on param groups would compare their tensors
@@ -558,6 +484,7 @@ class LowRankOptimizer(Optimizer):
             group["params"] = cur["params"]
             groups.append(group)
         self.__setstate__({"state": state, "param_groups": groups})
+        self.__dict__.pop("_bucket_sets", None)  # new state tensors: the buckets' stacks are stale
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
@@ -668,145 +595,6 @@ def _validate_pair(pair: LoRAPair, label: str) -> None:
         raise ValueError(f"{label}: rank r={ra} exceeds min(m, n) = min({m}, {n})")
 
 
-def _stacked_view(x: torch.Tensor, rank_dim: int) -> torch.Tensor:
-    """``(P, *stored)`` stacked factors as ``(P, rows, r)``: :func:`factor_view` of each, a view for 2-D factors."""
-    moved = x.movedim(rank_dim + 1, -1)
-    return moved.reshape(moved.shape[0], -1, moved.shape[-1])
-
-
-def _unstacked(y: torch.Tensor, like: torch.Tensor, rank_dim: int) -> list[torch.Tensor]:
-    """Inverse of :func:`_stacked_view`: per-pair views of ``(P, rows, r)`` in the stored layout of ``like``."""
-    moved_shape = like.movedim(rank_dim, -1).shape
-    return list(y.reshape((y.shape[0],) + tuple(moved_shape)).movedim(-1, rank_dim + 1).unbind(0))
-
-
-def _apply(params: list[torch.Tensor], delta: torch.Tensor, rank_dim: int, scale, decay) -> None:
-    """``p ← (1 − decay)·p + scale·δ_p`` in place for every parameter, with foreach kernels."""
-    # 0-dim CPU tensors (a compiled update's lr) as numbers: no extra pass over δ, no device sync
-    scale, decay = (float(x) if isinstance(x, torch.Tensor) and x.device.type == "cpu" else x for x in (scale, decay))
-    if isinstance(decay, torch.Tensor) or decay != 0:
-        torch._foreach_mul_(params, 1.0 - decay)
-    if isinstance(scale, torch.Tensor):
-        delta = delta * scale.to(delta)
-        scale = 1.0
-    torch._foreach_add_(params, _unstacked(delta, params[0], rank_dim), alpha=scale)
-
-
-class _Workspace:
-    """Buffers of one bucket kept between steps, for its stacked factors and gradients and for the
-    strategy's large outputs (``PairBatch.workspace``): fresh multi-MB tensors every step cost a
-    page fault per 4 KiB here, about as much as the arithmetic.
-
-    ``empty(name, shape)`` returns one of two rotating buffers of that name, never one whose
-    storage a state tensor of the bucket's pairs still views. Buffers belong to one member list;
-    a new member list drops the buffers of overlapping ones (state views keep those alive), so a
-    buffer can only be viewed by the state of its own members, which is what is checked.
-    """
-
-    def __init__(self, store: dict, members: tuple, views: list[torch.Tensor]) -> None:
-        self.store, self.members = store, members
-        if not any(k[0] == members for k in store):
-            for k in [k for k in store if set(k[0]) & set(members)]:
-                del store[k]
-        self.in_use = {v.untyped_storage().data_ptr() for v in views}
-
-    def empty(self, name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
-        shape = tuple(shape)
-        bufs = self.store.get((self.members, name))
-        if bufs is None or bufs[0].shape != shape or bufs[0].dtype != dtype or bufs[0].device != device:
-            bufs = self.store[(self.members, name)] = [torch.empty(shape, dtype=dtype, device=device) for _ in range(2)]
-        for buf in bufs:
-            ptr = buf.untyped_storage().data_ptr()
-            if ptr not in self.in_use:
-                self.in_use.add(ptr)  # one live tensor per name and step
-                return buf
-        return torch.empty(shape, dtype=dtype, device=device)
-
-    def __call__(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        return self.empty(name, like.shape, like.dtype, like.device)
-
-
-def _cached_stack(cache: dict, state: dict, params: list[torch.Tensor], side: str) -> tuple[dict[str, torch.Tensor], bool]:
-    """The stacked state of ``params`` and whether it is the cached stack (every ``state[p][k]`` still its view) or a fresh ``torch.stack``."""
-    key = (side, tuple(id(p) for p in params))
-    hit = cache.get(key)
-    if hit is not None:
-        stacked, views = hit
-        if all(
-            len(state[p]) == len(stacked) and all(state[p].get(k) is views[k][i] for k in stacked)
-            for i, p in enumerate(params)
-        ):
-            return dict(stacked), True
-    keys = list(state[params[0]])
-    return {k: _stack_like([state[p][k] for p in params]) for k in keys}, False
-
-
-def _stack_like(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.stack`` that keeps the members' memory layout (their dim order by stride).
-
-    A strategy's outputs may be transposed views (:func:`~lowrank_geom.strategies.base.workspace_like`),
-    so an uninterrupted run keeps such state; matrix products round differently on another layout,
-    so a resumed run must rebuild the same one to continue bit for bit."""
-    first = tensors[0]
-    if first.ndim < 2 or first.is_contiguous():
-        return torch.stack(tensors)
-    order = sorted(range(first.ndim), key=lambda d: -first.stride(d))  # outermost dim first
-    stacked = torch.stack([t.permute(order) for t in tensors])
-    inverse = sorted(range(first.ndim), key=order.__getitem__)
-    return stacked.permute([0] + [1 + d for d in inverse])
-
-
-def _install(cache: dict, state: dict, params: list[torch.Tensor], side: str, new: dict[str, torch.Tensor]) -> None:
-    """Make ``state[p_i][k]`` the view ``new[k][i]`` for every key and remember the stack for the next step."""
-    views = {k: v.unbind(0) for k, v in new.items()}
-    for i, p in enumerate(params):
-        sp = state[p]
-        for k, vs in views.items():
-            sp[k] = vs[i]
-    key = (side, tuple(id(p) for p in params))
-    # one cached stack per side and member list; drop stacks of other member lists of these params
-    for other in [k for k in cache if k[0] == side and k != key and set(k[1]) & set(key[1])]:
-        del cache[other]
-    cache[key] = (dict(new), views)
-
-
-class _SkipReport:
-    """One step of one param group: each batch's :attr:`PairUpdate.skipped`, counted for pairs
-    with finite gradients, and whether every pair that stepped had both factor updates skipped."""
-
-    def __init__(self) -> None:
-        self.complete = True  # every batch reported ``skipped``
-        self.all_both: list[torch.Tensor] = []
-        self.stepped: list[torch.Tensor] = []
-
-    def count(
-        self, skipped: torch.Tensor | None, finite: torch.Tensor | None, total: torch.Tensor
-    ) -> torch.Tensor:
-        """``total`` ``(P,)`` plus this batch's counted skips (on the device: no sync)."""
-        if skipped is None:
-            self.complete = False
-            return total
-        counted = skipped.to(device=total.device, dtype=torch.float32).reshape(total.shape)
-        both = counted >= 2
-        if finite is not None:
-            # a pair the driver skipped (non-finite gradient) is counted by nonfinite_skips only
-            counted = counted * finite.to(torch.float32)
-            both = (counted >= 2) | ~finite
-            self.stepped.append(finite.any())
-        else:
-            self.stepped.append(torch.ones((), dtype=torch.bool, device=total.device))
-        self.all_both.append(both.all())
-        return total + counted
-
-    def every_pair_skipped(self) -> bool:
-        """One host sync, and only when every batch reported ``skipped``."""
-        if not self.complete or not self.all_both:
-            return False
-        dev = self.all_both[0].device
-        both = torch.stack([t.to(dev) for t in self.all_both]).all()
-        return bool(both & torch.stack([t.to(dev) for t in self.stepped]).any())
-
-
 def _loaded(value: Any, p: torch.Tensor, key: str, rank_dim: int | None) -> Any:
     """A checkpoint's state value for parameter ``p`` (``rank_dim``: ``p``'s in its pair, None
     outside pairs): pair state keeps its dtype and moves to ``p``'s device as a copy, a DTensor
@@ -824,19 +612,16 @@ def _loaded(value: Any, p: torch.Tensor, key: str, rank_dim: int | None) -> Any:
     return value.to(device=p.device)
 
 
-def _scalar(device: torch.device) -> torch.Tensor:
-    """A driver counter: a 0-dim float32 zero."""
-    return torch.zeros((), dtype=torch.float32, device=device)
+class _BucketSet(NamedTuple):
+    """A param group's buckets and what they were built for (its params list, ``foreach=False``)."""
+
+    params: list
+    alone: bool
+    buckets: list[Bucket]
 
 
-def _select_state(finite: torch.Tensor, new: dict, old: dict) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in new.items():
-        if k in old:
-            keep = finite.view((-1,) + (1,) * (v.ndim - 1))
-            v = torch.where(keep, v, old[k].to(v.dtype))
-        out[k] = v
-    return out
+class _Rebucket(Exception):
+    """Raised inside a step when a pair no longer fits its bucket: rebuild the buckets and gather again."""
 
 
 class LoRARITE(LowRankOptimizer):

@@ -222,3 +222,23 @@ def test_import_loads_no_optional_or_upper_package():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def _body_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Lines of a function without its docstring."""
+    first = node.body[0]
+    doc = first.end_lineno - first.lineno + 1 if (
+        isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str)
+    ) else 0
+    return node.end_lineno - node.lineno + 1 - doc
+
+
+def test_no_function_is_longer_than_60_lines():
+    """Functions short enough to read at once: at most 60 lines, docstrings aside."""
+    long = [
+        f"{path.relative_to(PACKAGE_DIR.parent)}:{node.lineno} {node.name} ({_body_lines(node)} lines)"
+        for path in sorted(PACKAGE_DIR.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _body_lines(node) > 60
+    ]
+    assert not long, "functions over 60 lines:\n" + "\n".join(long)
