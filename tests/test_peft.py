@@ -7,7 +7,6 @@ Tiny models are built locally; nothing is downloaded.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
@@ -358,11 +357,6 @@ def test_optimizer_trains_a_peft_model_with_a_fallback_group():
         opt.step()
     q_pair = next(p for p in pairs if short(p)[0] == "q")
     assert torch.count_nonzero(q_pair.a) > 0 and torch.isfinite(q_pair.a).all()
-
-
-def test_importing_the_package_does_not_import_peft():
-    code = "import lowrank_geom, sys; assert 'peft' not in sys.modules and 'transformers' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_missing_peft_raises_import_error_naming_the_extra(monkeypatch):

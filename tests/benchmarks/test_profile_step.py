@@ -8,7 +8,9 @@ from benchmarks import profile_step
 def test_profile_lists_the_operators_of_a_lora_rite_step():
     total, rows = profile_step.profile("lora_rite", r=4, steps=2, warmup=1, layers=1, top=50)
     assert total > 0 and rows
-    assert all(calls >= 1 and ms >= 0 for _, calls, ms in rows)
+    assert all(calls >= 1 for _, calls, _ in rows)
+    # the listed rows are the top of the per-operator self times, which sum to the total
+    assert sum(ms for _, _, ms in rows) <= total * (1 + 1e-9)
     names = {key for key, _, _ in rows}
     # the Gram engine's GEMMs and its one batched eigendecomposition are there
     assert any("bmm" in k or "matmul" in k or "baddbmm" in k for k in names), names

@@ -239,6 +239,7 @@ def test_inner_broadcasts_the_batch_of_x_and_checks_shapes(metric):
     assert man.component_inner(x, one).shape == (4, 1, 1)  # geoopt's RiemannianAdam uses this
     assert man.norm(x, one).shape == (4,)
     looped = torch.stack([man.inner(x[i], one) for i in range(4)])
+    # float64, one batched call vs a loop: only the summation order may differ (~1e-16 each)
     torch.testing.assert_close(got, looped, rtol=1e-12, atol=0)
     # x, u and v broadcast together: (4, 1) with (3,) gives (4, 3)
     assert man.inner(x.unsqueeze(1), u[:3]).shape == (4, 3)
@@ -522,6 +523,8 @@ def test_low_precision_inputs_compute_in_float32():
     man, x, u, _ = _setup("preconditioned", torch.float64, (5, 4, 2), seed=0)
     p = man.proju(x.bfloat16(), u.bfloat16())
     assert p.dtype == torch.bfloat16 and torch.isfinite(p).all()
+    # the bf16 inputs themselves carry relative errors up to 2^-8 ≈ 4e-3 each; proju combines
+    # them through O(1)-conditioned Grams and rounds its output to bf16 again: 0.05 is ~10× that
     torch.testing.assert_close(p.double(), man.proju(x, u), rtol=0.05, atol=0.05)
 
 
