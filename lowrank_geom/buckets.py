@@ -134,11 +134,8 @@ class Bucket:
     def _stacked(self, state: Any, params: list[torch.Tensor], side: str) -> tuple[dict[str, torch.Tensor], bool]:
         """The stacked state of ``params``: the kept stacks if every ``state[p][k]`` is still their view, else rebuilt."""
         kept = self.stacks.get(side)
-        if kept is not None:
-            stacked, views = kept
-            if all(len(state[p]) == len(stacked) and all(state[p].get(k) is views[k][i] for k in stacked)
-                   for i, p in enumerate(params)):
-                return dict(stacked), True
+        if kept is not None and _still_views(state, params, *kept):
+            return dict(kept[0]), True
         keys = list(state[params[0]])
         return {k: stack_like([state[p][k] for p in params]) for k in keys}, False
 
@@ -176,6 +173,16 @@ class Bucket:
             for k, vs in views.items():
                 sp[k] = vs[i]
         self.stacks[side] = (dict(new), views)
+
+
+def _still_views(state: Any, params: list[torch.Tensor], stacked: dict, views: dict) -> bool:
+    """Whether every ``state[p][k]`` is still the view ``views[k][i]`` (nothing replaced or added)."""
+    columns = [(k, views[k]) for k in stacked]
+    for i, p in enumerate(params):
+        sp = state[p]  # hashing a tensor key costs: once per pair
+        if len(sp) != len(columns) or not all(sp.get(k) is col[i] for k, col in columns):
+            return False
+    return True
 
 
 def bucket_key(ref: PairRef, layout: distributed.Layout) -> tuple:
