@@ -26,6 +26,25 @@ ratio to ``torch.optim.Adam(foreach=True)`` (config ``adam``) measured in the sa
   repeated steps on fixed gradients would shrink them towards denormals; its timed function first
   restores the gradients (``torch._foreach_copy_``), and the separately timed copy is subtracted.
 
+* **Targets** (the Targets table): each timed ratio comes from ``targets["repeats"]`` (≥ 5)
+  *interleaved* repeats on the main set (:func:`interleaved_repeats`): every optimizer a target
+  needs at that rank is built and warmed up on one shared :class:`ParamSet`, then repeat ``k``
+  times each once — the median of the steps that fit in a short ``targets["min_run_time"]``, at
+  least one — in the list's order rotated by ``k`` (each gets its own factor values and the fixed
+  gradients back before its turn, untimed). A ratio is computed per repeat from the two times of
+  that repeat, so a slow spell of the machine hits numerator and denominator alike; the table
+  shows the median and the min–max over the repeats, the JSON every repeat's value and order, and
+  met/missed follows the median. The ratios: LoRA-RITE, ScaledGD and ScaledAdam to Adam(foreach)
+  at r = 16 (≤ 1.5, 1.2, 1.2), ScaledAdam and LoRA-RITE to ``peft_riemannian`` at r = 16,
+  pytorch_optimizer's LoRARite to ours at every rank (≥ 8), and at r = 64 LoRA-RITE to the floor.
+* **Floor** (:func:`floor_fn`, r = 64 at the default size): the work a LoRA-RITE step cannot
+  avoid, timed alone in the same repeats — the Grams ``AᵀA`` and ``BᵀB`` of every pair (float32
+  ``torch.bmm`` per bucket of same-shape pairs over factors stacked beforehand) and one batched
+  ``torch.linalg.eigh`` of the two ``r×r`` second moments per pair (fixed SPD matrices). Target:
+  the step within 1.3× of it. At r = 64 the ``r³`` eigendecompositions and the ``(m+n)r²`` Grams
+  are what grows faster than Adam's ``(m+n)r``, so the step is judged against them rather than
+  against Adam.
+
 On CUDA (when available) every step is followed by ``torch.cuda.synchronize()`` and the peak memory
 allocated during the timed steps is recorded.
 
@@ -40,7 +59,9 @@ Sizes (wall time on this idle 2-core CPU): ``quick`` a tiny set (4 layers, hidde
 one thread; ≈3 s plus imports), ``default`` Gemma-2B shapes at r ∈ {8, 16, 64}, the 7B set at
 r = 16 and the m sweep to 2048 (Shampoo only in the sweep, up to m = 512), ``full`` adds
 Shampoo's 1-layer Gemma subset at every r and m = 4096, with ``min_run_time`` 1 s, and the
-compiled step. ``--compile`` (any size whose main set has
+compiled step. The targets' interleaved repeats add ≈25 s at the default size (5 repeats, 0.2 s
+turns; at r = 64 a turn of LoRA-RITE or pytorch_optimizer's LoRARite is one ≈0.9 s step), 9
+repeats of 0.5 s at ``full``. ``--compile`` (any size whose main set has
 r = 16) also times ``lora_rite``, ``scaled_gd`` and ``scaled_adam`` with ``compile=True`` there. Run-to-run spread of the
 medians on this shared VM is up to ±30 % (Adam(foreach) on Gemma r=16 measured 8.5–14 ms).
 """
