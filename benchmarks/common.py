@@ -15,8 +15,9 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -48,11 +49,16 @@ def git_sha() -> str:
     """The commit the benchmark ran on (``unknown`` outside a git checkout)."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
             cwd=Path(__file__).resolve().parent,
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
             cwd=Path(__file__).resolve().parent,
         ).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "")
@@ -65,7 +71,7 @@ def _version(module: str) -> str:
         from importlib.metadata import version
 
         return version(module)
-    except Exception:  # noqa: BLE001 - a missing optional package is reported, not fatal
+    except Exception:
         return "not installed"
 
 
@@ -172,7 +178,7 @@ def progress(iterable: Iterable, ctx: RunContext, desc: str, total: int | None =
 class Stopwatch:
     """``with Stopwatch() as sw: ...; sw.seconds``."""
 
-    def __enter__(self) -> "Stopwatch":
+    def __enter__(self) -> Stopwatch:
         self._t0 = time.perf_counter()
         return self
 

@@ -71,24 +71,44 @@ CLAIM_OVERRIDES: dict[str, dict[str, Any]] = {"scaled_gd": {}, "sgd": {"momentum
 SIZES: dict[str, dict[str, Any]] = {
     "quick": dict(
         problems={"sensing": dict(n=30, r=2), "completion": dict(n=150, r=2, p=0.3)},
-        cap_scaled=800, cap_gd=2500, cap_all=200, patience=100, max_seconds_all=1.0, kappas_all=[10],
-        imbalance_scales=[10.0], imbalance_kappa=10, imbalance_problems=["sensing"],
+        cap_scaled=800,
+        cap_gd=2500,
+        cap_all=200,
+        patience=100,
+        max_seconds_all=1.0,
+        kappas_all=[10],
+        imbalance_scales=[10.0],
+        imbalance_kappa=10,
+        imbalance_problems=["sensing"],
         all_problems={"sensing": dict(n=30, r=2)},
     ),
     "default": dict(
         problems={"sensing": dict(n=40, r=4), "completion": dict(n=400, r=5, p=0.2)},
-        cap_scaled=2000, cap_gd={"sensing": 14000, "completion": 8000}, cap_all=600, patience=200,
+        cap_scaled=2000,
+        cap_gd={"sensing": 14000, "completion": 8000},
+        cap_all=600,
+        patience=200,
         # GD at κ = 1000 needs ~10⁵ iterations (10× κ = 100's), beyond any affordable cap: a short
         # cap reports the same "not reached" (the caps above are sized for κ = 100)
         cap_gd_kappa={1000: 1000},
-        max_seconds_all=6.0, kappas_all=[10], imbalance_scales=[100.0], imbalance_kappa=10,
+        max_seconds_all=6.0,
+        kappas_all=[10],
+        imbalance_scales=[100.0],
+        imbalance_kappa=10,
         # parts 2 and 3 on sensing only: it shows what completion shows at a third of the cost
-        imbalance_problems=["sensing"], all_problems={"sensing": dict(n=40, r=4)},
+        imbalance_problems=["sensing"],
+        all_problems={"sensing": dict(n=40, r=4)},
     ),
     "full": dict(
         problems={"sensing": dict(n=200, r=10), "completion": dict(n=1000, r=10, p=0.2)},
-        cap_scaled=1000, cap_gd={"sensing": 2000, "completion": 80000}, cap_all=5000, patience=1000,
-        max_seconds_all=120.0, kappas_all=KAPPAS, imbalance_scales=[10.0, 100.0], imbalance_kappa=10,
+        cap_scaled=1000,
+        cap_gd={"sensing": 2000, "completion": 80000},
+        cap_all=5000,
+        patience=1000,
+        max_seconds_all=120.0,
+        kappas_all=KAPPAS,
+        imbalance_scales=[10.0, 100.0],
+        imbalance_kappa=10,
         imbalance_problems=["sensing", "completion"],
         # part 2 on the default-size problems (the paper-size sensing costs ~1 s per iteration)
         all_problems={"sensing": dict(n=40, r=4), "completion": dict(n=400, r=5, p=0.2)},
@@ -124,9 +144,17 @@ def make_problem(kind: str, spec: dict[str, Any], kappa: float, seed: int) -> lp
 
 
 def run_one(
-    problem: lp.LowRankEstimation, name: str, lr: float, cap: int, *, scale: float = 1.0,
-    overrides: dict[str, Any] | None = None, patience: int | None = None, seed: int = 0,
-    target: float = TARGET, max_seconds: float | None = None,
+    problem: lp.LowRankEstimation,
+    name: str,
+    lr: float,
+    cap: int,
+    *,
+    scale: float = 1.0,
+    overrides: dict[str, Any] | None = None,
+    patience: int | None = None,
+    seed: int = 0,
+    target: float = TARGET,
+    max_seconds: float | None = None,
 ) -> dict[str, Any]:
     """One optimizer from spectral initialization ``(s·A₀, B₀/s)``; the error is recorded before
     each step (``errors[t]`` at ``Z_t``), as in the authors' loop.
@@ -137,14 +165,32 @@ def run_one(
     :data:`THREADS` intra-op threads.
     """
     with lp.torch_threads(THREADS):
-        return _run_one(problem, name, lr, cap, scale=scale, overrides=overrides, patience=patience,
-                        seed=seed, target=target, max_seconds=max_seconds)
+        return _run_one(
+            problem,
+            name,
+            lr,
+            cap,
+            scale=scale,
+            overrides=overrides,
+            patience=patience,
+            seed=seed,
+            target=target,
+            max_seconds=max_seconds,
+        )
 
 
 def _run_one(
-    problem: lp.LowRankEstimation, name: str, lr: float, cap: int, *, scale: float = 1.0,
-    overrides: dict[str, Any] | None = None, patience: int | None = None, seed: int = 0,
-    target: float = TARGET, max_seconds: float | None = None,
+    problem: lp.LowRankEstimation,
+    name: str,
+    lr: float,
+    cap: int,
+    *,
+    scale: float = 1.0,
+    overrides: dict[str, Any] | None = None,
+    patience: int | None = None,
+    seed: int = 0,
+    target: float = TARGET,
+    max_seconds: float | None = None,
 ) -> dict[str, Any]:
     opt = _opt()
     a0, b0 = problem.spectral_init()
@@ -182,11 +228,24 @@ def _run_one(
         problem.loss(z).backward()
         optimizer.step()
     seconds = time.perf_counter() - t0
-    extrap = lp.extrapolate_iterations(errors, target, window=max(50, min(1000, len(errors) // 5))) if stop == "cap" else None
+    extrap = (
+        lp.extrapolate_iterations(errors, target, window=max(50, min(1000, len(errors) // 5)))
+        if stop == "cap"
+        else None
+    )
     return dict(
-        optimizer=name, lr=lr, scale=scale, iterations=hit_t, seconds_to_target=hit_s,
-        best_error=best, final_error=errors[-1], stop=stop, steps=len(errors) - 1, seconds=seconds,
-        extrapolated_iterations=extrap, errors=errors,
+        optimizer=name,
+        lr=lr,
+        scale=scale,
+        iterations=hit_t,
+        seconds_to_target=hit_s,
+        best_error=best,
+        final_error=errors[-1],
+        stop=stop,
+        steps=len(errors) - 1,
+        seconds=seconds,
+        extrapolated_iterations=extrap,
+        errors=errors,
     )
 
 
@@ -270,21 +329,29 @@ def _run(ctx: RunContext) -> SuiteResult:
             scaled_gd_iterations=sg,
             scaled_gd_max_over_min=ratio,
             scaled_gd_flat=bool(ratio <= 1.3),
-            scaled_gd_max_over_min_kappa_le_100=(max(sg100) / min(sg100)) if all(v is not None for v in sg100)
+            scaled_gd_max_over_min_kappa_le_100=(max(sg100) / min(sg100))
+            if all(v is not None for v in sg100)
             else math.inf,
             gd_iterations=[v for v, _ in pts],
             gd_extrapolated=[ex for _, ex in pts],
             # the claim's slope: measured counts only (extrapolations past the cap are rough)
-            gd_slope=None if slope_measured is None
-            else dict(slope=slope_measured[0], ci_low=slope_measured[1], ci_high=slope_measured[2],
-                      kappas=[k for k, _ in measured]),
+            gd_slope=None
+            if slope_measured is None
+            else dict(
+                slope=slope_measured[0],
+                ci_low=slope_measured[1],
+                ci_high=slope_measured[2],
+                kappas=[k for k, _ in measured],
+            ),
             # rough: extrapolations from the rate at the cap can be off by 10× (see module docstring)
-            gd_slope_incl_extrapolated=None if slope is None
+            gd_slope_incl_extrapolated=None
+            if slope is None
             else dict(slope=slope[0], ci_low=slope[1], ci_high=slope[2]),
             gd_cap=cap_gd(kind),
             gd_caps=[cap_gd(kind, k) for k in KAPPAS],
             # between the two largest measured κ: the asymptotic regime
-            gd_slope_last_pair=None if len(measured) < 2
+            gd_slope_last_pair=None
+            if len(measured) < 2
             else math.log(measured[-1][1] / measured[-2][1]) / math.log(measured[-1][0] / measured[-2][0]),
         )
 
@@ -299,7 +366,8 @@ def _run(ctx: RunContext) -> SuiteResult:
         if name in CLAIM and all_problems.get(kind) == problems.get(kind):
             # the same run as in the κ sweep (larger cap): reuse it
             everyone.setdefault(kind, {}).setdefault(name, {})[str(kappa)] = dict(
-                sweep[kind][name][str(kappa)], note="from the κ sweep")
+                sweep[kind][name][str(kappa)], note="from the κ sweep"
+            )
             if kappa == size["kappas_all"][-1]:
                 all_curves.setdefault(kind, {})[name] = curves[kind][name][kappa]
             continue
@@ -309,9 +377,17 @@ def _run(ctx: RunContext) -> SuiteResult:
         else:
             lr, ov = lrs[name], {}
         try:
-            r = run_one(prob, name, lr, size["cap_all"], overrides=ov, patience=patience, seed=seed,
-                        max_seconds=size["max_seconds_all"])
-        except Exception as exc:  # noqa: BLE001 - one failing baseline is reported, not fatal
+            r = run_one(
+                prob,
+                name,
+                lr,
+                size["cap_all"],
+                overrides=ov,
+                patience=patience,
+                seed=seed,
+                max_seconds=size["max_seconds_all"],
+            )
+        except Exception as exc:
             everyone.setdefault(kind, {}).setdefault(name, {})[str(kappa)] = dict(error=f"{type(exc).__name__}: {exc}")
             continue
         everyone.setdefault(kind, {}).setdefault(name, {})[str(kappa)] = _public(r)
@@ -325,7 +401,10 @@ def _run(ctx: RunContext) -> SuiteResult:
     imbalance: dict[str, dict[str, dict[str, Any]]] = {}
     imb_curves: dict[str, dict[str, dict[float, list[float]]]] = {}
     imb_methods = [
-        ("scaled_gd", "scaled_gd", 0), ("lora_rite", "lora_rite", 0), ("sgd", "sgd", 0), ("sgd_lr/s²", "sgd", 2),
+        ("scaled_gd", "scaled_gd", 0),
+        ("lora_rite", "lora_rite", 0),
+        ("sgd", "sgd", 0),
+        ("sgd_lr/s²", "sgd", 2),
     ]
     scales = [1.0, *size["imbalance_scales"]]
     jobs3 = [(kind, label, s) for kind in size["imbalance_problems"] for label, _, _ in imb_methods for s in scales]
@@ -334,15 +413,23 @@ def _run(ctx: RunContext) -> SuiteResult:
         if s == 1.0 and name in CLAIM and size["imbalance_kappa"] in KAPPAS:
             # the unscaled start is the κ-sweep run: reuse it
             imbalance.setdefault(kind, {}).setdefault(label, {})["1"] = dict(
-                sweep[kind][name][str(size["imbalance_kappa"])], note="from the κ sweep")
+                sweep[kind][name][str(size["imbalance_kappa"])], note="from the κ sweep"
+            )
             imb_curves.setdefault(kind, {}).setdefault(label, {})[s] = curves[kind][name][size["imbalance_kappa"]]
             continue
         prev = runs2.get((kind, size["imbalance_kappa"], name))
-        if s == 1.0 and name not in CLAIM and prev is not None and prev["stop"] == "target" \
-                and prev["lr"] == config_lr(name) and prev["iterations"] <= size["cap_scaled"]:
+        if (
+            s == 1.0
+            and name not in CLAIM
+            and prev is not None
+            and prev["stop"] == "target"
+            and prev["lr"] == config_lr(name)
+            and prev["iterations"] <= size["cap_scaled"]
+        ):
             # part 2 ran this start (same problem, lr, patience) to the target: the same run
             imbalance.setdefault(kind, {}).setdefault(label, {})["1"] = dict(
-                _public(prev), note="from the all-optimizer runs")
+                _public(prev), note="from the all-optimizer runs"
+            )
             imb_curves.setdefault(kind, {}).setdefault(label, {})[s] = prev["errors"]
             continue
         prob = cache.setdefault((kind, 0), make_problem(kind, problems[kind], size["imbalance_kappa"], seed))
@@ -356,29 +443,42 @@ def _run(ctx: RunContext) -> SuiteResult:
         imbalance.setdefault(kind, {}).setdefault(label, {})[f"{s:g}"] = _public(r)
         imb_curves.setdefault(kind, {}).setdefault(label, {})[s] = r["errors"]
     imb_checks = {}
-    for kind, per in imbalance.items():
+    for kind, _per in imbalance.items():
         for label in ("scaled_gd", "lora_rite"):
             curves_s = [imb_curves[kind][label][s] for s in scales]
             n = min(len(c) for c in curves_s)
-            dev = max(
-                max(abs(a - b) / max(b, 1e-300) for a, b in zip(c[:n], curves_s[0][:n])) for c in curves_s[1:]
-            )
+            dev = max(max(abs(a - b) / max(b, 1e-300) for a, b in zip(c[:n], curves_s[0][:n])) for c in curves_s[1:])
             same_len = len({len(c) for c in curves_s}) == 1
             imb_checks[f"{kind}/{label}"] = dict(max_rel_curve_deviation=dev, same_iterations=same_len)
 
-    metrics = dict(claims=claims, kappa_sweep=sweep, all_optimizers=everyone, imbalance=imbalance,
-                   imbalance_checks=imb_checks, target=TARGET)
+    metrics = dict(
+        claims=claims,
+        kappa_sweep=sweep,
+        all_optimizers=everyone,
+        imbalance=imbalance,
+        imbalance_checks=imb_checks,
+        target=TARGET,
+    )
     config = dict(
-        size=ctx.size, seed=seed, kappas=KAPPAS, target=TARGET, dtype="float64",
+        size=ctx.size,
+        seed=seed,
+        kappas=KAPPAS,
+        target=TARGET,
+        dtype="float64",
         problems={k: dict(v, m=5 * v["n"] * v["r"]) if k == "sensing" else v for k, v in problems.items()},
         all_optimizers_problems={k: dict(v) for k, v in all_problems.items()},
         singular_values="linspace(1, 1/kappa, r) (Tong et al. scripts)",
-        caps=dict(scaled_gd=size["cap_scaled"], gd=size["cap_gd"],
-                  gd_kappa=size.get("cap_gd_kappa", {}), all=size["cap_all"]), patience=patience,
-        kappas_all=size["kappas_all"], imbalance=dict(scales=scales, kappa=size["imbalance_kappa"],
-                                                       problems=size["imbalance_problems"]),
-        lr=dict(scaled_gd=f"{SCALED_GD_LR} (paper)", sgd=f"{GD_LR}/sigma_max (paper), momentum 0",
-                **{k: v for k, v in lrs.items() if v is not None}),
+        caps=dict(
+            scaled_gd=size["cap_scaled"], gd=size["cap_gd"], gd_kappa=size.get("cap_gd_kappa", {}), all=size["cap_all"]
+        ),
+        patience=patience,
+        kappas_all=size["kappas_all"],
+        imbalance=dict(scales=scales, kappa=size["imbalance_kappa"], problems=size["imbalance_problems"]),
+        lr=dict(
+            scaled_gd=f"{SCALED_GD_LR} (paper)",
+            sgd=f"{GD_LR}/sigma_max (paper), momentum 0",
+            **{k: v for k, v in lrs.items() if v is not None},
+        ),
     )
     figures = [
         _plot_kappa(ctx, claims, everyone, size),
@@ -407,39 +507,61 @@ def _fmt_slope(s: dict[str, float] | None) -> str:
 
 def _table(claims, sweep, everyone, imbalance, size) -> str:
     rows = []
-    for kind, c in claims.items():
+    for kind, _c in claims.items():
         for name in CLAIM:
-            rows.append([kind, "ScaledGD η=0.5" if name == "scaled_gd" else "GD η=0.5/σ_max",
-                         *[_cell(sweep[kind][name][str(k)]) for k in KAPPAS]])
+            rows.append(
+                [
+                    kind,
+                    "ScaledGD η=0.5" if name == "scaled_gd" else "GD η=0.5/σ_max",
+                    *[_cell(sweep[kind][name][str(k)]) for k in KAPPAS],
+                ]
+            )
     t1 = markdown_table(["problem", "method", *[f"κ={k}" for k in KAPPAS]], rows)
     rows_c = [
-        [kind, f"{c['scaled_gd_max_over_min']:.3g}", "yes" if c["scaled_gd_flat"] else "no",
-         f"{c['scaled_gd_max_over_min_kappa_le_100']:.3g}",
-         _fmt_slope(c["gd_slope"]) + ("" if c["gd_slope"] is None else f" (κ ∈ {c['gd_slope']['kappas']})"),
-         "n/a" if c["gd_slope_last_pair"] is None else f"{c['gd_slope_last_pair']:.3f}"]
+        [
+            kind,
+            f"{c['scaled_gd_max_over_min']:.3g}",
+            "yes" if c["scaled_gd_flat"] else "no",
+            f"{c['scaled_gd_max_over_min_kappa_le_100']:.3g}",
+            _fmt_slope(c["gd_slope"]) + ("" if c["gd_slope"] is None else f" (κ ∈ {c['gd_slope']['kappas']})"),
+            "n/a" if c["gd_slope_last_pair"] is None else f"{c['gd_slope_last_pair']:.3f}",
+        ]
         for kind, c in claims.items()
     ]
     t2 = markdown_table(
-        ["problem", "ScaledGD max/min iters over κ", "≤ 1.3", "same, κ ≤ 100",
-         "GD slope of log iters vs log κ, measured [95% CI]", "GD slope, two largest measured κ"],
+        [
+            "problem",
+            "ScaledGD max/min iters over κ",
+            "≤ 1.3",
+            "same, κ ≤ 100",
+            "GD slope of log iters vs log κ, measured [95% CI]",
+            "GD slope, two largest measured κ",
+        ],
         rows_c,
     )
     rows3 = []
     for kind, per in everyone.items():
         for name, per_k in per.items():
             lr = next((r["lr"] for r in per_k.values() if "lr" in r), None)
-            rows3.append([kind, name, "n/a" if lr is None else f"{lr:.3g}", *[_cell(per_k[str(k)]) for k in size["kappas_all"]]])
+            rows3.append(
+                [kind, name, "n/a" if lr is None else f"{lr:.3g}", *[_cell(per_k[str(k)]) for k in size["kappas_all"]]]
+            )
     t3 = markdown_table(["problem", "optimizer", "lr", *[f"κ={k}" for k in size["kappas_all"]]], rows3)
     rows4 = []
     for kind, per in imbalance.items():
         for label, per_s in per.items():
             rows4.append([kind, label, *[_cell(per_s[s]) for s in per_s]])
     scales = [f"s={s}" for s in next(iter(next(iter(imbalance.values())).values()))]
-    t4 = markdown_table(["problem (κ=%d)" % size["imbalance_kappa"], "method", *scales], rows4)
+    t4 = markdown_table([f"problem (κ={size['imbalance_kappa']:d})", "method", *scales], rows4)
     return (
-        f"Iterations (seconds) to relative error ≤ {TARGET:g}, or the best error reached.\n\n" + t1
-        + "\n\n" + t2 + "\n\nAll optimizers (\"convex\" lr; cap %d, plateau patience %d):\n\n" % (size["cap_all"], size["patience"])
-        + t3 + "\n\nFactor-imbalance start (s·A₀, B₀/s):\n\n" + t4
+        f"Iterations (seconds) to relative error ≤ {TARGET:g}, or the best error reached.\n\n"
+        + t1
+        + "\n\n"
+        + t2
+        + f'\n\nAll optimizers ("convex" lr; cap {size["cap_all"]:d}, plateau patience {size["patience"]:d}):\n\n'
+        + t3
+        + "\n\nFactor-imbalance start (s·A₀, B₀/s):\n\n"
+        + t4
     )
 
 
@@ -473,9 +595,15 @@ def _plot_kappa(ctx, claims, everyone, size) -> str:
         ax.loglog(ks[~ex], gd[~ex], "s-", color="C3", label="GD η=0.5/σ_max")
         if ex.any():
             caps = np.asarray(c.get("gd_caps", [c["gd_cap"]] * len(ks)), dtype=float)[ex]
-            ax.loglog(ks[ex], caps, "^", mfc="none", ms=9, color="C3",
-                      label=f"GD: not reached within the cap "
-                            f"({', '.join(f'{x:g}' for x in caps)}), count > cap")
+            ax.loglog(
+                ks[ex],
+                caps,
+                "^",
+                mfc="none",
+                ms=9,
+                color="C3",
+                label=f"GD: not reached within the cap ({', '.join(f'{x:g}' for x in caps)}), count > cap",
+            )
         if np.isfinite(gd[0]):
             ax.loglog(ks, gd[0] * ks, "k:", lw=1, label="∝ κ")
         for i, (name, per_k) in enumerate(everyone.get(kind, {}).items()):
@@ -512,8 +640,14 @@ def _plot_curves(ctx, curves, all_curves, size) -> str:
         ax.legend(fontsize=6, ncol=2)
         ax = axes[1, j]
         if not all_curves.get(kind):
-            ax.text(0.5, 0.5, f"{kind}: all-optimizer runs not done at this size", ha="center", va="center",
-                    transform=ax.transAxes)
+            ax.text(
+                0.5,
+                0.5,
+                f"{kind}: all-optimizer runs not done at this size",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
             ax.set_axis_off()
             continue
         for i, (name, e) in enumerate(all_curves[kind].items()):
@@ -537,8 +671,14 @@ def _plot_imbalance(ctx, imb_curves) -> str:
             for s, e in per_s.items():
                 e = np.asarray(e, dtype=float)
                 e = np.where(np.isfinite(e), e, np.nan)
-                ax.loglog(np.arange(1, len(e) + 1), e, color=f"C{i}", ls=styles.get(s, "-."),
-                          lw=2.5 if s == 1.0 else 1.2, label=f"{label} s={s:g}")
+                ax.loglog(
+                    np.arange(1, len(e) + 1),
+                    e,
+                    color=f"C{i}",
+                    ls=styles.get(s, "-."),
+                    lw=2.5 if s == 1.0 else 1.2,
+                    label=f"{label} s={s:g}",
+                )
         ax.axhline(TARGET, color="k", lw=0.8)
         ax.set_title(f"{kind}: start (s·A₀, B₀/s); invariant methods: s=10, 100 on top of s=1", fontsize=9)
         ax.set_xlabel("iteration + 1")
@@ -582,11 +722,18 @@ def tune(ctx: RunContext | None = None, write: bool = True) -> dict[str, Any]:
     names = [n for n in opt.OPTIMIZERS if n not in CLAIM]
     wrap = (lambda it, desc: progress(it, ctx, desc)) if ctx is not None else None
     results = opt.tune(
-        tune_score, names, opt.log_grid(*TUNE_GRID, 2), suite=SUITE, write=write, progress=wrap,
+        tune_score,
+        names,
+        opt.log_grid(*TUNE_GRID, 2),
+        suite=SUITE,
+        write=write,
+        progress=wrap,
         metric=f"mean log10 best rel. error over sensing n=40 r=4 and completion n=400 r=5 p=0.2, "
-               f"kappa={TUNE_KAPPA}, {TUNE_CAP} iterations, seed {TUNE_SEED}",
+        f"kappa={TUNE_KAPPA}, {TUNE_CAP} iterations, seed {TUNE_SEED}",
     )
     for name, r in results.items():
-        print(f"[convex tune] {name}: best lr {r['best_lr']}; "
-              + ", ".join(f"{k:g}:{v:.2f}" for k, v in r["scores"].items()))
+        print(
+            f"[convex tune] {name}: best lr {r['best_lr']}; "
+            + ", ".join(f"{k:g}:{v:.2f}" for k, v in r["scores"].items())
+        )
     return results

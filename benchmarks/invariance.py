@@ -98,9 +98,8 @@ class Problem:
     """The fixed loss of ``Z`` (one term per pair), the float64 starting factors and the gauges."""
 
     def __init__(self, shapes: list[tuple[int, int, int]], seed: int) -> None:
-        from lowrank_geom.geometry import random_gauge, scale_gauge
-
         from benchmarks.optimizers import _random_factors
+        from lowrank_geom.geometry import random_gauge, scale_gauge
 
         self.shapes = shapes
         g = torch.Generator().manual_seed(10_000 + seed)
@@ -145,8 +144,9 @@ class Problem:
         return loss
 
 
-def trajectory(name: str, model, factors, loss, steps: int, lr: float | None = None,
-               overrides: dict[str, Any] | None = None) -> tuple[torch.Tensor, float]:
+def trajectory(
+    name: str, model, factors, loss, steps: int, lr: float | None = None, overrides: dict[str, Any] | None = None
+) -> tuple[torch.Tensor, float]:
     """``k`` steps of optimizer ``name`` from ``factors``; returns (``Z_t`` stacked as ``(k, Σ m·n)``
     float64, the final loss). A run that raises inside the optimizer (e.g. Shampoo's SVD of a
     non-finite preconditioner) or goes non-finite is *diverged*: its remaining rows are NaN and the
@@ -230,9 +230,12 @@ def tune_lrs(ctx: RunContext, names: list[str] | None = None) -> dict[str, Any]:
 
     grid = O.log_grid(*TUNE_GRID, per_decade=2)
     return O.tune(
-        score, names or O.OPTIMIZERS, grid, suite=SUITE,
+        score,
+        names or O.OPTIMIZERS,
+        grid,
+        suite=SUITE,
         metric=f"final loss after {tune_size['steps']} steps (float64, ungauged, seed {ctx.seed}, "
-               f"shapes {tune_size['shapes']})",
+        f"shapes {tune_size['shapes']})",
         progress=(lambda it, desc: progress(it, ctx, desc)) if ctx.progress else None,
     )
 
@@ -265,14 +268,20 @@ def _run(ctx: RunContext) -> SuiteResult:
         loss = problem.loss_fn(dtype)
         model = models[dt]
         ref, final = trajectory(name, model, problem.start(None, dtype), loss, size["steps"], overrides=overrides)
-        z0 = torch.cat([z.reshape(-1) for z in (a.to(torch.float64) @ b.to(torch.float64).T
-                                                 for a, b in problem.start(None, dtype))])
+        z0 = torch.cat(
+            [
+                z.reshape(-1)
+                for z in (a.to(torch.float64) @ b.to(torch.float64).T for a, b in problem.start(None, dtype))
+            ]
+        )
         movement = torch.linalg.vector_norm(ref - z0, dim=1).max().item() / torch.linalg.vector_norm(z0).item()
         gaps, diverged = {}, []
         if not math.isfinite(final):
             diverged.append("reference")
         for label in labels:
-            traj, final2 = trajectory(name, model, problem.start(label, dtype), loss, size["steps"], overrides=overrides)
+            traj, final2 = trajectory(
+                name, model, problem.start(label, dtype), loss, size["steps"], overrides=overrides
+            )
             g = gap(ref, traj)
             if not (math.isfinite(final2) and math.isfinite(g)):
                 diverged.append(label)
@@ -290,8 +299,11 @@ def _run(ctx: RunContext) -> SuiteResult:
         r = results[key]
         r["class"] = classify(r["gaps"]["float64"], r["movement"]["float64"])
         r["claimed"] = claimed(_entry(key)[0])
-        r["matches_claim"] = None if r["claimed"] == "—" else (r["claimed"] == r["class"] or
-                                                               (r["claimed"] == "none" and r["class"] != "GL(r)"))
+        r["matches_claim"] = (
+            None
+            if r["claimed"] == "—"
+            else (r["claimed"] == r["class"] or (r["claimed"] == "none" and r["class"] != "GL(r)"))
+        )
 
     metrics = {
         "optimizers": results,
@@ -299,16 +311,23 @@ def _run(ctx: RunContext) -> SuiteResult:
         "threshold": THRESHOLD,
         "min_movement": MIN_MOVEMENT,
         "gauges": labels,
-        "checks": {
-            f"{n}_gl_invariant_float64": bool(results[n]["class"] == "GL(r)") for n in O.INVARIANT
-        },
+        "checks": {f"{n}_gl_invariant_float64": bool(results[n]["class"] == "GL(r)") for n in O.INVARIANT},
     }
     if tuned is not None:
-        metrics["tuning"] = {k: {"best_lr": v["best_lr"], "scores": {str(lr): s for lr, s in v["scores"].items()}}
-                             for k, v in tuned.items()}
-    config = {"size": ctx.size, **{k: v for k, v in size.items()}, "scales": SCALES, "conds": CONDS,
-              "dtypes": list(DTYPES), "torch_threads": torch.get_num_threads(), "lrs": {n: results[n]["lr"] for n in keys},
-              "loss": "sum_p 0.5*mean(((Z_p - T_p) C_p)^2) + 0.1*mean(logcosh(Z_p))"}
+        metrics["tuning"] = {
+            k: {"best_lr": v["best_lr"], "scores": {str(lr): s for lr, s in v["scores"].items()}}
+            for k, v in tuned.items()
+        }
+    config = {
+        "size": ctx.size,
+        **{k: v for k, v in size.items()},
+        "scales": SCALES,
+        "conds": CONDS,
+        "dtypes": list(DTYPES),
+        "torch_threads": torch.get_num_threads(),
+        "lrs": {n: results[n]["lr"] for n in keys},
+        "loss": "sum_p 0.5*mean(((Z_p - T_p) C_p)^2) + 0.1*mean(logcosh(Z_p))",
+    }
     table = _table(results, labels, size)
     figures = [_plot(results, ctx)]
     return SuiteResult(suite=SUITE, metrics=metrics, config=config, table=table, figures=figures)
@@ -321,11 +340,18 @@ def _table(results: dict[str, Any], labels: list[str], size: dict[str, Any]) -> 
     for name in names:
         r = results[name]
         mark = "" if r["matches_claim"] in (None, True) else " ⚠"
-        rows64.append([name, r["lr"]] + [_cell(r["gaps"]["float64"][l]) for l in labels]
-                      + [_cell(r["movement"]["float64"]), r["class"] + mark, r["claimed"]])
+        rows64.append(
+            [name, r["lr"]]
+            + [_cell(r["gaps"]["float64"][l]) for l in labels]
+            + [_cell(r["movement"]["float64"]), r["class"] + mark, r["claimed"]]
+        )
     head32 = ["optimizer"] + [f"f32 {l}" for l in labels] + ["moved"]
-    rows32 = [[name] + [_cell(results[name]["gaps"]["float32"][l]) for l in labels]
-              + [_cell(results[name]["movement"]["float32"])] for name in names]
+    rows32 = [
+        [name]
+        + [_cell(results[name]["gaps"]["float32"][l]) for l in labels]
+        + [_cell(results[name]["movement"]["float32"])]
+        for name in names
+    ]
     note = (
         f"Relative Z-trajectory gap max_t‖Z_t − Z'_t‖_F / max_t‖Z_t‖_F after {size['steps']} steps between "
         f"(A, B) and (A G, B G⁻ᵀ), pairs (m, n, r) = {size['shapes']}; s = scalar gauge sI, cond = random "
@@ -336,8 +362,14 @@ def _table(results: dict[str, Any], labels: list[str], size: dict[str, Any]) -> 
         "engine: the Gram engine's float64 gap grows like cond(G)²·u (it works with BᵀB), which is why "
         "'auto' takes QR for float64."
     )
-    return ("### float64\n\n" + markdown_table(head64, rows64) + "\n\n### float32\n\n"
-            + markdown_table(head32, rows32) + "\n\n" + note)
+    return (
+        "### float64\n\n"
+        + markdown_table(head64, rows64)
+        + "\n\n### float32\n\n"
+        + markdown_table(head32, rows32)
+        + "\n\n"
+        + note
+    )
 
 
 def _cell(v: float | None) -> Any:
@@ -364,9 +396,14 @@ def _plot(results: dict[str, Any], ctx: RunContext) -> str:
         for i, name in enumerate(names):
             ys = [results[name]["gaps"][dt][f"cond={c:g}"] for c in CONDS]
             ys = [float("nan") if y is None else max(y, PLOT_FLOOR) for y in ys]
-            ax.loglog(CONDS, ys, marker=markers[i % len(markers)], color=_color(i),
-                      linestyle="-" if i < 4 else (":" if name in VARIANTS else "--"),
-                      label=name)
+            ax.loglog(
+                CONDS,
+                ys,
+                marker=markers[i % len(markers)],
+                color=_color(i),
+                linestyle="-" if i < 4 else (":" if name in VARIANTS else "--"),
+                label=name,
+            )
         ax.axhline(THRESHOLD, color="gray", linewidth=0.8, linestyle=":")
         ax.set_xlabel("cond(G)")
         ax.set_title(f"{dt}: Z-trajectory gap vs cond(G)")

@@ -60,7 +60,7 @@ class torch_threads:
     def __init__(self, k: int | None) -> None:
         self.k = k
 
-    def __enter__(self) -> "torch_threads":
+    def __enter__(self) -> torch_threads:
         self.old = torch.get_num_threads()
         if self.k is not None:
             torch.set_num_threads(self.k)
@@ -116,7 +116,13 @@ def random_sign_basis(n: int, r: int, gen: torch.Generator, dtype: torch.dtype =
 
 
 def planted_target(
-    n1: int, n2: int, r: int, kappa: float, gen: torch.Generator, *, spacing: str = "linear",
+    n1: int,
+    n2: int,
+    r: int,
+    kappa: float,
+    gen: torch.Generator,
+    *,
+    spacing: str = "linear",
     dtype: torch.dtype = DTYPE,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(X⋆, U⋆, σ, V⋆)`` with ``X⋆ = U⋆ diag(σ) V⋆ᵀ`` of rank ``r`` and condition number ``κ``."""
@@ -172,9 +178,17 @@ class MatrixSensing(LowRankEstimation):
 
     @classmethod
     def generate(
-        cls, n1: int, n2: int, r: int, kappa: float, *, m: int | None = None, seed: int = 0,
-        spacing: str = "linear", dtype: torch.dtype = DTYPE,
-    ) -> "MatrixSensing":
+        cls,
+        n1: int,
+        n2: int,
+        r: int,
+        kappa: float,
+        *,
+        m: int | None = None,
+        seed: int = 0,
+        spacing: str = "linear",
+        dtype: torch.dtype = DTYPE,
+    ) -> MatrixSensing:
         """``m`` defaults to the paper's ``5 n r`` (``n = max(n₁, n₂)``)."""
         gen = generator(seed)
         x, _, sigma, _ = planted_target(n1, n2, r, kappa, gen, spacing=spacing, dtype=dtype)
@@ -213,9 +227,17 @@ class MatrixCompletion(LowRankEstimation):
 
     @classmethod
     def generate(
-        cls, n1: int, n2: int, r: int, kappa: float, *, p: float = 0.2, seed: int = 0,
-        spacing: str = "linear", dtype: torch.dtype = DTYPE,
-    ) -> "MatrixCompletion":
+        cls,
+        n1: int,
+        n2: int,
+        r: int,
+        kappa: float,
+        *,
+        p: float = 0.2,
+        seed: int = 0,
+        spacing: str = "linear",
+        dtype: torch.dtype = DTYPE,
+    ) -> MatrixCompletion:
         gen = generator(seed)
         x, _, sigma, _ = planted_target(n1, n2, r, kappa, gen, spacing=spacing, dtype=dtype)
         mask = (torch.rand(n1, n2, generator=gen, dtype=torch.float64) < p).to(dtype)
@@ -318,7 +340,9 @@ def project_l1_nonneg(v: torch.Tensor, radius: float) -> torch.Tensor:
     return torch.stack(out).reshape(v.shape)
 
 
-def project_rank_nuclear(m: torch.Tensor, r: int, radius: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def project_rank_nuclear(
+    m: torch.Tensor, r: int, radius: float | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Projection of ``M`` onto ``{rank ≤ r, ‖Z‖_* ≤ radius}`` (``radius=None``: rank only).
 
     Returns ``(U_r, σ', V_r)`` with ``Z = U_r diag(σ') V_rᵀ``: the top-``r`` singular values of ``M``
@@ -332,7 +356,9 @@ def project_rank_nuclear(m: torch.Tensor, r: int, radius: float | None) -> tuple
     return u[..., :, :r], s, vh[..., :r, :].mT
 
 
-def balanced_factors(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, d_a: float, d_b: float) -> tuple[torch.Tensor, torch.Tensor]:
+def balanced_factors(
+    u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, d_a: float, d_b: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``A = c U Σ^{1/2}``, ``B = V Σ^{1/2}/c`` with ``c² = D_A/D_B``: feasible when ``Σσ ≤ D_A D_B``."""
     c = math.sqrt(d_a / d_b)
     root = s.clamp(min=0).sqrt().unsqueeze(-2)
@@ -398,8 +424,9 @@ class LinearStream:
     ``(P, m, n)`` batch of ``G_t`` over seeds.
     """
 
-    def __init__(self, seeds: list[int], m: int, n: int, g: float, bias: float = 0.0, pattern_seed: int = 0,
-                 chunk: int = 512) -> None:
+    def __init__(
+        self, seeds: list[int], m: int, n: int, g: float, bias: float = 0.0, pattern_seed: int = 0, chunk: int = 512
+    ) -> None:
         if not 0.0 <= bias <= 1.0:
             raise ValueError(f"bias must be in [0, 1], got {bias}")
         self.gens = [generator(10_000 + s) for s in seeds]
@@ -416,11 +443,15 @@ class LinearStream:
     def next(self) -> torch.Tensor:
         if self._buf is None or self._i == self.chunk:
             scale = self.g / math.sqrt(self.m * self.n)
-            self._buf = torch.stack([
-                (torch.rand(self.chunk, self.m, self.n, generator=gen, dtype=DTYPE) < self.prob_plus).to(DTYPE)
-                * (2 * scale) - scale
-                for gen in self.gens
-            ], 1)
+            self._buf = torch.stack(
+                [
+                    (torch.rand(self.chunk, self.m, self.n, generator=gen, dtype=DTYPE) < self.prob_plus).to(DTYPE)
+                    * (2 * scale)
+                    - scale
+                    for gen in self.gens
+                ],
+                1,
+            )
             self._i = 0
         out = self._buf[self._i]
         self._i += 1
@@ -452,7 +483,9 @@ class QuadraticStream:
         return out
 
 
-def worst_case_first_order(g_theta: torch.Tensor, sum_ga: torch.Tensor, sum_gb: torch.Tensor, d_a: float, d_b: float) -> torch.Tensor:
+def worst_case_first_order(
+    g_theta: torch.Tensor, sum_ga: torch.Tensor, sum_gb: torch.Tensor, d_a: float, d_b: float
+) -> torch.Tensor:
     """``max_{‖A⋆‖_F≤D_A, ‖B⋆‖_F≤D_B} Σ_t ∇θ_tᵀ(θ_t − θ⋆) = Σ_t ∇θ_tᵀθ_t + D_A‖Σ∇A_t‖_F + D_B‖Σ∇B_t‖_F``.
 
     The theorems' first-order term bounded for every ``θ⋆`` in the set, hence for the worst one:
@@ -514,7 +547,9 @@ class QuadraticRegret:
         self.g_theta = torch.zeros(p, dtype=DTYPE)
         self.max_grad = torch.zeros(p, dtype=DTYPE)
 
-    def observe(self, c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, gz: torch.Tensor) -> None:
+    def observe(
+        self, c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, gz: torch.Tensor
+    ) -> None:
         self.t += 1
         self.loss += 0.5 * gz.pow(2).sum((-2, -1))
         self.sum_c += c
@@ -534,7 +569,11 @@ class QuadraticRegret:
         u, s, v = self._comparator()
         mean = self.sum_c / self.t
         z = (u * s.unsqueeze(-2)) @ v.mT
-        return 0.5 * self.t * (z - mean).pow(2).sum((-2, -1)) + 0.5 * self.sum_c2 - 0.5 * self.t * mean.pow(2).sum((-2, -1))
+        return (
+            0.5 * self.t * (z - mean).pow(2).sum((-2, -1))
+            + 0.5 * self.sum_c2
+            - 0.5 * self.t * mean.pow(2).sum((-2, -1))
+        )
 
     def regret(self) -> torch.Tensor:
         return self.loss - self.comparator_loss()
@@ -549,6 +588,6 @@ class QuadraticRegret:
 
 def checkpoints(t_max: int, per_decade: int = 8, t_min: int = 10) -> list[int]:
     """Log-spaced horizons ``t_min ≤ T ≤ t_max`` (integers, distinct, ``t_max`` included)."""
-    k = max(2, int(round(per_decade * math.log10(t_max / t_min))) + 1)
-    pts = sorted({int(round(x)) for x in np.logspace(math.log10(t_min), math.log10(t_max), k)})
+    k = max(2, round(per_decade * math.log10(t_max / t_min)) + 1)
+    pts = sorted({round(x) for x in np.logspace(math.log10(t_min), math.log10(t_max), k)})
     return pts

@@ -35,8 +35,9 @@ import datetime as _dt
 import importlib
 import json
 import math
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -108,7 +109,9 @@ def validate_config(cfg: Any, where: str = "config", name: str | None = None) ->
     if name is not None and cfg["name"] != name:
         raise ConfigError(f"{where}: 'name' is {cfg['name']!r} but the file is for {name!r}")
     if "." not in cfg["library"]:
-        raise ConfigError(f"{where}: 'library' must be a dotted path such as 'torch.optim.Adam', got {cfg['library']!r}")
+        raise ConfigError(
+            f"{where}: 'library' must be a dotted path such as 'torch.optim.Adam', got {cfg['library']!r}"
+        )
     if "default" not in cfg["lr"]:
         raise ConfigError(f"{where}: 'lr' needs a 'default' entry, got keys {sorted(cfg['lr'])}")
     for suite, value in cfg["lr"].items():
@@ -129,7 +132,7 @@ def default_config(name: str) -> dict[str, Any]:
         "kwargs": {"strategy": name},
         "lr": {"default": 1e-2},
         "tuned": f"default: no configs/{name}.json, so the strategy's defaults and lr 1e-2, not swept "
-                 "(a suite's --tune writes the file)",
+        "(a suite's --tune writes the file)",
     }
 
 
@@ -172,8 +175,8 @@ def _random_factors(shapes: Sequence[tuple[int, int, int]], dtype: torch.dtype, 
     g = torch.Generator().manual_seed(seed)
     out = []
     for m, n, r in shapes:
-        a = torch.randn(m, r, generator=g, dtype=torch.float64) * r ** -0.25
-        b = torch.randn(n, r, generator=g, dtype=torch.float64) * r ** -0.25
+        a = torch.randn(m, r, generator=g, dtype=torch.float64) * r**-0.25
+        b = torch.randn(n, r, generator=g, dtype=torch.float64) * r**-0.25
         out.append((a.to(dtype), b.to(dtype)))
     return out
 
@@ -233,11 +236,21 @@ class PairModel(torch.nn.Module):
                 inner.add_module(name, lin)
             ranks = [s[2] for s in shapes]
             if len(set(ranks)) == 1:
-                cfg = LoraConfig(r=ranks[0], lora_alpha=ranks[0], target_modules=names, lora_dropout=0.0,
-                                 bias="none", init_lora_weights=True)
+                cfg = LoraConfig(
+                    r=ranks[0],
+                    lora_alpha=ranks[0],
+                    target_modules=names,
+                    lora_dropout=0.0,
+                    bias="none",
+                    init_lora_weights=True,
+                )
             else:
                 cfg = LoraConfig(
-                    r=ranks[0], lora_alpha=ranks[0], target_modules=names, lora_dropout=0.0, bias="none",
+                    r=ranks[0],
+                    lora_alpha=ranks[0],
+                    target_modules=names,
+                    lora_dropout=0.0,
+                    bias="none",
                     init_lora_weights=True,
                     rank_pattern={n: r for n, r in zip(names, ranks)},
                     alpha_pattern={n: r for n, r in zip(names, ranks)},
@@ -254,7 +267,9 @@ class PairModel(torch.nn.Module):
             self.set_factors(_random_factors(shapes, dtype, seed))
 
     def pairs(self):
-        """``list[LoRAPair]`` from :func:`lowrank_geom.peft.lora_pairs` (A = ``lora_B.weight``, B = ``lora_A.weight``)."""
+        """``list[LoRAPair]`` from :func:`lowrank_geom.peft.lora_pairs`.
+
+        A = ``lora_B.weight``, B = ``lora_A.weight``."""
         from lowrank_geom.peft import lora_pairs
 
         return lora_pairs(self.peft_model)
@@ -271,17 +286,16 @@ class PairModel(torch.nn.Module):
             raise ValueError(f"got {len(factors)} pairs for a model with {len(self._layers)}")
         for (a, b), (a_p, b_p) in zip(factors, self.factors()):
             if a.shape != a_p.shape or b.shape != b_p.shape:
-                raise ValueError(f"shape mismatch: got A {tuple(a.shape)}, B {tuple(b.shape)}; "
-                                 f"expected A {tuple(a_p.shape)}, B {tuple(b_p.shape)}")
+                raise ValueError(
+                    f"shape mismatch: got A {tuple(a.shape)}, B {tuple(b.shape)}; "
+                    f"expected A {tuple(a_p.shape)}, B {tuple(b_p.shape)}"
+                )
             a_p.copy_(a)
             b_p.copy_(b)
 
     def zs(self) -> list[torch.Tensor]:
         """``Z = scaling · A Bᵀ`` per pair, differentiable in the parameters (scaling is 1)."""
-        return [
-            l.scaling["default"] * (l.lora_B["default"].weight @ l.lora_A["default"].weight)
-            for l in self._layers
-        ]
+        return [l.scaling["default"] * (l.lora_B["default"].weight @ l.lora_A["default"].weight) for l in self._layers]
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The LoRA factors (PEFT's order: ``lora_A``, ``lora_B`` per layer); base weights are frozen."""
@@ -400,7 +414,7 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 # ------------------------------------------------------------------------------------- tuning
 def log_grid(lo: float, hi: float, per_decade: int = 2) -> list[float]:
     """``lo … hi`` log-spaced with ``per_decade`` points per decade (rounded to 3 significant digits)."""
-    n = int(round(math.log10(hi / lo) * per_decade))
+    n = round(math.log10(hi / lo) * per_decade)
     return [float(f"{lo * (hi / lo) ** (i / n):.3g}") for i in range(n + 1)] if n > 0 else [lo]
 
 
@@ -450,8 +464,10 @@ def _write_tuned(name: str, suite: str, lr: float, grid: Sequence[float], metric
     cfg = load_config(name)
     cfg["lr"][suite] = lr
     date = _dt.date.today().isoformat()
-    entry = (f"{suite}: best of log grid [{grid[0]:g} ... {grid[-1]:g}] ({len(grid)} points) by "
-             f"{metric or 'the suite score'}, {date}")
+    entry = (
+        f"{suite}: best of log grid [{grid[0]:g} ... {grid[-1]:g}] ({len(grid)} points) by "
+        f"{metric or 'the suite score'}, {date}"
+    )
     parts = [p.strip() for p in cfg["tuned"].split(" | ") if p.strip() and not p.strip().startswith(f"{suite}:")]
     cfg["tuned"] = " | ".join(parts + [entry])
     validate_config(cfg, str(path), name)

@@ -19,8 +19,15 @@ from typing import Any
 import torch
 
 
-def profile(name: str, r: int, steps: int, warmup: int = 3, layers: int = 18, top: int = 12,
-            overrides: dict[str, Any] | None = None) -> tuple[float, list[tuple[str, int, float]]]:
+def profile(
+    name: str,
+    r: int,
+    steps: int,
+    warmup: int = 3,
+    layers: int = 18,
+    top: int = 12,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[float, list[tuple[str, int, float]]]:
     """(profiled ms per step, [(operator, calls per step, self ms per step)] for the ``top`` operators)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -42,8 +49,7 @@ def profile(name: str, r: int, steps: int, warmup: int = 3, layers: int = 18, to
         _sync(device)
     events = prof.key_averages()
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    rows = sorted(((e.key, e.count // steps, getattr(e, attr) / 1e3 / steps) for e in events),
-                  key=lambda x: -x[2])
+    rows = sorted(((e.key, e.count // steps, getattr(e, attr) / 1e3 / steps) for e in events), key=lambda x: -x[2])
     total = sum(x[2] for x in rows)
     return total, rows[:top]
 
@@ -58,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     for name in ["adam"] + [n.strip() for n in args.optimizers.split(",") if n.strip() and n.strip() != "adam"]:
         total, rows = profile(name, args.r, args.steps, layers=args.layers, top=args.top)
-        print(f"\n{name}: Gemma-2B set, {args.layers} layers × q,k,v,o, r={args.r}, "
-              f"{torch.get_num_threads()} threads: {total:.2f} ms self time per profiled step")
+        print(
+            f"\n{name}: Gemma-2B set, {args.layers} layers × q,k,v,o, r={args.r}, "
+            f"{torch.get_num_threads()} threads: {total:.2f} ms self time per profiled step"
+        )
         print(f"{'operator':44} {'calls/step':>10} {'ms/step':>9} {'share':>6}")
         for key, calls, ms in rows:
             print(f"{key[:44]:44} {calls:>10} {ms:>9.3f} {ms / total:>6.1%}")

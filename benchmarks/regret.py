@@ -84,13 +84,17 @@ SIZES: dict[str, dict[str, Any]] = {
 
 #: problem constants (all sizes)
 PROBLEM: dict[str, Any] = dict(
-    m=20, n=15, r=3,
-    d_a=2.0, d_b=0.5,          # Frobenius radii of the constraint set (imbalanced on purpose)
-    g=1.0, bias=0.25,          # (a): ‖G_t‖_F and the sign bias β
+    m=20,
+    n=15,
+    r=3,
+    d_a=2.0,
+    d_b=0.5,  # Frobenius radii of the constraint set (imbalanced on purpose)
+    g=1.0,
+    bias=0.25,  # (a): ‖G_t‖_F and the sign bias β
     z_star_sigma=(0.25, 0.15, 0.1),  # (b): singular values of the planted Z⋆ (‖Z⋆‖_* = D_A D_B / 2)
-    noise_fro=1.0,             # (b): E‖ξ_t‖_F² = noise_fro² (entries N(0, noise_fro²/(mn)))
-    init_frac=0.5,             # (a), (b): ‖A₀‖_F = init_frac·D_A, ‖B₀‖_F = init_frac·D_B
-    imbalance_norm=0.7,        # (c): ‖A₀‖_F = ‖B₀‖_F before the (s A₀, B₀/s) rescaling
+    noise_fro=1.0,  # (b): E‖ξ_t‖_F² = noise_fro² (entries N(0, noise_fro²/(mn)))
+    init_frac=0.5,  # (a), (b): ‖A₀‖_F = init_frac·D_A, ‖B₀‖_F = init_frac·D_B
+    imbalance_norm=0.7,  # (c): ‖A₀‖_F = ‖B₀‖_F before the (s A₀, B₀/s) rescaling
 )
 SCALES = [1.0, 3.0, 10.0, 30.0, 100.0]
 #: intra-op threads while the suite runs (tiny matrices: see lowrank_problems.torch_threads)
@@ -98,8 +102,13 @@ THREADS = 1
 
 #: LoRA-RITE exactly as in the paper's Algorithm 1 (the analysed form)
 LORA_RITE_PAPER = dict(
-    second_moment="sum", escape=True, bias_correction=False, row_normalize=False,
-    betas=(0.0, 0.999), clip_unmagnified_grad=0.0, update_skipping=0.0,
+    second_moment="sum",
+    escape=True,
+    bias_correction=False,
+    row_normalize=False,
+    betas=(0.0, 0.999),
+    clip_unmagnified_grad=0.0,
+    update_skipping=0.0,
 )
 
 #: label -> (optimizer name, overrides, schedule); schedule "constant" or "inv_sqrt" (η_t = η/√t)
@@ -169,7 +178,9 @@ def config_lr(name: str) -> float:
     return float(lrs.get(SUITE, lrs["default"]))
 
 
-def _initial_factors(seeds: list[int], m: int, n: int, r: int, norm_a: float, norm_b: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _initial_factors(
+    seeds: list[int], m: int, n: int, r: int, norm_a: float, norm_b: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     a, b = [], []
     for s in seeds:
         g = lp.generator(40_000 + s)
@@ -228,8 +239,15 @@ def segments_for(size: dict[str, Any], base_seed: int = 0, p: dict[str, Any] = P
 
 
 def online_run(
-    method: str, segments: list[Segment], t_max: int, lr: float, *, lr_scale_power: float = 0.0,
-    p: dict[str, Any] = PROBLEM, ctx: RunContext | None = None, desc: str = "",
+    method: str,
+    segments: list[Segment],
+    t_max: int,
+    lr: float,
+    *,
+    lr_scale_power: float = 0.0,
+    p: dict[str, Any] = PROBLEM,
+    ctx: RunContext | None = None,
+    desc: str = "",
 ) -> dict[str, dict[str, Any]]:
     """See :func:`_online_run`; runs with :data:`THREADS` intra-op threads."""
     with lp.torch_threads(THREADS):
@@ -237,8 +255,15 @@ def online_run(
 
 
 def _online_run(
-    method: str, segments: list[Segment], t_max: int, lr: float, *, lr_scale_power: float = 0.0,
-    p: dict[str, Any] = PROBLEM, ctx: RunContext | None = None, desc: str = "",
+    method: str,
+    segments: list[Segment],
+    t_max: int,
+    lr: float,
+    *,
+    lr_scale_power: float = 0.0,
+    p: dict[str, Any] = PROBLEM,
+    ctx: RunContext | None = None,
+    desc: str = "",
 ) -> dict[str, dict[str, Any]]:
     """Run one method on all ``segments`` at once: every pair of every segment is a pair of the
     same optimizer (pairs are independent), stepped together.
@@ -424,8 +449,7 @@ def summarize_imbalance(run: dict[str, Any], p: dict[str, Any] = PROBLEM) -> dic
     # relative spread over s, per seed: (max - min) / |mean|
     with np.errstate(invalid="ignore"):
         spread = [
-            float((row.max() - row.min()) / abs(row.mean())) if np.all(np.isfinite(row)) else math.inf
-            for row in table
+            float((row.max() - row.min()) / abs(row.mean())) if np.all(np.isfinite(row)) else math.inf for row in table
         ]
         ratio = (table / table[:, :1]).mean(0)
     norm = p["imbalance_norm"]
@@ -476,20 +500,26 @@ def _run(ctx: RunContext) -> SuiteResult:
             raw[name][method] = res[name]
             online[name][method] = summarize_online(res[name], fit_from)
         imbalance[method] = summarize_imbalance(res["imbalance"])
-    res = online_run("sgd", [segments[-1]], t_max, lrs["sgd"], lr_scale_power=2.0, ctx=ctx,
-                     desc="regret sgd lr/s²")
+    res = online_run("sgd", [segments[-1]], t_max, lrs["sgd"], lr_scale_power=2.0, ctx=ctx, desc="regret sgd lr/s²")
     imbalance["sgd_rescaled"] = summarize_imbalance(res["imbalance"])
     seconds["sgd_rescaled"] = res["imbalance"]["seconds"]
 
     checks = {f"{name}_invariant": bool(imbalance[name]["spread"] <= INVARIANCE_TOL) for name in INVARIANT}
     metrics = dict(online=online, imbalance=imbalance, checks=checks, seconds_per_method=seconds)
     config = dict(
-        size=ctx.size, t_max=t_max, fit_from=fit_from,
-        segments=[dict(name=sg.name, kind=sg.kind, constrained=sg.constrained, seeds=sg.seeds, scales=sg.scales,
-                       bias=sg.bias) for sg in segments],
+        size=ctx.size,
+        t_max=t_max,
+        fit_from=fit_from,
+        segments=[
+            dict(name=sg.name, kind=sg.kind, constrained=sg.constrained, seeds=sg.seeds, scales=sg.scales, bias=sg.bias)
+            for sg in segments
+        ],
         problem={k: list(v) if isinstance(v, tuple) else v for k, v in PROBLEM.items()},
-        lr=lrs, methods={k: dict(optimizer=v[0], overrides=v[1], schedule=v[2]) for k, v in METHODS.items()},
-        invariance_tol=INVARIANCE_TOL, dtype="float64", torch_threads=THREADS,
+        lr=lrs,
+        methods={k: dict(optimizer=v[0], overrides=v[1], schedule=v[2]) for k, v in METHODS.items()},
+        invariance_tol=INVARIANCE_TOL,
+        dtype="float64",
+        torch_threads=THREADS,
         projection="Frobenius-ball projection of A and B after every step in (a), (b); none in (c)",
         slope_ci="95 % Student-t over per-seed OLS slopes of log(y) on log(T), T >= fit_from",
         bound_lines="G·D_A·D_B·T^-1/2 and G·(D_A²+D_B²)·T^-1/2 with constant 1, G = max observed ‖∇_Z f_t‖_F",
@@ -510,14 +540,29 @@ def _table(online: dict[str, Any], imbalance: dict[str, Any], seconds: dict[str,
     rows = []
     for problem in ONLINE:
         for name, s in online[problem].items():
-            rows.append([
-                ONLINE_TITLES[problem], LABELS[name], s["final_regret_over_T"], _fmt_ci(s["regret_slope"]),
-                s["final_first_order_over_T"], _fmt_ci(s["first_order_slope"]),
-                s["bound_lora_rite_final"], s["bound_one_sided_final"],
-            ])
+            rows.append(
+                [
+                    ONLINE_TITLES[problem],
+                    LABELS[name],
+                    s["final_regret_over_T"],
+                    _fmt_ci(s["regret_slope"]),
+                    s["final_first_order_over_T"],
+                    _fmt_ci(s["first_order_slope"]),
+                    s["bound_lora_rite_final"],
+                    s["bound_one_sided_final"],
+                ]
+            )
     t1 = markdown_table(
-        ["problem", "method", "Regret_T/T", "slope [95% CI]", "first-order/T", "slope [95% CI]",
-         "G·D_A·D_B/√T", "G·(D_A²+D_B²)/√T"],
+        [
+            "problem",
+            "method",
+            "Regret_T/T",
+            "slope [95% CI]",
+            "first-order/T",
+            "slope [95% CI]",
+            "G·D_A·D_B/√T",
+            "G·(D_A²+D_B²)/√T",
+        ],
         rows,
     )
     scales = next(iter(imbalance.values()))["scales"]
@@ -528,16 +573,31 @@ def _table(online: dict[str, Any], imbalance: dict[str, Any], seconds: dict[str,
             for sc, v in zip(s["scales"], s["regret_T_per_scale"])
         ]
         last = s["regret_ratio_to_s1"][-1]
-        rows2.append([LABELS[name], *cells, "inf" if math.isinf(s["spread"]) else f"{s['spread']:.2e}",
-                      f"{last:.3g}" if math.isfinite(last) else "inf"])
+        rows2.append(
+            [
+                LABELS[name],
+                *cells,
+                "inf" if math.isinf(s["spread"]) else f"{s['spread']:.2e}",
+                f"{last:.3g}" if math.isfinite(last) else "inf",
+            ]
+        )
     bound = next(iter(imbalance.values()))["bound_ratio_to_s1"]
-    rows2.append(["bound ratio (D_A²+D_B²)/(2D_AD_B) rel. to s=1", *[f"{b:.4g}" for b in bound], "", f"{bound[-1]:.4g}"])
+    rows2.append(
+        ["bound ratio (D_A²+D_B²)/(2D_AD_B) rel. to s=1", *[f"{b:.4g}" for b in bound], "", f"{bound[-1]:.4g}"]
+    )
     t2 = markdown_table(
-        ["(c) unconstrained: Regret_T at s =", *[f"{sc:g}" for sc in scales], "rel. spread over s",
-         f"ratio s={scales[-1]:g} / s=1"],
+        [
+            "(c) unconstrained: Regret_T at s =",
+            *[f"{sc:g}" for sc in scales],
+            "rel. spread over s",
+            f"ratio s={scales[-1]:g} / s=1",
+        ],
         rows2,
     )
-    t3 = markdown_table(["method", *[LABELS[k] for k in seconds]], [["seconds (all segments)", *[round(v, 1) for v in seconds.values()]]])
+    t3 = markdown_table(
+        ["method", *[LABELS[k] for k in seconds]],
+        [["seconds (all segments)", *[round(v, 1) for v in seconds.values()]]],
+    )
     return t1 + "\n\n" + t2 + "\n\n" + t3
 
 
@@ -573,8 +633,10 @@ def _plot_online(ctx: RunContext, raw: dict[str, Any], online: dict[str, Any]) -
             ax.set_title(f"{ONLINE_TITLES[problem]}: {'regret' if row == 0 else 'first-order term'}")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
-    fig.suptitle(f"Online sanity checks (m×n = {p['m']}×{p['n']}, r = {p['r']}, D_A = {p['d_a']}, D_B = {p['d_b']}); "
-                 "band: 10–90 % over seeds")
+    fig.suptitle(
+        f"Online sanity checks (m×n = {p['m']}×{p['n']}, r = {p['r']}, D_A = {p['d_a']}, D_B = {p['d_b']}); "
+        "band: 10–90 % over seeds"
+    )
     return savefig(fig, ctx, "regret_online")
 
 
@@ -623,8 +685,10 @@ def tune_score(name: str, lr: float) -> float:
     from the reported seeds) at ``T = TUNE_T``: the log of the geometric mean, so both problems
     count alike. Diverged or non-positive: ``inf``. (Fair-coin linear losses are left out: there
     every step gives the same regret.)"""
-    segs = [Segment("linear_biased", "linear", True, list(TUNE_SEEDS), bias=PROBLEM["bias"]),
-            Segment("quadratic", "quadratic", True, list(TUNE_SEEDS))]
+    segs = [
+        Segment("linear_biased", "linear", True, list(TUNE_SEEDS), bias=PROBLEM["bias"]),
+        Segment("quadratic", "quadratic", True, list(TUNE_SEEDS)),
+    ]
     res = online_run(name, segs, TUNE_T, lr)
     logs = []
     for sg in segs:
@@ -647,13 +711,21 @@ def tune(ctx: RunContext | None = None, write: bool = True) -> dict[str, Any]:
     results = {}
     for name, (lo, hi) in TUNE_GRID.items():
         wrap = (lambda it, desc: progress(it, ctx, desc)) if ctx is not None else None
-        results.update(optimizers.tune(
-            tune_score, [name], optimizers.log_grid(lo, hi, 2), suite=SUITE, write=write,
-            metric=f"geometric mean of Regret_T/T over (a) biased linear and (b) quadratic, T={TUNE_T}, "
-                   f"seeds {list(TUNE_SEEDS)}, schedule {METHODS[name][2]}",
-            progress=wrap,
-        ))
+        results.update(
+            optimizers.tune(
+                tune_score,
+                [name],
+                optimizers.log_grid(lo, hi, 2),
+                suite=SUITE,
+                write=write,
+                metric=f"geometric mean of Regret_T/T over (a) biased linear and (b) quadratic, T={TUNE_T}, "
+                f"seeds {list(TUNE_SEEDS)}, schedule {METHODS[name][2]}",
+                progress=wrap,
+            )
+        )
         r = results[name]
-        print(f"[regret tune] {name}: best lr {r['best_lr']}; "
-              + ", ".join(f"{k:g}:{v:.3f}" for k, v in r["scores"].items()))
+        print(
+            f"[regret tune] {name}: best lr {r['best_lr']}; "
+            + ", ".join(f"{k:g}:{v:.3f}" for k, v in r["scores"].items())
+        )
     return results

@@ -118,24 +118,46 @@ FAILURES = ("lags", "diverges", "raises")
 
 SIZES: dict[str, dict[str, Any]] = {
     # every optimizer (None: optimizer_names()) in one cell, for the tests
-    "quick": dict(inits=["peft_default"], setups=["2class"], dtypes=["float32"], lrs=[1e-2],
-                  seeds=1, steps=30, workers=1, optimizers=None),
+    "quick": dict(
+        inits=["peft_default"],
+        setups=["2class"],
+        dtypes=["float32"],
+        lrs=[1e-2],
+        seeds=1,
+        steps=30,
+        workers=1,
+        optimizers=None,
+    ),
     # `make bench` on 2 shared cores (<= 90 s): the cells of the known failure, the invariant
     # strategies and the baselines
-    "default": dict(inits=["peft_default"], setups=["2class"], dtypes=list(DTYPES), lrs=LRS,
-                    seeds=1, steps=100, workers=1,
-                    optimizers=["lora_rite", "scaled_gd", *BASELINES]),
+    "default": dict(
+        inits=["peft_default"],
+        setups=["2class"],
+        dtypes=list(DTYPES),
+        lrs=LRS,
+        seeds=1,
+        steps=100,
+        workers=1,
+        optimizers=["lora_rite", "scaled_gd", *BASELINES],
+    ),
     # the whole grid: 360 cells x 8 optimizers, in two worker processes
-    "full": dict(inits=list(INITS), setups=list(SETUPS), dtypes=list(DTYPES), lrs=LRS,
-                 seeds=2, steps=100, workers=2, optimizers=None),
+    "full": dict(
+        inits=list(INITS),
+        setups=list(SETUPS),
+        dtypes=list(DTYPES),
+        lrs=LRS,
+        seeds=2,
+        steps=100,
+        workers=2,
+        optimizers=None,
+    ),
 }
 
 
 def optimizer_names() -> list[str]:
     """Every registered ``lowrank_geom`` strategy, then :data:`BASELINES`."""
-    from lowrank_geom.strategies import available_strategies
-
     from benchmarks.optimizers import PACKAGE_OPTIMIZERS
+    from lowrank_geom.strategies import available_strategies
 
     strategies = list(available_strategies())
     ordered = [n for n in PACKAGE_OPTIMIZERS if n in strategies]
@@ -145,12 +167,10 @@ def optimizer_names() -> list[str]:
 # ------------------------------------------------------------------------------------ verdicts
 def adamw_trains(adamw_final: float | None, initial: float) -> bool:
     """Whether the reference made real progress (see :data:`ADAMW_TRAINS`)."""
-    return adamw_final is not None and math.isfinite(adamw_final) and (
-        adamw_final <= ADAMW_TRAINS * initial)
+    return adamw_final is not None and math.isfinite(adamw_final) and (adamw_final <= ADAMW_TRAINS * initial)
 
 
-def verdict(final: float | None, adamw_final: float | None, initial: float,
-            error: str | None = None) -> str:
+def verdict(final: float | None, adamw_final: float | None, initial: float, error: str | None = None) -> str:
     """``raises`` / ``diverges`` / ``lags`` / ``trains`` / ``n/a`` for one optimizer in one cell.
 
     An exception, a non-finite loss or a loss above :data:`BLOWUP` times the initial one is a
@@ -213,9 +233,14 @@ class PeftMLP:
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PEFT's notes on PiSSA/OLoRA; not the optimizer's
             torch.manual_seed(seed)
-            cfg = peft.LoraConfig(r=s["r"], lora_alpha=2 * s["r"], lora_dropout=0.0,
-                                  target_modules=["q_proj", "v_proj"], modules_to_save=["head"],
-                                  init_lora_weights=INITS[init])
+            cfg = peft.LoraConfig(
+                r=s["r"],
+                lora_alpha=2 * s["r"],
+                lora_dropout=0.0,
+                target_modules=["q_proj", "v_proj"],
+                modules_to_save=["head"],
+                init_lora_weights=INITS[init],
+            )
             # built in float32 (PiSSA/OLoRA factorize the base weight), then cast
             self.peft_model = peft.get_peft_model(_Net(s["classes"]), cfg)
             if init == "random_both":
@@ -252,8 +277,7 @@ def make_data(setup: str, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, 
 def _loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     logits = model(x)
     # bf16 logits are upcast so the loss itself adds no bf16 round-off
-    return torch.nn.functional.cross_entropy(logits.to(torch.promote_types(logits.dtype,
-                                                                           torch.float32)), y)
+    return torch.nn.functional.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y)
 
 
 def full_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -287,9 +311,9 @@ def build_optimizer(name: str, model: PeftMLP, lr: float, head_lr: float | None 
         from lowrank_geom import LowRankOptimizer
 
         pairs = model.pairs()
-        return LowRankOptimizer([{"pairs": pairs},
-                                 {"params": model.other_parameters(), "lr": head_lr}],
-                                strategy=name, lr=lr)
+        return LowRankOptimizer(
+            [{"pairs": pairs}, {"params": model.other_parameters(), "lr": head_lr}], strategy=name, lr=lr
+        )
     opt = make_optimizer(name, model, suite=SUITE, lr=lr)
     held = {id(p) for g in opt.param_groups for p in g["params"]}
     rest = [p for p in model.other_parameters() if id(p) not in held]  # PEFT's factories hold all
@@ -323,9 +347,13 @@ def _train(name: str, cell: dict[str, Any], steps: int) -> dict[str, Any]:
     x, y = make_data(cell["setup"], cell["seed"], dtype)
     batch = SETUPS[cell["setup"]]["batch"]
     model = PeftMLP(cell["init"], cell["setup"], dtype, cell["seed"])
-    out: dict[str, Any] = {"initial_loss": full_loss(model.peft_model, x, y), "final_loss": None,
-                           "error": None, "steps_done": 0,
-                           "run_lr": optimizer_lr(name, cell["lr"])}
+    out: dict[str, Any] = {
+        "initial_loss": full_loss(model.peft_model, x, y),
+        "final_loss": None,
+        "error": None,
+        "steps_done": 0,
+        "run_lr": optimizer_lr(name, cell["lr"]),
+    }
     g = torch.Generator().manual_seed(cell["seed"])
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -343,11 +371,10 @@ def _train(name: str, cell: dict[str, Any], steps: int) -> dict[str, Any]:
                     break
             final = full_loss(model.peft_model, x, y)
             out["final_loss"] = final if math.isfinite(final) else None
-        except Exception as err:  # noqa: BLE001 - any exception is the "raises" verdict
+        except Exception as err:
             out["error"] = _first_line(err)
     out["seconds"] = round(time.perf_counter() - t0, 3)
-    out["warnings"] = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:120]}"
-                              for w in caught})[:3]
+    out["warnings"] = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:120]}" for w in caught})[:3]
     return out
 
 
@@ -363,7 +390,7 @@ def supported_inits(inits: list[str]) -> dict[str, str | None]:
         try:
             PeftMLP(init, "2class", torch.float32, 0)
             found[init] = None
-        except Exception as err:  # noqa: BLE001 - an unsupported init is reported, not fatal
+        except Exception as err:
             found[init] = _first_line(err)
     return found
 
@@ -375,23 +402,31 @@ def run_cell(cell: dict[str, Any], names: list[str], steps: int) -> list[dict[st
     records = []
     for name in names:
         r = runs[name]
-        records.append({
-            "optimizer": name, **cell, **r,
-            "adamw_final_loss": ref["final_loss"],
-            "adamw_trains": adamw_trains(ref["final_loss"], ref["initial_loss"]),
-            "verdict": verdict(r["final_loss"], ref["final_loss"], r["initial_loss"], r["error"]),
-        })
+        records.append(
+            {
+                "optimizer": name,
+                **cell,
+                **r,
+                "adamw_final_loss": ref["final_loss"],
+                "adamw_trains": adamw_trains(ref["final_loss"], ref["initial_loss"]),
+                "verdict": verdict(r["final_loss"], ref["final_loss"], r["initial_loss"], r["error"]),
+            }
+        )
     return records
 
 
-def _run_cells(cells: list[dict[str, Any]], names: list[str], size: dict[str, Any],
-               ctx: RunContext) -> list[dict[str, Any]]:
+def _run_cells(
+    cells: list[dict[str, Any]], names: list[str], size: dict[str, Any], ctx: RunContext
+) -> list[dict[str, Any]]:
     """All cells, in order; with ``workers > 1`` in fresh (spawned) processes (every run has one
     thread, so the numbers are the same as a sequential run's)."""
     workers = min(size.get("workers", 1), len(cells))
     if workers <= 1:
-        return [rec for cell in progress(cells, ctx, SUITE, total=len(cells))
-                for rec in run_cell(cell, names, size["steps"])]
+        return [
+            rec
+            for cell in progress(cells, ctx, SUITE, total=len(cells))
+            for rec in run_cell(cell, names, size["steps"])
+        ]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -412,45 +447,61 @@ def _run(ctx: RunContext) -> SuiteResult:
     size = SIZES[ctx.size]
     names = size["optimizers"] or optimizer_names()
     inits = supported_inits(size["inits"])
-    cells = [dict(init=i, setup=s, dtype=d, lr=lr, seed=ctx.seed + k)
-             for i in size["inits"] if inits[i] is None for s in size["setups"]
-             for d in size["dtypes"] for lr in size["lrs"] for k in range(size["seeds"])]
+    cells = [
+        dict(init=i, setup=s, dtype=d, lr=lr, seed=ctx.seed + k)
+        for i in size["inits"]
+        if inits[i] is None
+        for s in size["setups"]
+        for d in size["dtypes"]
+        for lr in size["lrs"]
+        for k in range(size["seeds"])
+    ]
     records = _run_cells(cells, names, size, ctx)
     summary = summarize(records, names, size["seeds"] > 1)
     metrics = {
         "cells": records,
         "summary": summary,
-        "trains_where_adamw_trains": {n: v["trains_where_adamw_trains"]
-                                      for n, v in summary.items()},
+        "trains_where_adamw_trains": {n: v["trains_where_adamw_trains"] for n, v in summary.items()},
         "inits": {i: {"supported": e is None, "error": e} for i, e in inits.items()},
         "optimizers": names,
-        "reference": REFERENCE, "ratio": RATIO, "adamw_trains_fraction": ADAMW_TRAINS,
+        "reference": REFERENCE,
+        "ratio": RATIO,
+        "adamw_trains_fraction": ADAMW_TRAINS,
         "blowup": BLOWUP,
     }
-    config = {"size": ctx.size, **size, "optimizers": names, "setups": SETUPS,
-              "inits": {k: INITS[k] for k in size["inits"]}, "model": _model_note(),
-              "in_dim": IN_DIM, "width": WIDTH, "n_samples": N_SAMPLES,
-              "torch_threads": torch.get_num_threads()}
+    config = {
+        "size": ctx.size,
+        **size,
+        "optimizers": names,
+        "setups": SETUPS,
+        "inits": {k: INITS[k] for k in size["inits"]},
+        "model": _model_note(),
+        "in_dim": IN_DIM,
+        "width": WIDTH,
+        "n_samples": N_SAMPLES,
+        "torch_threads": torch.get_num_threads(),
+    }
     table = _table(records, summary, names, size)
     figures = [_heatmap(records, names, ctx)]
     cond_size = COND_SIZES[ctx.size]
     metrics["conditioning"] = run_conditioning(cond_size, ctx.seed, ctx)
     config["conditioning"] = conditioning_config(cond_size)
-    table += ("\n\n### Conditioning sweep: LoRA-RITE in float32/bfloat16 vs float64\n\n"
-              + _conditioning_table(metrics["conditioning"]))
+    table += "\n\n### Conditioning sweep: LoRA-RITE in float32/bfloat16 vs float64\n\n" + _conditioning_table(
+        metrics["conditioning"]
+    )
     figures.append(_conditioning_figure(metrics["conditioning"], ctx))
-    return SuiteResult(suite=SUITE, metrics=metrics, config=config, table=table,
-                       figures=figures)
+    return SuiteResult(suite=SUITE, metrics=metrics, config=config, table=table, figures=figures)
 
 
 def _model_note() -> str:
-    return (f"inp Linear({IN_DIM},{WIDTH}) + tanh, 2 blocks x + v_proj(tanh(q_proj(x))), head; "
-            "PEFT LoRA on q_proj/v_proj (lora_alpha = 2r, dropout 0), head in modules_to_save")
+    return (
+        f"inp Linear({IN_DIM},{WIDTH}) + tanh, 2 blocks x + v_proj(tanh(q_proj(x))), head; "
+        "PEFT LoRA on q_proj/v_proj (lora_alpha = 2r, dropout 0), head in modules_to_save"
+    )
 
 
 # ------------------------------------------------------------------------------------- summary
-def summarize(records: list[dict[str, Any]], names: list[str],
-              with_seed: bool = False) -> dict[str, dict[str, Any]]:
+def summarize(records: list[dict[str, Any]], names: list[str], with_seed: bool = False) -> dict[str, dict[str, Any]]:
     """Per optimizer: verdict counts, whether it trains wherever AdamW trains, failing cells."""
     out = {}
     for name in names:
@@ -458,8 +509,12 @@ def summarize(records: list[dict[str, Any]], names: list[str],
         counts = {v: sum(r["verdict"] == v for r in mine) for v in VERDICTS}
         target = [r for r in mine if r["adamw_trains"]]
         failing = [_failure(r, with_seed) for r in mine if r["verdict"] in FAILURES]
-        out[name] = {**counts, "target_cells": len(target), "failing": failing,
-                     "trains_where_adamw_trains": all(r["verdict"] == "trains" for r in target)}
+        out[name] = {
+            **counts,
+            "target_cells": len(target),
+            "failing": failing,
+            "trains_where_adamw_trains": all(r["verdict"] == "trains" for r in target),
+        }
     return out
 
 
@@ -488,20 +543,26 @@ MAX_LISTED = 8
 _MARK = {"trains": "✓", "lags": "~", "diverges": "✗", "raises": "!", "n/a": "–"}
 
 
-def _table(records: list[dict[str, Any]], summary: dict[str, Any], names: list[str],
-           size: dict[str, Any]) -> str:
+def _table(records: list[dict[str, Any]], summary: dict[str, Any], names: list[str], size: dict[str, Any]) -> str:
     rows = []
     for name in names:
         s = summary[name]
         fails = s["failing"][:MAX_LISTED]
         if len(s["failing"]) > MAX_LISTED:
             fails.append(f"… {len(s['failing']) - MAX_LISTED} more")
-        rows.append([name, s["trains"], s["lags"], s["diverges"], s["raises"], s["n/a"],
-                     "yes" if s["trains_where_adamw_trains"] else "no",
-                     "; ".join(fails) or "—"])
-    head = ["optimizer", "trains", "lags", "diverges", "raises", "n/a",
-            "trains wherever AdamW trains",
-            "failing cells"]
+        rows.append(
+            [
+                name,
+                s["trains"],
+                s["lags"],
+                s["diverges"],
+                s["raises"],
+                s["n/a"],
+                "yes" if s["trains_where_adamw_trains"] else "no",
+                "; ".join(fails) or "—",
+            ]
+        )
+    head = ["optimizer", "trains", "lags", "diverges", "raises", "n/a", "trains wherever AdamW trains", "failing cells"]
     text = "### Verdicts\n\n" + markdown_table(head, rows)
     cells = list(dict.fromkeys(cell_label(r, True) for r in records))
     if len(cells) <= 30:
@@ -513,8 +574,7 @@ def _table(records: list[dict[str, Any]], summary: dict[str, Any], names: list[s
 
 def _axis_table(records: list[dict[str, Any]], names: list[str], size: dict[str, Any]) -> str:
     """Per optimizer and axis value: failing runs (lags, diverges or raises) / runs."""
-    axes = [(key, value) for key in ("init", "setup", "dtype", "lr")
-            for value in size[key + "s"]]
+    axes = [(key, value) for key in ("init", "setup", "dtype", "lr") for value in size[key + "s"]]
     rows = []
     for name in names:
         row: list[Any] = [name]
@@ -547,10 +607,12 @@ def _loss_table(records: list[dict[str, Any]], names: list[str]) -> str:
 
 
 def _note(size: dict[str, Any], names: list[str]) -> str:
-    setups = ", ".join(f"{k} = {v['classes']} classes, batch {v['batch']}, r={v['r']}"
-                       for k, v in SETUPS.items() if k in size["setups"])
-    scaled = ", ".join(f"{n} {optimizer_lr(n, 1.0):g}×" for n in names
-                       if optimizer_lr(n, 1.0) != 1.0)
+    setups = ", ".join(
+        f"{k} = {v['classes']} classes, batch {v['batch']}, r={v['r']}"
+        for k, v in SETUPS.items()
+        if k in size["setups"]
+    )
+    scaled = ", ".join(f"{n} {optimizer_lr(n, 1.0):g}×" for n in names if optimizer_lr(n, 1.0) != 1.0)
     return (
         f"{size['steps']} steps per run; lr = AdamW's rate, the head's rate for every optimizer; "
         "the LoRA factors run at that rate times the optimizer's recommended lr over AdamW's "
@@ -567,8 +629,7 @@ def _note(size: dict[str, Any], names: list[str]) -> str:
 
 
 # -------------------------------------------------------------------------------------- figure
-_COLORS = {"trains": "#4daf4a", "lags": "#ff7f00", "diverges": "#e41a1c", "raises": "#984ea3",
-           "n/a": "#d9d9d9"}
+_COLORS = {"trains": "#4daf4a", "lags": "#ff7f00", "diverges": "#e41a1c", "raises": "#984ea3", "n/a": "#d9d9d9"}
 #: over seeds a heatmap square shows the worst verdict
 _SEVERITY = ["n/a", "trains", "lags", "diverges", "raises"]
 
@@ -596,10 +657,13 @@ def _heatmap(records: list[dict[str, Any]], names: list[str], ctx: RunContext) -
     ax.set_yticks([i - 0.5 for i in range(1, len(names))], minor=True)
     ax.grid(which="minor", color="white", linewidth=0.8)
     ax.tick_params(which="minor", length=0)
-    ax.legend(handles=[Patch(color=_COLORS[v], label=v) for v in VERDICTS], fontsize=7,
-              loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title("Robustness: verdict per optimizer and cell (init/setup/dtype/lr; "
-                 "worst over seeds)", fontsize=9)
+    ax.legend(
+        handles=[Patch(color=_COLORS[v], label=v) for v in VERDICTS],
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+    )
+    ax.set_title("Robustness: verdict per optimizer and cell (init/setup/dtype/lr; worst over seeds)", fontsize=9)
     return savefig(fig, ctx, "robustness_verdicts")
 
 
@@ -624,14 +688,11 @@ COND_TARGET_DTYPES = ["float32"]
 COND_VERDICTS = ["follows", "lags", "diverges", "raises", "n/a"]
 COND_SIZES: dict[str, dict[str, Any]] = {
     # the tests: one kappa, one seed, float64 + float32, default engine
-    "quick": dict(kappas=[1e3], seeds=1, steps=200, dtypes=["float64", "float32"],
-                  engines=["qr"]),
+    "quick": dict(kappas=[1e3], seeds=1, steps=200, dtypes=["float64", "float32"], engines=["qr"]),
     # `make bench` (<= 25 s on 2 shared cores): the two ends of the issue's range
-    "default": dict(kappas=[1e2, 1e4], seeds=2, steps=1000, dtypes=["float64", "float32"],
-                    engines=["qr"]),
+    "default": dict(kappas=[1e2, 1e4], seeds=2, steps=1000, dtypes=["float64", "float32"], engines=["qr"]),
     # the whole grid
-    "full": dict(kappas=COND_KAPPAS, seeds=3, steps=1500, dtypes=COND_DTYPES,
-                 engines=COND_ENGINES),
+    "full": dict(kappas=COND_KAPPAS, seeds=3, steps=1500, dtypes=COND_DTYPES, engines=COND_ENGINES),
 }
 
 
@@ -657,8 +718,7 @@ def conditioning_reference(float64_error: float | None, dtype: str) -> float | N
     return max(float64_error, error_floor(dtype))
 
 
-def conditioning_ratio(final_error: float | None, float64_error: float | None,
-                       dtype: str) -> float | None:
+def conditioning_ratio(final_error: float | None, float64_error: float | None, dtype: str) -> float | None:
     """Final error over :func:`conditioning_reference`; None if either is not finite."""
     ref = conditioning_reference(float64_error, dtype)
     if ref is None or final_error is None or not math.isfinite(final_error):
@@ -666,8 +726,9 @@ def conditioning_ratio(final_error: float | None, float64_error: float | None,
     return final_error / ref
 
 
-def conditioning_verdict(final_error: float | None, float64_error: float | None, dtype: str,
-                         exception: str | None = None) -> str:
+def conditioning_verdict(
+    final_error: float | None, float64_error: float | None, dtype: str, exception: str | None = None
+) -> str:
     """``raises`` / ``diverges`` / ``follows`` / ``lags`` / ``n/a`` for one run of the sweep.
 
     ``diverges``: the final relative error is not finite or above 1 (worse than the ``A = 0``
@@ -704,8 +765,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor, z: torch.Tensor) -> float |
     return err if math.isfinite(err) else None
 
 
-def fit_conditioning(cells: list[tuple[float, int]], dtype: str, engine: str,
-                     steps: int) -> dict[str, Any]:
+def fit_conditioning(cells: list[tuple[float, int]], dtype: str, engine: str, steps: int) -> dict[str, Any]:
     """LoRA-RITE (library defaults, ``engine``) on each ``(kappa, seed)`` of ``cells``, in one
     optimizer: every cell is its own pair, the loss their sum, so each pair gets exactly its own
     gradient (the optimizer batches same-shape pairs; per-pair state and arithmetic are those of
@@ -718,8 +778,7 @@ def fit_conditioning(cells: list[tuple[float, int]], dtype: str, engine: str,
         return _fit_conditioning(cells, dtype, engine, steps)
 
 
-def _fit_conditioning(cells: list[tuple[float, int]], dtype: str, engine: str,
-                      steps: int) -> dict[str, Any]:
+def _fit_conditioning(cells: list[tuple[float, int]], dtype: str, engine: str, steps: int) -> dict[str, Any]:
     from lowrank_geom import LoRAPair, LowRankOptimizer
 
     dt = DTYPES[dtype]
@@ -734,49 +793,57 @@ def _fit_conditioning(cells: list[tuple[float, int]], dtype: str, engine: str,
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            pairs = [LoRAPair(ai, bi, name=f"kappa={k:g}/seed={s}")
-                     for ai, bi, (k, s) in zip(a, b, cells)]
+            pairs = [LoRAPair(ai, bi, name=f"kappa={k:g}/seed={s}") for ai, bi, (k, s) in zip(a, b, cells)]
             opt = LowRankOptimizer(pairs, strategy="lora_rite", lr=COND_LR, engine=engine)
             for step in range(steps):
-                losses = [(ai @ bi.T - zi).to(loss_dtype).square().sum() / (COND_M * COND_N)
-                          for ai, bi, zi in zip(a, b, targets)]
+                losses = [
+                    (ai @ bi.T - zi).to(loss_dtype).square().sum() / (COND_M * COND_N)
+                    for ai, bi, zi in zip(a, b, targets)
+                ]
                 total = torch.stack(losses).sum()
                 opt.zero_grad(set_to_none=True)
                 total.backward()
                 opt.step()
                 out["steps_done"] = step + 1
                 if not math.isfinite(float(total.detach())) and not any(
-                        math.isfinite(float(x.detach())) for x in losses):
+                    math.isfinite(float(x.detach())) for x in losses
+                ):
                     break  # every pair is gone
-        except Exception as err:  # noqa: BLE001 - any exception is the "raises" verdict
+        except Exception as err:
             out["exception"] = _first_line(err)
     out["seconds"] = round(time.perf_counter() - t0, 3)
-    out["errors"] = [relative_error(ai.detach(), bi.detach(), z)
-                     for ai, bi, (z, _) in zip(a, b, problems)]
+    out["errors"] = [relative_error(ai.detach(), bi.detach(), z) for ai, bi, (z, _) in zip(a, b, problems)]
     state = opt.state if opt is not None else {}
     out["update_skips"] = [int(float(state.get(ai, {}).get("update_skips", 0))) for ai in a]
-    out["nonfinite_skips"] = [int(float(state.get(ai, {}).get("nonfinite_skips", 0)))
-                              for ai in a]
-    out["warnings"] = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:120]}"
-                              for w in caught})[:3]
+    out["nonfinite_skips"] = [int(float(state.get(ai, {}).get("nonfinite_skips", 0))) for ai in a]
+    out["warnings"] = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:120]}" for w in caught})[:3]
     return out
 
 
-def run_conditioning_batch(cells: list[tuple[float, int]], dtype: str, engine: str,
-                           steps: int) -> list[dict[str, Any]]:
+def run_conditioning_batch(cells: list[tuple[float, int]], dtype: str, engine: str, steps: int) -> list[dict[str, Any]]:
     """One record per cell (``kappa, seed, dtype, engine, final_error, exception, ...``); a
     batch that raised is rerun cell by cell, so an exception is charged to its own cell only."""
     fit = fit_conditioning(cells, dtype, engine, steps)
     if fit["exception"] is not None and len(cells) > 1:
-        return [rec for cell in cells for rec in run_conditioning_batch([cell], dtype, engine,
-                                                                         steps)]
-    return [dict(kappa=k, seed=s, dtype=dtype, engine=engine, steps=steps,
-                 final_error=None if fit["exception"] else fit["errors"][i],
-                 exception=fit["exception"],
-                 steps_done=fit["steps_done"], update_skips=fit["update_skips"][i],
-                 nonfinite_skips=fit["nonfinite_skips"][i], batch_size=len(cells),
-                 batch_seconds=fit["seconds"], warnings=fit["warnings"])
-            for i, (k, s) in enumerate(cells)]
+        return [rec for cell in cells for rec in run_conditioning_batch([cell], dtype, engine, steps)]
+    return [
+        dict(
+            kappa=k,
+            seed=s,
+            dtype=dtype,
+            engine=engine,
+            steps=steps,
+            final_error=None if fit["exception"] else fit["errors"][i],
+            exception=fit["exception"],
+            steps_done=fit["steps_done"],
+            update_skips=fit["update_skips"][i],
+            nonfinite_skips=fit["nonfinite_skips"][i],
+            batch_size=len(cells),
+            batch_seconds=fit["seconds"],
+            warnings=fit["warnings"],
+        )
+        for i, (k, s) in enumerate(cells)
+    ]
 
 
 def run_conditioning(size: dict[str, Any], seed: int, ctx: RunContext) -> dict[str, Any]:
@@ -803,42 +870,59 @@ def conditioning_section(records: list[dict[str, Any]], size: dict[str, Any]) ->
     for r in records:
         if r["final_error"] is not None and not math.isfinite(r["final_error"]):
             r["final_error"] = None
-    ref = {(r["kappa"], r["seed"]): r["final_error"] for r in records
-           if (r["dtype"], r["engine"]) == COND_REFERENCE}
+    ref = {(r["kappa"], r["seed"]): r["final_error"] for r in records if (r["dtype"], r["engine"]) == COND_REFERENCE}
     for r in records:
         f64 = ref.get((r["kappa"], r["seed"]))
         r["float64_error"] = f64
         r["reference_error"] = conditioning_reference(f64, r["dtype"])
-        r["ratio"] = None if r["exception"] else conditioning_ratio(r["final_error"], f64,
-                                                                    r["dtype"])
+        r["ratio"] = None if r["exception"] else conditioning_ratio(r["final_error"], f64, r["dtype"])
         r["verdict"] = conditioning_verdict(r["final_error"], f64, r["dtype"], r["exception"])
         r["targeted"] = r["dtype"] in COND_TARGET_DTYPES
     # the claim: every float32 cell whose reference trained follows it (per engine, and all)
-    by_engine = {e: all(r["verdict"] == "follows" for r in records
-                        if r["dtype"] == "float32" and r["engine"] == e and r["verdict"] != "n/a")
-                 for e in size["engines"]} if "float32" in size["dtypes"] else {}
-    return json_safe({
-        "cells": records,
-        "rows": conditioning_rows(records),
-        "float32_follows_float64": all(by_engine.values()) if by_engine else None,
-        "float32_follows_float64_by_engine": by_engine,
-        "reference": {"dtype": COND_REFERENCE[0], "engine": COND_REFERENCE[1]},
-        "ratio": COND_RATIO, "floor_ulps": FLOOR_ULPS,
-        "error_floors": {d: error_floor(d) for d in size["dtypes"]},
-        "target_dtypes": COND_TARGET_DTYPES,
-    })
+    by_engine = (
+        {
+            e: all(
+                r["verdict"] == "follows"
+                for r in records
+                if r["dtype"] == "float32" and r["engine"] == e and r["verdict"] != "n/a"
+            )
+            for e in size["engines"]
+        }
+        if "float32" in size["dtypes"]
+        else {}
+    )
+    return json_safe(
+        {
+            "cells": records,
+            "rows": conditioning_rows(records),
+            "float32_follows_float64": all(by_engine.values()) if by_engine else None,
+            "float32_follows_float64_by_engine": by_engine,
+            "reference": {"dtype": COND_REFERENCE[0], "engine": COND_REFERENCE[1]},
+            "ratio": COND_RATIO,
+            "floor_ulps": FLOOR_ULPS,
+            "error_floors": {d: error_floor(d) for d in size["dtypes"]},
+            "target_dtypes": COND_TARGET_DTYPES,
+        }
+    )
 
 
 def conditioning_config(size: dict[str, Any]) -> dict[str, Any]:
     from lowrank_geom.strategies import get_strategy
 
     hp = {k: v for k, v in get_strategy("lora_rite").defaults.items() if k != "engine"}
-    return {**size, "m": COND_M, "n": COND_N, "r": COND_R, "lr": COND_LR,
-            "sigma": "log-spaced from 1 to 1/kappa", "init": "A = 0, B gaussian / sqrt(n)",
-            "loss": "sum over cells of ||A B^T - Z*||_F^2 / (m n) (residual in the run's dtype, "
-                    "reduction in float32 or wider)",
-            "error": "||A B^T - Z*||_F / ||Z*||_F in float64",
-            "lora_rite": hp}
+    return {
+        **size,
+        "m": COND_M,
+        "n": COND_N,
+        "r": COND_R,
+        "lr": COND_LR,
+        "sigma": "log-spaced from 1 to 1/kappa",
+        "init": "A = 0, B gaussian / sqrt(n)",
+        "loss": "sum over cells of ||A B^T - Z*||_F^2 / (m n) (residual in the run's dtype, "
+        "reduction in float32 or wider)",
+        "error": "||A B^T - Z*||_F / ||Z*||_F in float64",
+        "lora_rite": hp,
+    }
 
 
 def conditioning_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -848,25 +932,28 @@ def conditioning_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     keys = list(dict.fromkeys((r["kappa"], r["dtype"], r["engine"]) for r in records))
     order = {d: i for i, d in enumerate(COND_DTYPES)}
-    keys.sort(key=lambda k: (k[0], order.get(k[1], 99), COND_ENGINES.index(k[2])
-                             if k[2] in COND_ENGINES else 99))
+    keys.sort(key=lambda k: (k[0], order.get(k[1], 99), COND_ENGINES.index(k[2]) if k[2] in COND_ENGINES else 99))
     for kappa, dtype, engine in keys:
-        mine = [r for r in records if (r["kappa"], r["dtype"], r["engine"]) == (kappa, dtype,
-                                                                                 engine)]
+        mine = [r for r in records if (r["kappa"], r["dtype"], r["engine"]) == (kappa, dtype, engine)]
         errs = [r["final_error"] for r in mine if r["final_error"] is not None]
         f64 = [r["float64_error"] for r in mine if r["float64_error"] is not None]
         ratios = [r["ratio"] for r in mine if r["ratio"] is not None]
-        rows.append({
-            "kappa": kappa, "dtype": dtype, "engine": engine, "seeds": len(mine),
-            "float64_error_median": statistics.median(f64) if f64 else None,
-            "error_median": statistics.median(errs) if errs else None,
-            "error_max": max(errs) if errs else None,
-            "ratio_median": statistics.median(ratios) if ratios else None,
-            "ratio_max": max(ratios) if ratios else None,
-            **{v: sum(r["verdict"] == v for r in mine) for v in COND_VERDICTS},
-            "targeted": dtype in COND_TARGET_DTYPES,
-            "not_following": [_cond_failure(r) for r in mine if r["verdict"] != "follows"],
-        })
+        rows.append(
+            {
+                "kappa": kappa,
+                "dtype": dtype,
+                "engine": engine,
+                "seeds": len(mine),
+                "float64_error_median": statistics.median(f64) if f64 else None,
+                "error_median": statistics.median(errs) if errs else None,
+                "error_max": max(errs) if errs else None,
+                "ratio_median": statistics.median(ratios) if ratios else None,
+                "ratio_max": max(ratios) if ratios else None,
+                **{v: sum(r["verdict"] == v for r in mine) for v in COND_VERDICTS},
+                "targeted": dtype in COND_TARGET_DTYPES,
+                "not_following": [_cond_failure(r) for r in mine if r["verdict"] != "follows"],
+            }
+        )
     return rows
 
 
@@ -884,25 +971,56 @@ def _cond_failure(r: dict[str, Any]) -> str:
 
 
 def _conditioning_table(section: dict[str, Any]) -> str:
-    head = ["κ", "dtype", "engine", "float64 QR error (median)", "error median", "error max",
-            "ratio median", "ratio max", "follows", "lags", "diverges", "raises", "n/a",
-            "2× target", "not following"]
+    head = [
+        "κ",
+        "dtype",
+        "engine",
+        "float64 QR error (median)",
+        "error median",
+        "error max",
+        "ratio median",
+        "ratio max",
+        "follows",
+        "lags",
+        "diverges",
+        "raises",
+        "n/a",
+        "2× target",
+        "not following",
+    ]
     rows = []
     for row in section["rows"]:
         reference = (row["dtype"], row["engine"]) == COND_REFERENCE
         target = "reference" if reference else ("yes" if row["targeted"] else "reported only")
-        rows.append([f"{row['kappa']:.0e}", row["dtype"], row["engine"],
-                     _num(row["float64_error_median"]), _num(row["error_median"]),
-                     _num(row["error_max"]), _num(row["ratio_median"]), _num(row["ratio_max"]),
-                     row["follows"], row["lags"], row["diverges"], row["raises"], row["n/a"],
-                     target, "; ".join(row["not_following"]) or "—"])
+        rows.append(
+            [
+                f"{row['kappa']:.0e}",
+                row["dtype"],
+                row["engine"],
+                _num(row["float64_error_median"]),
+                _num(row["error_median"]),
+                _num(row["error_max"]),
+                _num(row["ratio_median"]),
+                _num(row["ratio_max"]),
+                row["follows"],
+                row["lags"],
+                row["diverges"],
+                row["raises"],
+                row["n/a"],
+                target,
+                "; ".join(row["not_following"]) or "—",
+            ]
+        )
     claim = section["float32_follows_float64"]
-    by_engine = ", ".join(f"{e}: {'yes' if ok else 'no'}"
-                          for e, ok in section["float32_follows_float64_by_engine"].items())
+    by_engine = ", ".join(
+        f"{e}: {'yes' if ok else 'no'}" for e, ok in section["float32_follows_float64_by_engine"].items()
+    )
     floors = ", ".join(f"{d} {f:.2g}" for d, f in section["error_floors"].items())
     text = markdown_table(head, rows)
-    text += (f"\n\n**float32 follows float64 (≤ {COND_RATIO:g}×) in every cell: "
-             f"{'n/a' if claim is None else ('yes' if claim else 'no')}** ({by_engine}).")
+    text += (
+        f"\n\n**float32 follows float64 (≤ {COND_RATIO:g}×) in every cell: "
+        f"{'n/a' if claim is None else ('yes' if claim else 'no')}** ({by_engine})."
+    )
     text += (
         f"\n\nLoRA-RITE (library defaults, lr {COND_LR:g}) fits a rank-{COND_R} "
         f"{COND_M}×{COND_N} target Z* with singular values log-spaced from 1 to 1/κ from A = 0; "
@@ -913,7 +1031,8 @@ def _conditioning_table(section: dict[str, Any]) -> str:
         f"> {COND_RATIO:g}×; diverges: non-finite or above 1 (worse than the A = 0 start); "
         "raises: an exception; n/a: the float64 reference did not train. The "
         f"{COND_RATIO:g}× target applies to float32; bfloat16 (8-bit mantissa, unit roundoff "
-        "2⁻⁸ ≈ 3.9e-3 per entry) is reported only.")
+        "2⁻⁸ ≈ 3.9e-3 per entry) is reported only."
+    )
     return text
 
 
@@ -943,24 +1062,48 @@ def _conditioning_figure(section: dict[str, Any], ctx: RunContext) -> str:
         color, marker = _COND_COLORS.get(dtype, "gray"), _COND_MARKERS.get(engine, "^")
         if ok:
             ks = [r["kappa"] for r in ok]
-            ax.plot(ks, [r["error_median"] for r in ok], style, color=color, marker=marker,
-                    label=f"{dtype} / {engine}", alpha=0.9 if engine == "qr" else 0.6)
-            lo = [min(c["final_error"] for c in section["cells"]
-                      if (c["kappa"], c["dtype"], c["engine"]) == (r["kappa"], dtype, engine)
-                      and c["final_error"] is not None) for r in ok]
+            ax.plot(
+                ks,
+                [r["error_median"] for r in ok],
+                style,
+                color=color,
+                marker=marker,
+                label=f"{dtype} / {engine}",
+                alpha=0.9 if engine == "qr" else 0.6,
+            )
+            lo = [
+                min(
+                    c["final_error"]
+                    for c in section["cells"]
+                    if (c["kappa"], c["dtype"], c["engine"]) == (r["kappa"], dtype, engine)
+                    and c["final_error"] is not None
+                )
+                for r in ok
+            ]
             ax.fill_between(ks, lo, [r["error_max"] for r in ok], color=color, alpha=0.08)
         bad = [r["kappa"] for r in rows if r["diverges"] + r["raises"]]
         if bad:  # one height per dtype/engine, so the marks do not hide each other
             height = top * 2.0 ** combos.index((dtype, engine))
-            ax.plot(bad, [height] * len(bad), "x", color=color, markersize=8,
-                    label="diverges / raises (any seed)" if failed_label else None)
+            ax.plot(
+                bad,
+                [height] * len(bad),
+                "x",
+                color=color,
+                markersize=8,
+                label="diverges / raises (any seed)" if failed_label else None,
+            )
             failed_label = False
     for dtype, floor in section["error_floors"].items():
         if dtype != "float64":
             ax.axhline(floor, color=_COND_COLORS.get(dtype, "gray"), linestyle=":", linewidth=0.8)
-            ax.annotate(f"{dtype} floor ({FLOOR_ULPS}u)", (0.01, floor), fontsize=7,
-                        xycoords=("axes fraction", "data"), va="bottom",
-                        color=_COND_COLORS.get(dtype, "gray"))
+            ax.annotate(
+                f"{dtype} floor ({FLOOR_ULPS}u)",
+                (0.01, floor),
+                fontsize=7,
+                xycoords=("axes fraction", "data"),
+                va="bottom",
+                color=_COND_COLORS.get(dtype, "gray"),
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("condition number κ of Z*")

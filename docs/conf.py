@@ -27,9 +27,10 @@ ROOT = DOCS.parent
 sys.path.insert(0, str(DOCS))  # publish_results (conversion of the benchmark Markdown)
 sys.path.insert(0, str(ROOT))  # the package, also when it is not installed
 
-import lowrank_geom  # noqa: E402
 import strategy_pages  # noqa: E402
 from publish_results import SUITES, rst_for_suite  # noqa: E402
+
+import lowrank_geom  # noqa: E402
 
 project = "lowrank_geom"
 author = "lowrank_geom contributors"
@@ -114,10 +115,7 @@ def _results_rst(suite: str, folder: str = "results") -> str:
 def _benchdoc_rst(suite: str) -> str:
     module = ROOT / "benchmarks" / f"{suite}.py"
     if not module.exists():
-        return (
-            f"*benchmarks/{suite}.py is not written yet; the set-up above is the specification it "
-            "implements.*\n"
-        )
+        return f"*benchmarks/{suite}.py is not written yet; the set-up above is the specification it implements.*\n"
     try:
         doc = ast.get_docstring(ast.parse(module.read_text()))
     except SyntaxError:

@@ -14,7 +14,8 @@ of the pairs that have gradients, and their finite mask) → the strategy's upda
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
@@ -49,7 +50,7 @@ class Gathered(NamedTuple):
     """One bucket's input to a step: the batch, the finite mask (None: all finite) and what
     :meth:`Bucket.apply` needs back."""
 
-    bucket: "Bucket"
+    bucket: Bucket
     members: tuple[int, ...]
     batch: PairBatch
     finite: torch.Tensor | None
@@ -88,14 +89,25 @@ class Bucket:
         if members != self.members:
             self.members, self.stacks, self.buffers = members, {}, {}
         cdt = compute_dtype(self.dtype)
-        ensure_state(state, strat, group, [self.pairs[i] for i in members], [act.local for act in active],
-                     self.a_rank_dim, self.b_rank_dim, cdt)
+        ensure_state(
+            state,
+            strat,
+            group,
+            [self.pairs[i] for i in members],
+            [act.local for act in active],
+            self.a_rank_dim,
+            self.b_rank_dim,
+            cdt,
+        )
         pa, pb = [self.pairs[i].a for i in members], [self.pairs[i].b for i in members]
         full_a, hit_a = self._stacked(state, pa, "a")
         state_b, hit_b = self._stacked(state, pb, "b")
         # storages the members' state views: on a hit exactly the stacks
-        views = [v for st in (full_a, state_b) for v in st.values()] if hit_a and hit_b else \
-            [v for p in pa + pb for v in state[p].values() if isinstance(v, torch.Tensor)]
+        views = (
+            [v for st in (full_a, state_b) for v in st.values()]
+            if hit_a and hit_b
+            else [v for p in pa + pb for v in state[p].values() if isinstance(v, torch.Tensor)]
+        )
         ws = Workspace(self.buffers, views)
         locals_ = [act.local for act in active]
         la, lb = [lp.a for lp in locals_], [lp.b for lp in locals_]
@@ -117,7 +129,9 @@ class Bucket:
         batch = PairBatch(a_s, b_s, ga, gb, state_a, state_b, full_a["step"], row_reduce, *extra)
         return Gathered(self, members, batch, finite, full_a, la, lb)
 
-    def _finite_mask(self, ga: torch.Tensor, gb: torch.Tensor, row_reduce: Callable, group: dict[str, Any]) -> torch.Tensor | None:
+    def _finite_mask(
+        self, ga: torch.Tensor, gb: torch.Tensor, row_reduce: Callable, group: dict[str, Any]
+    ) -> torch.Tensor | None:
         """``(P,)`` mask of pairs with finite gradients, or None when all are (one host sync)."""
         # a sum is non-finite iff some entry is (or, for |entries| ~ 1e38, overflows): one pass
         finite = torch.isfinite(ga.sum(dim=(1, 2)) + gb.sum(dim=(1, 2)))
@@ -132,7 +146,7 @@ class Bucket:
         return finite
 
     def _stacked(self, state: Any, params: list[torch.Tensor], side: str) -> tuple[dict[str, torch.Tensor], bool]:
-        """The stacked state of ``params``: the kept stacks if every ``state[p][k]`` is still their view, else rebuilt."""
+        """The stacked state of ``params``: the kept stacks while every ``state[p][k]`` is their view, else rebuilt."""
         kept = self.stacks.get(side)
         if kept is not None and _still_views(state, params, *kept):
             return dict(kept[0]), True
@@ -140,7 +154,7 @@ class Bucket:
         return {k: stack_like([state[p][k] for p in params]) for k in keys}, False
 
     # ------------------------------------------------------------------------------- apply
-    def apply(self, g: Gathered, upd: PairUpdate, state: Any, report: "SkipReport") -> None:
+    def apply(self, g: Gathered, upd: PairUpdate, state: Any, report: SkipReport) -> None:
         """Update the factors in place and install the new state (pairs with a non-finite
         gradient keep their factors and state; their step count does not advance)."""
         batch, finite, full_a = g.batch, g.finite, g.full_a
@@ -202,8 +216,16 @@ def build_buckets(refs: list[PairRef], alone: bool) -> list[Bucket]:
     return [Bucket(pairs, layouts[key]) for key, pairs in by_key.items()]
 
 
-def ensure_state(state: Any, strat: Strategy, group: dict[str, Any], refs: list[PairRef],
-                 locals_: list[distributed.LocalPair], ad: int, bd: int, cdt: torch.dtype) -> None:
+def ensure_state(
+    state: Any,
+    strat: Strategy,
+    group: dict[str, Any],
+    refs: list[PairRef],
+    locals_: list[distributed.LocalPair],
+    ad: int,
+    bd: int,
+    cdt: torch.dtype,
+) -> None:
     """Create the state of new pairs, and fit existing state to the current hyperparameters.
 
     A hyperparameter switched mid-run (a scheduler's momentum, an option turned on) may need

@@ -22,7 +22,8 @@ pair.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Iterable, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 import torch
 
@@ -137,8 +138,7 @@ def _factor_layout(t: torch.Tensor, rank_dim: int, label: str, which: str) -> La
         raise ValueError(
             f"{label}: factor {which} (shape {tuple(t.shape)}) is sharded on its rank dim {pl.dim} "
             f"({pl}); lowrank_geom steps row shards with r×r all-reduces and cannot split the rank "
-            f"dim. This is FSDP2's default Shard(0) for PEFT's lora_A.weight (r×in); "
-            + _fix(label, which, t, rank_dim)
+            f"dim. This is FSDP2's default Shard(0) for PEFT's lora_A.weight (r×in); " + _fix(label, which, t, rank_dim)
         )
     return Layout("row_sharded", mesh, placements)
 
@@ -170,7 +170,9 @@ def _describe(t: torch.Tensor, layout: Layout) -> str:
     return f"a DTensor with placements {layout.placements} on {layout.mesh}"
 
 
-def check_strategy(layout: Layout, strategy: Any, hp: dict[str, Any], label: str, dtype: torch.dtype | None = None) -> None:
+def check_strategy(
+    layout: Layout, strategy: Any, hp: dict[str, Any], label: str, dtype: torch.dtype | None = None
+) -> None:
     """``NotImplementedError`` if ``strategy`` with ``hp`` cannot run on the row shards of a pair
     laid out so, with factors of ``dtype`` (a no-op for unsharded layouts)."""
     if layout.kind != "row_sharded":
@@ -354,7 +356,9 @@ def local_state(value: Any, param: torch.Tensor, rank_dim: int, key: str) -> Any
     return factor_view(value.to_local(), rank_dim)
 
 
-def shard_pair_state(state_dict: dict[str, Any], param_groups: list[dict[str, Any]], strategy_of: Callable[[str], Any]) -> dict[str, Any]:
+def shard_pair_state(
+    state_dict: dict[str, Any], param_groups: list[dict[str, Any]], strategy_of: Callable[[str], Any]
+) -> dict[str, Any]:
     """``Optimizer.state_dict()`` with the row-wise state of every row-sharded pair as DTensors
     (:func:`sharded_state`); returned as is when no pair is row-sharded.
 

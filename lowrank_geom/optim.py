@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import defaultdict
-from typing import Any, Callable, Iterable, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 import torch
 from torch.optim import Optimizer
@@ -74,9 +75,7 @@ def _as_pair(item: Any, where: str) -> LoRAPair:
         return item
     if isinstance(item, (tuple, list)) and len(item) == 2:
         return LoRAPair(item[0], item[1])
-    raise TypeError(
-        f"{where}: a pair must be an (A, B) tuple or a lowrank_geom.LoRAPair, got {type(item).__name__}"
-    )
+    raise TypeError(f"{where}: a pair must be an (A, B) tuple or a lowrank_geom.LoRAPair, got {type(item).__name__}")
 
 
 class LowRankOptimizer(Optimizer):
@@ -153,9 +152,18 @@ class LowRankOptimizer(Optimizer):
             raise TypeError("pairs must be an iterable of (A, B) pairs or param-group dicts, got a Tensor")
         strat = get_strategy(strategy)
         _check_keys(strat, hyperparameters, f"{type(self).__name__}")
-        defaults = dict(strat.defaults, lr=lr, strategy=strategy, nonfinite=nonfinite, compile=compile,
-                        maximize=maximize, foreach=foreach, fused=fused, capturable=capturable,
-                        differentiable=differentiable)
+        defaults = dict(
+            strat.defaults,
+            lr=lr,
+            strategy=strategy,
+            nonfinite=nonfinite,
+            compile=compile,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+            capturable=capturable,
+            differentiable=differentiable,
+        )
         _check_driver_options(defaults, type(self).__name__)
         defaults.update(hyperparameters)
         strat.validate(defaults)
@@ -204,8 +212,12 @@ class LowRankOptimizer(Optimizer):
         name = g.get("strategy", self.defaults["strategy"])
         strat = self._strategy(name)
         _check_keys(strat, {k: v for k, v in g.items() if k not in _DRIVER_KEYS}, f"param group {index}")
-        base = self.defaults if name == self.defaults["strategy"] else dict(
-            strat.defaults, lr=self.defaults["lr"], **{k: self.defaults[k] for k in _DRIVER_KEYS if k != "strategy"}
+        base = (
+            self.defaults
+            if name == self.defaults["strategy"]
+            else dict(
+                strat.defaults, lr=self.defaults["lr"], **{k: self.defaults[k] for k in _DRIVER_KEYS if k != "strategy"}
+            )
         )
         group = {k: v for k, v in base.items()}
         group.update(g)
@@ -296,9 +308,11 @@ class LowRankOptimizer(Optimizer):
         was moved or cast since they were built)."""
         for _ in range(2):
             try:
-                return [bucket.gather(active, self.state, strat, group)
-                        for bucket in self._buckets(group)
-                        if (active := self._active(bucket, strat, group))]
+                return [
+                    bucket.gather(active, self.state, strat, group)
+                    for bucket in self._buckets(group)
+                    if (active := self._active(bucket, strat, group))
+                ]
             except _Rebucket:
                 continue
         raise RuntimeError("the pairs' shapes, dtypes or devices keep changing during the step")
@@ -376,16 +390,20 @@ class LowRankOptimizer(Optimizer):
         return msg + "update_skips() counts skipped factor updates; this warns once per optimizer."
 
     def _psd_failure(
-        self, group: dict[str, Any], batches: list[PairBatch], masks: list, dtypes: set,
+        self,
+        group: dict[str, Any],
+        batches: list[PairBatch],
+        masks: list,
+        dtypes: set,
         err: Exception,
     ) -> str:
         """The message of a :class:`PSDNumericsError` raised by a strategy: what the driver knows.
 
         Runs only on that error path, so its checks may synchronize with the device."""
         name = group["strategy"]
-        yes_no = lambda ok: "yes" if ok else "no"  # noqa: E731
+        yes_no = lambda ok: "yes" if ok else "no"
         masked = sum(int((~m).sum()) for m in masks if m is not None)
-        finite = lambda t: bool(torch.isfinite(t).all())  # noqa: E731
+        finite = lambda t: bool(torch.isfinite(t).all())
         factors_ok = all(finite(b.a) and finite(b.b) for b in batches)
         states = [v for b in batches for st in (b.state_a, b.state_b) for v in st.values()]
         state_ok = all(finite(v) for v in states if v.is_floating_point())
@@ -468,8 +486,12 @@ class LowRankOptimizer(Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         index = dict(zip((i for g in saved_groups for i in g["params"]), params))
         # pair parameters and their rank dims (DCP hands back row-wise state as DTensors)
-        pair_params = {p: rd for g in self.param_groups if g["strategy"] != fallback.NAME
-                       for p, rd in zip(g["params"], (d for dims in g["rank_dims"] for d in dims))}
+        pair_params = {
+            p: rd
+            for g in self.param_groups
+            if g["strategy"] != fallback.NAME
+            for p, rd in zip(g["params"], (d for dims in g["rank_dims"] for d in dims))
+        }
         state: defaultdict[Any, dict] = defaultdict(dict)
         for key, saved in state_dict["state"].items():
             p = index.get(key)
@@ -532,10 +554,7 @@ class LowRankOptimizer(Optimizer):
     def state_bytes(self) -> int:
         """Exact bytes held in optimizer state (Σ numel · element_size over every state tensor)."""
         return sum(
-            v.numel() * v.element_size()
-            for s in self.state.values()
-            for v in s.values()
-            if isinstance(v, torch.Tensor)
+            v.numel() * v.element_size() for s in self.state.values() for v in s.values() if isinstance(v, torch.Tensor)
         )
 
     def __repr__(self) -> str:

@@ -188,7 +188,9 @@ def lora_pairs(model: torch.nn.Module, adapter_name: str | Iterable[str] | None 
         )
     ids = [id(t) for p in pairs for t in (p.a, p.b)]
     if len(ids) != len(set(ids)):
-        raise ValueError("a LoRA factor tensor is shared by two pairs (tied adapters); they cannot be optimized as pairs")
+        raise ValueError(
+            "a LoRA factor tensor is shared by two pairs (tied adapters); they cannot be optimized as pairs"
+        )
     return pairs
 
 

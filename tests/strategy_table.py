@@ -9,8 +9,9 @@ hyperparameters, the convenience class, options that decouple its pairs) but nee
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from lowrank_geom import (
     LoRARITE,
@@ -73,7 +74,9 @@ EXTRAS: dict[str, dict[str, Any]] = {
             (dict(betas=(0.9, 1.5)), ValueError, r"Invalid beta parameter at index 1: 1.5"),
         ],
     ),
-    "one_sided_adagrad": dict(cls=OneSidedAdagrad, errors=[(dict(eps=-1.0), ValueError, r"Invalid epsilon value: -1.0")]),
+    "one_sided_adagrad": dict(
+        cls=OneSidedAdagrad, errors=[(dict(eps=-1.0), ValueError, r"Invalid epsilon value: -1.0")]
+    ),
 }
 
 

@@ -34,9 +34,14 @@ def test_workspace_rotates_two_buffers_and_never_hands_out_one_in_use():
 
 def _pairs(n, shapes=((9, 7, 2),), dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(m, r, generator=g, dtype=dtype).requires_grad_(),
-             torch.randn(k, r, generator=g, dtype=dtype).requires_grad_())
-            for m, k, r in shapes for _ in range(n)]
+    return [
+        (
+            torch.randn(m, r, generator=g, dtype=dtype).requires_grad_(),
+            torch.randn(k, r, generator=g, dtype=dtype).requires_grad_(),
+        )
+        for m, k, r in shapes
+        for _ in range(n)
+    ]
 
 
 def _grad(pairs, which, tgt):

@@ -47,7 +47,7 @@ def test_compiled_step_equals_eager(info):
         for x, y in zip(e, c):
             # float32: inductor fuses elementwise ops and may reorder reductions, each rounding
             # differently at u ≈ 6e-8; 1e-5 is ~170 u of headroom over the few steps compared
-            torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step}: {m}")
+            torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6, msg=lambda m, step=step: f"step {step}: {m}")
     start = snapshot(make_pairs(dtype=torch.float32, shapes=((7, 5, 2), (7, 5, 2), (6, 4, 3))))
     assert max((x - y).abs().max().item() for x, y in zip(start, eager[-1])) > 1e-3  # the runs moved
 

@@ -21,8 +21,10 @@ STEPS = 10
 
 
 def _trajectory(info, device, dtype, compile_=False):
-    pairs = [(a.detach().to(device).requires_grad_(), b.detach().to(device).requires_grad_())
-             for a, b in make_pairs(dtype=dtype, shapes=((33, 17, 4), (33, 17, 4), (20, 9, 2)))]
+    pairs = [
+        (a.detach().to(device).requires_grad_(), b.detach().to(device).requires_grad_())
+        for a, b in make_pairs(dtype=dtype, shapes=((33, 17, 4), (33, 17, 4), (20, 9, 2)))
+    ]
     targets = [t.to(device) for t in make_targets(pairs)]
     opt = LowRankOptimizer(pairs, strategy=info.name, lr=info.lr, compile=compile_)
     for _ in range(STEPS):
@@ -32,8 +34,9 @@ def _trajectory(info, device, dtype, compile_=False):
     return [t.detach().cpu() for p in pairs for t in p], opt
 
 
-@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float64, 1e-10, 1e-12), (torch.float32, 1e-4, 1e-5)],
-                         ids=["float64", "float32"])
+@pytest.mark.parametrize(
+    "dtype,rtol,atol", [(torch.float64, 1e-10, 1e-12), (torch.float32, 1e-4, 1e-5)], ids=["float64", "float32"]
+)
 @pytest.mark.parametrize("info", STRATEGIES, ids=IDS)
 def test_cuda_steps_equal_cpu_steps(info, dtype, rtol, atol):
     cpu, _ = _trajectory(info, "cpu", dtype)

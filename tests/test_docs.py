@@ -59,7 +59,8 @@ def _module_members(module, members: str | None) -> list:
         names = list(module.__all__)
     else:
         names = [
-            n for n, v in vars(module).items()
+            n
+            for n, v in vars(module).items()
             if not n.startswith("_") and getattr(v, "__module__", None) == module.__name__
         ]
     return [getattr(module, n) for n in names]
@@ -95,7 +96,7 @@ def documented() -> dict[str, object]:
                 module = importlib.import_module(arg)
                 found[arg] = module
                 options = {}
-                for follow in lines[i + 1:]:
+                for follow in lines[i + 1 :]:
                     opt = _OPTION.match(follow)
                     if not opt:
                         break
@@ -109,7 +110,9 @@ def documented() -> dict[str, object]:
             try:
                 found[name] = _resolve(name)
             except (ImportError, AttributeError) as err:
-                raise AssertionError(f"{path.relative_to(ROOT)}:{i + 1}: `{line.strip()}` does not resolve: {err}")
+                raise AssertionError(
+                    f"{path.relative_to(ROOT)}:{i + 1}: `{line.strip()}` does not resolve: {err}"
+                ) from err
     return found
 
 
@@ -123,9 +126,7 @@ def test_every_public_name_is_in_the_api_reference(module_name):
     objects = documented()
     ids = {id(obj) for obj in objects.values()}
     missing = [f"{module_name}.{name}" for name, obj in _public(module_name) if id(obj) not in ids]
-    assert not missing, (
-        f"public names without an autodoc entry under docs/ (add them to docs/api/*.rst): {missing}"
-    )
+    assert not missing, f"public names without an autodoc entry under docs/ (add them to docs/api/*.rst): {missing}"
 
 
 def test_peft_public_functions_are_documented():
@@ -221,11 +222,21 @@ def test_markdown_tables_become_warning_free_rst():
     cells = [e.astext() for e in tables[0].findall() if e.tagname == "entry"]
     # every cell renders literally: markup characters, list-like text, empty cells
     assert cells == [
-        "optimizer", "gap", "class",
-        "lora_rite", "1.20e-15", "GL(r)",
-        "scaled_gd (delta=0)", "3e-14", "-",
-        "a|b_", "x*y*", "",
-        "1.", "nan", "none_",
+        "optimizer",
+        "gap",
+        "class",
+        "lora_rite",
+        "1.20e-15",
+        "GL(r)",
+        "scaled_gd (delta=0)",
+        "3e-14",
+        "-",
+        "a|b_",
+        "x*y*",
+        "",
+        "1.",
+        "nan",
+        "none_",
     ]
 
 
@@ -235,8 +246,11 @@ def test_publish_copies_results_and_writes_rst(tmp_path):
     src.mkdir()
     payload = {
         "suite": "invariance",
-        "run": {"command": "python -m benchmarks invariance --out results", "git_sha": "0123456789abcdef",
-                "date": "2026-01-01T00:00:00+00:00"},
+        "run": {
+            "command": "python -m benchmarks invariance --out results",
+            "git_sha": "0123456789abcdef",
+            "date": "2026-01-01T00:00:00+00:00",
+        },
         "meta": {"torch": "2.13.0"},
         "metrics": {},
         "figures": ["invariance_gap.png"],
@@ -273,7 +287,7 @@ def test_publish_into_a_docs_subfolder_points_images_there(tmp_path):
 def test_publish_refuses_incomplete_results(tmp_path):
     publish = _publish_module()
     (tmp_path / "speed.json").write_text(json.dumps({"suite": "speed", "figures": []}))
-    with pytest.raises(FileNotFoundError, match="speed.md"):
+    with pytest.raises(FileNotFoundError, match=r"speed\.md"):
         publish.publish(tmp_path, tmp_path / "out")
 
 
@@ -288,9 +302,24 @@ def test_sphinx_build_is_warning_free_and_doctests_pass(tmp_path):
     doctrees = tmp_path / "doctrees"
     for builder in ("html", "doctest"):
         proc = subprocess.run(
-            [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", builder,
-             "-d", str(doctrees), str(DOCS), str(tmp_path / builder)],
-            capture_output=True, text=True, timeout=300, cwd=ROOT,
+            [
+                sys.executable,
+                "-m",
+                "sphinx",
+                "-W",
+                "--keep-going",
+                "-q",
+                "-b",
+                builder,
+                "-d",
+                str(doctrees),
+                str(DOCS),
+                str(tmp_path / builder),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=ROOT,
         )
         report = ""
         if builder == "doctest" and (tmp_path / builder / "output.txt").exists():
@@ -310,7 +339,9 @@ def test_readme_result_table_is_the_published_one():
     finally:
         sys.path.remove(str(DOCS))
     md = DOCS / "results" / f"{publish_results.README_SUITE}.md"
-    assert md.exists(), f"{md} is not published: run `python docs/publish_results.py results docs/results --readme README.md`"
+    assert md.exists(), (
+        f"{md} is not published: run `python docs/publish_results.py results docs/results --readme README.md`"
+    )
     readme = (ROOT / "README.md").read_text()
     block = readme.split(publish_results.README_BEGIN, 1)[1].split(publish_results.README_END, 1)[0]
     assert block.strip() == publish_results.readme_block(md.read_text()).strip()
@@ -318,10 +349,16 @@ def test_readme_result_table_is_the_published_one():
 
 def test_every_test_the_docs_name_exists():
     """The docs cite tests as proof (``test_x`` or ``file.py::test_x``): each must be a test function."""
-    defined = {m.group(1) for path in (ROOT / "tests").rglob("test_*.py")
-               for m in re.finditer(r"^def (test_\w+)\(", path.read_text(), re.M)}
-    cited = {(path.relative_to(DOCS), m.group(1)) for path in _rst_sources()
-             for m in re.finditer(r"``(?:[\w/.]+::)?(test_\w+)``", path.read_text())}
+    defined = {
+        m.group(1)
+        for path in (ROOT / "tests").rglob("test_*.py")
+        for m in re.finditer(r"^def (test_\w+)\(", path.read_text(), re.M)
+    }
+    cited = {
+        (path.relative_to(DOCS), m.group(1))
+        for path in _rst_sources()
+        for m in re.finditer(r"``(?:[\w/.]+::)?(test_\w+)``", path.read_text())
+    }
     assert cited, "the docs cite no test: the pattern no longer matches"
     missing = sorted(f"{where}: {name}" for where, name in cited if name not in defined)
     assert not missing, "docs cite tests that do not exist:\n" + "\n".join(missing)

@@ -107,7 +107,9 @@ class _Imports(ast.NodeVisitor):
         self.generic_visit(node)
 
 
-def check_module(module: str, source: str, *, is_package: bool = False, known_modules: set[str] = frozenset()) -> list[str]:
+def check_module(
+    module: str, source: str, *, is_package: bool = False, known_modules: set[str] = frozenset()
+) -> list[str]:
     """The layering violations of one module's source, as readable strings (empty if none)."""
     visitor = _Imports(module, is_package, set(known_modules))
     visitor.visit(ast.parse(source))
@@ -227,9 +229,13 @@ def test_import_loads_no_optional_or_upper_package():
 def _body_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
     """Lines of a function without its docstring."""
     first = node.body[0]
-    doc = first.end_lineno - first.lineno + 1 if (
-        isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str)
-    ) else 0
+    doc = (
+        first.end_lineno - first.lineno + 1
+        if (
+            isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str)
+        )
+        else 0
+    )
     return node.end_lineno - node.lineno + 1 - doc
 
 

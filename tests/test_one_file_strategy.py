@@ -89,9 +89,25 @@ def test_a_strategy_in_one_file_passes_the_generic_suites(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
     select = f"{NAME} or test_every_registered_strategy_has_a_page or test_strategy_metadata_matches"
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "-p", "no:randomly",
-         "-k", select, *SUITES],
-        capture_output=True, text=True, timeout=900, cwd=ROOT, env=env,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-rA",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:randomly",
+            "-k",
+            select,
+            *SUITES,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+        env=env,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-8000:]

@@ -38,7 +38,8 @@ def make_targets(pairs, seed=1):
 
 def loss_of(pairs, targets):
     return sum(
-        0.5 * ((a.float() @ b.float().T).double() - t).pow(2).sum() if a.dtype == torch.bfloat16
+        0.5 * ((a.float() @ b.float().T).double() - t).pow(2).sum()
+        if a.dtype == torch.bfloat16
         else 0.5 * ((a @ b.T).double() - t).pow(2).sum()
         for (a, b), t in zip(pairs, targets)
     )
@@ -73,11 +74,38 @@ def test_unknown_strategy_lists_the_available_ones():
 @pytest.mark.parametrize(
     "build, exc, msg",
     [
-        (lambda: [(torch.zeros(5, 2, requires_grad=True), torch.zeros(4, 3, requires_grad=True))], ValueError, r"rank mismatch"),
-        (lambda: [(torch.zeros(5, 2, requires_grad=True), torch.zeros(4, 2, dtype=torch.float64, requires_grad=True))], ValueError, r"dtype mismatch"),
-        (lambda: [(torch.zeros(5, 6, requires_grad=True), torch.zeros(4, 6, requires_grad=True))], ValueError, r"exceeds min\(m, n\)"),
-        (lambda: [(torch.zeros(5, 2, dtype=torch.complex64, requires_grad=True), torch.zeros(4, 2, dtype=torch.complex64, requires_grad=True))], ValueError, r"real floating-point"),
-        (lambda: [(torch.zeros(5, 2, requires_grad=True) * 2, torch.zeros(4, 2, requires_grad=True))], ValueError, r"non-leaf"),
+        (
+            lambda: [(torch.zeros(5, 2, requires_grad=True), torch.zeros(4, 3, requires_grad=True))],
+            ValueError,
+            r"rank mismatch",
+        ),
+        (
+            lambda: [
+                (torch.zeros(5, 2, requires_grad=True), torch.zeros(4, 2, dtype=torch.float64, requires_grad=True))
+            ],
+            ValueError,
+            r"dtype mismatch",
+        ),
+        (
+            lambda: [(torch.zeros(5, 6, requires_grad=True), torch.zeros(4, 6, requires_grad=True))],
+            ValueError,
+            r"exceeds min\(m, n\)",
+        ),
+        (
+            lambda: [
+                (
+                    torch.zeros(5, 2, dtype=torch.complex64, requires_grad=True),
+                    torch.zeros(4, 2, dtype=torch.complex64, requires_grad=True),
+                )
+            ],
+            ValueError,
+            r"real floating-point",
+        ),
+        (
+            lambda: [(torch.zeros(5, 2, requires_grad=True) * 2, torch.zeros(4, 2, requires_grad=True))],
+            ValueError,
+            r"non-leaf",
+        ),
         (lambda: [(torch.zeros(5), torch.zeros(4))], ValueError, r">= 2 dims"),
         (lambda: [torch.zeros(5, 2)], TypeError, r"must be an \(A, B\) tuple"),
         (lambda: [], ValueError, r"empty parameter list"),
@@ -159,10 +187,10 @@ def test_lr_schedulers_drive_the_groups(info):
     key = "betas" if info.has_betas else "momentum" if "momentum" in info.strategy.defaults else None
     if key is not None:
         one_cycle = info.cls(make_pairs(), lr=info.lr)
-        p2 = [tuple(one_cycle.param_groups[0]["params"][i:i + 2]) for i in (0, 2)]
+        p2 = [tuple(one_cycle.param_groups[0]["params"][i : i + 2]) for i in (0, 2)]
         run(one_cycle, p2, targets, 1)
         oc = torch.optim.lr_scheduler.OneCycleLR(one_cycle, max_lr=info.lr, total_steps=10, cycle_momentum=True)
-        first = lambda: one_cycle.param_groups[0][key][0] if key == "betas" else one_cycle.param_groups[0][key]  # noqa: E731
+        first = lambda: one_cycle.param_groups[0][key][0] if key == "betas" else one_cycle.param_groups[0][key]
         values = []
         for _ in range(3):
             run(one_cycle, p2, targets, 1)
@@ -213,7 +241,7 @@ def test_batched_pairs_equal_pairs_stepped_alone(info):
     run(opt, pairs, targets, 5)
     for i, single in enumerate(make_pairs(shapes=shapes)):
         alone = info.cls([single], lr=info.lr, **info.independent)
-        run(alone, [single], targets[i:i + 1], 5)
+        run(alone, [single], targets[i : i + 1], 5)
         # float64 batched vs single LAPACK/BLAS calls differ only in summation order: 1e-12 is
         # ~1e4 ulps of headroom over 5 steps of O(1) quantities.
         for x, y in zip(single, pairs[i]):
@@ -223,7 +251,7 @@ def test_batched_pairs_equal_pairs_stepped_alone(info):
 @pytest.mark.parametrize("info", STRATEGIES, ids=IDS)
 def test_transposed_and_conv_storage_match_plain_pairs(info):
     """A factor stored rank-first (PEFT's lora_A, r×n) or as a conv kernel steps like the plain pair."""
-    (a, b), = make_pairs(shapes=((6, 12, 2),))
+    ((a, b),) = make_pairs(shapes=((6, 12, 2),))
     targets = make_targets([(a, b)])
     plain = [(a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_())]
     run(info.cls(plain, lr=info.lr), plain, targets, 4)
@@ -273,7 +301,7 @@ def test_nonfinite_gradient_skips_the_pair_and_keeps_state(info, bad):
     assert not torch.equal(before_params[2], pairs[1][0])  # the healthy pair still stepped
     assert opt.nonfinite_skips() == 1
     strict = info.cls(make_pairs(), lr=info.lr, nonfinite="raise")
-    p = [tuple(strict.param_groups[0]["params"][i:i + 2]) for i in (0, 2)]
+    p = [tuple(strict.param_groups[0]["params"][i : i + 2]) for i in (0, 2)]
     loss_of(p, targets).backward()
     p[1][1].grad[0, 0] = bad
     with pytest.raises(FloatingPointError, match="pair 1 of param group 0"):
@@ -436,8 +464,7 @@ def test_no_warning_when_only_nonfinite_pairs_or_some_updates_remain(skipping_sg
 
 def test_all_skipped_step_warns_once_per_optimizer(skipping_sgd):
     pairs = make_pairs()
-    groups = [{"pairs": pairs[:1], "update_skipping": 1.0},
-              {"pairs": pairs[1:], "update_skipping": 2.0}]
+    groups = [{"pairs": pairs[:1], "update_skipping": 1.0}, {"pairs": pairs[1:], "update_skipping": 2.0}]
     opt = LowRankOptimizer(groups, strategy=skipping_sgd, lr=0.1)
     before = snapshot(pairs)
     set_grads(pairs, [(0.5, 0.5), (3.0, 3.0)])  # group 1 only: every pair, both factors
@@ -501,15 +528,20 @@ def _broken_eigh(x, *args, **kwargs):
     "strategy, kwargs, expect",
     [
         ("one_sided_adagrad", {}, ["strategy 'one_sided_adagrad' (eps=1e-06)", "a larger eps"]),
-        ("lora_rite", dict(engine="qr"), ["strategy 'lora_rite' (eps=1e-06, engine='qr')",
-                                          "Try: a larger eps (now 1e-06); nonfinite='raise'"]),
+        (
+            "lora_rite",
+            dict(engine="qr"),
+            ["strategy 'lora_rite' (eps=1e-06, engine='qr')", "Try: a larger eps (now 1e-06); nonfinite='raise'"],
+        ),
         ("lora_rite", dict(engine="gram"), ["Try: a larger eps (now 1e-06); engine='qr'; "]),
-        ("lora_rite", {}, ["strategy 'lora_rite' (eps=1e-06, engine='auto')",
-                           "Try: a larger eps (now 1e-06); nonfinite='raise'"]),
+        (
+            "lora_rite",
+            {},
+            ["strategy 'lora_rite' (eps=1e-06, engine='auto')", "Try: a larger eps (now 1e-06); nonfinite='raise'"],
+        ),
     ],
 )
-def test_psd_failure_in_a_step_says_the_gradients_were_finite(monkeypatch, strategy, kwargs,
-                                                               expect):
+def test_psd_failure_in_a_step_says_the_gradients_were_finite(monkeypatch, strategy, kwargs, expect):
     pairs = make_pairs()
     opt = LowRankOptimizer(pairs, strategy=strategy, lr=1e-2, **kwargs)
     loss_of(pairs, make_targets(pairs)).backward()

@@ -36,8 +36,12 @@ def make_pairs(layout: str, dtype: torch.dtype, count: int = 2, seed: int = 0) -
     g = torch.Generator().manual_seed(seed)
     (sa, ra), (sb, rb) = LAYOUTS[layout]
     return [
-        LoRAPair((0.3 * torch.randn(sa, generator=g, dtype=torch.float64)).to(dtype).requires_grad_(),
-                 (0.3 * torch.randn(sb, generator=g, dtype=torch.float64)).to(dtype).requires_grad_(), ra, rb)
+        LoRAPair(
+            (0.3 * torch.randn(sa, generator=g, dtype=torch.float64)).to(dtype).requires_grad_(),
+            (0.3 * torch.randn(sb, generator=g, dtype=torch.float64)).to(dtype).requires_grad_(),
+            ra,
+            rb,
+        )
         for _ in range(count)
     ]
 
@@ -71,7 +75,8 @@ def tensors(pairs) -> list[torch.Tensor]:
 def same_state(opt1, opt2) -> bool:
     s1, s2 = opt1.state_dict()["state"], opt2.state_dict()["state"]
     return s1.keys() == s2.keys() and all(
-        s1[k].keys() == s2[k].keys() and all(torch.equal(s1[k][j], s2[k][j]) for j in s1[k]) for k in s1)
+        s1[k].keys() == s2[k].keys() and all(torch.equal(s1[k][j], s2[k][j]) for j in s1[k]) for k in s1
+    )
 
 
 def build(info, layout, dtype, **hp):
@@ -140,7 +145,7 @@ def test_load_pre_hook_may_replace_the_state_dict(info):
     pairs, opt, _ = build(info, "plain", torch.float64)
     run(opt, pairs, tgts, 2)
     sd = opt.state_dict()
-    pairs2, opt2, _ = build(info, "plain", torch.float64)
+    _pairs2, opt2, _ = build(info, "plain", torch.float64)
 
     def halve(optimizer, state_dict):
         new = copy.deepcopy(state_dict)
@@ -179,9 +184,10 @@ def test_load_post_hook_edits_of_the_state_are_kept_and_used(info):
         for k, v in st.items():
             if v.is_floating_point() and v.ndim > 0:
                 st[k] = v * 3
+
     hooked, by_hand, plain = fresh(), fresh(), fresh()
     hooked[1].register_load_state_dict_post_hook(edit)
-    for p2, o2 in (hooked, by_hand, plain):
+    for _, o2 in (hooked, by_hand, plain):
         o2.load_state_dict(sd)
     edit(by_hand[1])
     for p2, o2 in (hooked, by_hand, plain):
@@ -209,12 +215,14 @@ SWITCHES = [
     for info in STRATEGIES
     for key in info.strategy.defaults
     for value in switched_values(info.strategy, key)
-] + [(info, key, value) for info in STRATEGIES
-     for key, value in (("maximize", True), ("foreach", False), ("nonfinite", "raise"))]
+] + [
+    (info, key, value)
+    for info in STRATEGIES
+    for key, value in (("maximize", True), ("foreach", False), ("nonfinite", "raise"))
+]
 
 
-@pytest.mark.parametrize("info, key, value", SWITCHES,
-                         ids=[f"{i.name}-{k}={v!r}" for i, k, v in SWITCHES])
+@pytest.mark.parametrize("info, key, value", SWITCHES, ids=[f"{i.name}-{k}={v!r}" for i, k, v in SWITCHES])
 def test_every_option_switched_mid_run_continues_or_is_refused_naming_it(info, key, value):
     """A scheduler or user code may change any option between steps (OneCycleLR switches
     momentum on): the step then runs with state fitted to the new options, or raises a
@@ -291,8 +299,9 @@ def test_maximize_in_the_fallback_group_is_torch_adamw_maximize():
     g = torch.Generator().manual_seed(2)
     w = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
     w_ref = w.detach().clone().requires_grad_()
-    opt = LowRankOptimizer([{"pairs": make_pairs("plain", torch.float64)}, {"params": [w], "weight_decay": 0.1}],
-                           lr=1e-2, maximize=True)
+    opt = LowRankOptimizer(
+        [{"pairs": make_pairs("plain", torch.float64)}, {"params": [w], "weight_decay": 0.1}], lr=1e-2, maximize=True
+    )
     ref = torch.optim.AdamW([w_ref], lr=1e-2, weight_decay=0.1, foreach=False, maximize=True)
     for p, o in ((w, opt), (w_ref, ref)):
         for _ in range(3):
@@ -410,12 +419,26 @@ def _trainer(info, out_dir, steps):
     opt = info.cls([{"pairs": pairs}, {"params": non_pair_parameters(model, pairs)}], lr=info.lr)
     sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.25, total_iters=4)
     g = torch.Generator().manual_seed(5)
-    data = [dict(ids=torch.randint(0, M, (4,), generator=g), img=torch.randn(20, 5, 4, generator=g),
-                 labels=torch.randint(0, 2, (), generator=g)) for _ in range(32)]
+    data = [
+        dict(
+            ids=torch.randint(0, M, (4,), generator=g),
+            img=torch.randn(20, 5, 4, generator=g),
+            labels=torch.randint(0, 2, (), generator=g),
+        )
+        for _ in range(32)
+    ]
     args = transformers.TrainingArguments(
-        output_dir=str(out_dir), max_steps=steps, save_steps=3, per_device_train_batch_size=4,
-        report_to=[], use_cpu=True, seed=0, remove_unused_columns=False, disable_tqdm=True,
-        logging_strategy="no", save_strategy="steps",
+        output_dir=str(out_dir),
+        max_steps=steps,
+        save_steps=3,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        logging_strategy="no",
+        save_strategy="steps",
     )
     return model, transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, sched))
 

@@ -229,8 +229,17 @@ def test_pairs_by_module_where_parameter_order_interleaves(variant):
 
 def test_two_adapters_interleave_in_named_parameters():
     model, _ = _variant("two_adapters")
-    names = [n.removeprefix("base_model.model.") for n, _ in model.named_parameters() if n.startswith("base_model.model.q.lora_")]
-    assert names == ["q.lora_A.default.weight", "q.lora_A.second.weight", "q.lora_B.default.weight", "q.lora_B.second.weight"]
+    names = [
+        n.removeprefix("base_model.model.")
+        for n, _ in model.named_parameters()
+        if n.startswith("base_model.model.q.lora_")
+    ]
+    assert names == [
+        "q.lora_A.default.weight",
+        "q.lora_A.second.weight",
+        "q.lora_B.default.weight",
+        "q.lora_B.second.weight",
+    ]
 
 
 # --- selection and errors -----------------------------------------------------------------------
@@ -242,10 +251,17 @@ def test_adapter_name_filter_accepts_a_str_or_any_iterable():
     assert [p.name for p in lora_pairs(model, "second")] == second
     n_all = len(lora_pairs(model))
     assert n_all == len(VIEW_SHAPES) + 3
-    for names in (["default", "second"], ("second", "default"), {"default", "second"}, (n for n in ["default", "second"])):
+    for names in (
+        ["default", "second"],
+        ("second", "default"),
+        {"default", "second"},
+        (n for n in ["default", "second"]),
+    ):
         assert len(lora_pairs(model, names)) == n_all
     assert len(lora_pairs(model, ["default"])) == len(VIEW_SHAPES)
-    with pytest.raises(ValueError, match=r"adapter\(s\) \['missing'\] not found.*adapters present: \['default', 'second'\]"):
+    with pytest.raises(
+        ValueError, match=r"adapter\(s\) \['missing'\] not found.*adapters present: \['default', 'second'\]"
+    ):
         lora_pairs(model, ["default", "missing"])
     with pytest.raises(TypeError, match="adapter_name"):
         lora_pairs(model, [1])
@@ -260,12 +276,14 @@ def test_inactive_adapter_is_frozen_by_peft_so_it_has_no_pair():
 
 
 def test_no_pair_error_says_what_was_searched():
-    with pytest.raises(ValueError, match="no trainable LoRA pair found for any adapter: searched 0 peft.tuners.lora.LoraLayer"):
+    with pytest.raises(
+        ValueError, match=r"no trainable LoRA pair found for any adapter: searched 0 peft\.tuners\.lora\.LoraLayer"
+    ):
         lora_pairs(torch.nn.Sequential(torch.nn.Linear(3, 3)))
     model = wrap(["q", "v"])
     for p in model.parameters():
         p.requires_grad_(False)
-    with pytest.raises(ValueError, match="searched 2 peft.tuners.lora.LoraLayer.*require grad"):
+    with pytest.raises(ValueError, match=r"searched 2 peft\.tuners\.lora\.LoraLayer.*require grad"):
         lora_pairs(model)
 
 
@@ -278,7 +296,9 @@ def test_a_pair_with_one_frozen_factor_is_left_out_and_its_trainable_factor_fall
     assert any(p is q.lora_B["default"].weight for p in non_pair_parameters(model, pairs))
 
 
-@pytest.mark.parametrize("config, extra", [({"use_dora": True}, "lora_magnitude_vector"), ({"lora_bias": True}, "lora_B")])
+@pytest.mark.parametrize(
+    "config, extra", [({"use_dora": True}, "lora_magnitude_vector"), ({"lora_bias": True}, "lora_B")]
+)
 def test_non_pair_parameters_complete_the_trainable_set_without_overlap(config, extra):
     model = wrap(["q", "c2"], **config)
     pairs = lora_pairs(model)
@@ -334,9 +354,7 @@ def test_target_parameters_plain_2d_is_a_pair_and_stacked_experts_are_refused():
     (pair,) = lora_pairs(model)
     assert factor_view(pair.a, pair.a_rank_dim).shape == (5, R)
     assert_pair_is_delta_weight(model, pair)
-    moe = peft.get_peft_model(
-        torch.nn.Sequential(_Params()), peft.LoraConfig(r=R, target_parameters=["0.experts"])
-    )
+    moe = peft.get_peft_model(torch.nn.Sequential(_Params()), peft.LoraConfig(r=R, target_parameters=["0.experts"]))
     with pytest.raises(ValueError, match="stacks 3 experts"):
         lora_pairs(moe)
 

@@ -7,11 +7,11 @@ re-exported under its class name. Other packages add strategies through the entr
 """
 
 from lowrank_geom.strategies.base import (
+    _REGISTRY,
     ENTRY_POINT_GROUP,
     PairBatch,
     PairUpdate,
     Strategy,
-    _REGISTRY,
     available_strategies,
     discovered_strategies,
     get_strategy,

@@ -17,7 +17,8 @@ import importlib.metadata
 import pkgutil
 import types
 import warnings
-from typing import Any, Callable, ClassVar, NamedTuple
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
@@ -121,7 +122,9 @@ class Strategy:
         """Fresh state of one pair, ``a`` ``(m, r)`` and ``b`` ``(n, r)`` in the compute dtype."""
         raise NotImplementedError
 
-    def state_keys(self, hp: dict[str, Any], dtype: torch.dtype = torch.float32) -> tuple[frozenset[str], frozenset[str]]:
+    def state_keys(
+        self, hp: dict[str, Any], dtype: torch.dtype = torch.float32
+    ) -> tuple[frozenset[str], frozenset[str]]:
         """The keys of the state ``init`` creates under ``hp`` for factors of compute ``dtype`` (A's, B's).
 
         Read from an ``init`` on tiny tensors, once per distinct setting of the strategy's own
@@ -145,8 +148,7 @@ class Strategy:
         (like ``torch.optim.SGD``'s momentum buffer). Override to refuse a switch that existing
         state cannot follow, with a ``ValueError`` naming the option."""
         fresh_a, fresh_b = self.init(a, b, hp)
-        return ({k: state_a.get(k, v) for k, v in fresh_a.items()},
-                {k: state_b.get(k, v) for k, v in fresh_b.items()})
+        return ({k: state_a.get(k, v) for k, v in fresh_a.items()}, {k: state_b.get(k, v) for k, v in fresh_b.items()})
 
     def update_batch(self, batch: PairBatch, hp: dict[str, Any]) -> PairUpdate:
         """Updates of one batch of pairs."""
@@ -206,9 +208,7 @@ def get_strategy(name: str) -> Strategy:
     try:
         return _REGISTRY[name]()
     except KeyError:
-        raise ValueError(
-            f"Unknown strategy: {name!r} (available: {', '.join(sorted(_REGISTRY))})"
-        ) from None
+        raise ValueError(f"Unknown strategy: {name!r} (available: {', '.join(sorted(_REGISTRY))})") from None
 
 
 def available_strategies() -> list[str]:
@@ -247,9 +247,12 @@ def _load_entry_points() -> None:
         origin = f"entry point {ep.name} = {ep.value} ({dist})"
         try:
             _load_entry_point(ep, origin)
-        except Exception as err:  # noqa: BLE001 - a broken plugin must not break the package
-            warnings.warn(f"lowrank_geom: strategy {origin} was not loaded: {type(err).__name__}: {err}",
-                          RuntimeWarning, stacklevel=3)
+        except Exception as err:
+            warnings.warn(
+                f"lowrank_geom: strategy {origin} was not loaded: {type(err).__name__}: {err}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
 def _load_entry_point(ep: importlib.metadata.EntryPoint, origin: str) -> None:
@@ -274,13 +277,15 @@ def bias_corrected_decay(beta: float, step: torch.Tensor) -> torch.Tensor:
 
 
 def expand(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A ``(P,)`` per-pair tensor reshaped to broadcast against ``like`` ``(P, ...)`` (in its dtype, masks stay bool)."""
+    """A ``(P,)`` per-pair tensor reshaped to broadcast against ``like`` ``(P, ...)`` (its dtype; masks stay bool)."""
     if x.dtype != torch.bool:
         x = x.to(like.dtype)
     return x.reshape(x.shape + (1,) * (like.ndim - x.ndim))
 
 
-def workspace_like(workspace: Callable[[str, torch.Tensor], torch.Tensor], name: str, like: torch.Tensor) -> torch.Tensor:
+def workspace_like(
+    workspace: Callable[[str, torch.Tensor], torch.Tensor], name: str, like: torch.Tensor
+) -> torch.Tensor:
     """An output buffer for a ``(P, rows, r)`` result laid out as ``like``: a transposed view of a
     contiguous ``(P, r, rows)`` buffer when ``like`` is one (factors stored r×rows, PEFT's
     ``lora_A``), else contiguous; so elementwise work and the driver's per-pair update stay on

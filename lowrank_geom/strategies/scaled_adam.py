@@ -24,8 +24,13 @@ from lowrank_geom.strategies.scaled_gd import scaled_gradient
 
 
 def adam_direction(
-    d: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: torch.Tensor,
-    betas: tuple[float, float], eps: float, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    d: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: torch.Tensor,
+    betas: tuple[float, float],
+    eps: float,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Adam's ``m̂ / (√v̂ + ε)`` over ``d`` elementwise (Kingma & Ba, Alg. 1); returns (direction, m, v).
 
@@ -87,11 +92,19 @@ class ScaledAdamStrategy(Strategy):
         deltas, states = [], []
         ws = batch.workspace
         for side, grad, other, state in (
-            ("a", batch.grad_a, batch.b, batch.state_a), ("b", batch.grad_b, batch.a, batch.state_b)
+            ("a", batch.grad_a, batch.b, batch.state_a),
+            ("b", batch.grad_b, batch.a, batch.state_b),
         ):
-            d = scaled_gradient(grad, other, hp["delta"], batch.row_reduce, workspace_like(ws, "direction_" + side, grad))
+            d = scaled_gradient(
+                grad, other, hp["delta"], batch.row_reduce, workspace_like(ws, "direction_" + side, grad)
+            )
             direction, m, v = adam_direction(
-                d, state["exp_avg"], state["exp_avg_sq"], batch.step, hp["betas"], hp["eps"],
+                d,
+                state["exp_avg"],
+                state["exp_avg_sq"],
+                batch.step,
+                hp["betas"],
+                hp["eps"],
                 out=(workspace_like(ws, "exp_avg_" + side, grad), workspace_like(ws, "exp_avg_sq_" + side, grad)),
             )
             deltas.append(direction)

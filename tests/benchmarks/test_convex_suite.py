@@ -25,8 +25,15 @@ def test_quick_run_has_the_promised_keys_and_files(quick):
     assert set(m) >= {"claims", "kappa_sweep", "all_optimizers", "imbalance", "imbalance_checks", "target"}
     for kind in ("sensing", "completion"):
         c = m["claims"][kind]
-        assert set(c) >= {"scaled_gd_iterations", "scaled_gd_max_over_min", "scaled_gd_flat", "gd_iterations",
-                          "gd_extrapolated", "gd_slope", "gd_slope_incl_extrapolated"}
+        assert set(c) >= {
+            "scaled_gd_iterations",
+            "scaled_gd_max_over_min",
+            "scaled_gd_flat",
+            "gd_iterations",
+            "gd_extrapolated",
+            "gd_slope",
+            "gd_slope_incl_extrapolated",
+        }
         for k in convex.KAPPAS:
             for name in convex.CLAIM:
                 r = m["kappa_sweep"][kind][name][str(k)]
@@ -76,8 +83,10 @@ def test_same_seed_same_numbers():
     runs = [convex.run_one(prob, name, 0.5, 30, seed=3) for name in ("scaled_gd", "scaled_gd")]
     assert runs[0]["errors"] == runs[1]["errors"]
     again = convex.make_problem("sensing", dict(n=12, r=2), 10, seed=3)
-    assert convex.run_one(again, "sgd", 0.5, 30, overrides={"momentum": 0.0}, seed=3)["errors"] == \
-        convex.run_one(prob, "sgd", 0.5, 30, overrides={"momentum": 0.0}, seed=3)["errors"]
+    assert (
+        convex.run_one(again, "sgd", 0.5, 30, overrides={"momentum": 0.0}, seed=3)["errors"]
+        == convex.run_one(prob, "sgd", 0.5, 30, overrides={"momentum": 0.0}, seed=3)["errors"]
+    )
 
 
 def test_run_one_matches_the_papers_scaled_gd_iteration():

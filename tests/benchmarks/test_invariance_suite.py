@@ -22,7 +22,7 @@ def test_metrics_cover_every_optimizer_dtype_and_gauge(quick):
     m = quick.metrics
     json.dumps(m, allow_nan=False)  # strictly JSON-able (no inf/NaN)
     assert set(m["optimizers"]) == set(OPTIMIZERS) | set(invariance.VARIANTS)
-    for name, r in m["optimizers"].items():
+    for _name, r in m["optimizers"].items():
         assert set(r["gaps"]) == {"float64", "float32"}
         for gaps in r["gaps"].values():
             assert list(gaps) == invariance.gauge_labels()

@@ -16,7 +16,7 @@ KAPPAS = [1, 10, 100, 1000]
 @pytest.mark.parametrize("spacing", ["linear", "log"])
 @pytest.mark.parametrize("kappa", KAPPAS)
 def test_planted_target_has_the_promised_condition_number(kappa, spacing):
-    x, u, sigma, v = lp.planted_target(40, 30, 5, kappa, lp.generator(3), spacing=spacing)
+    x, u, _sigma, v = lp.planted_target(40, 30, 5, kappa, lp.generator(3), spacing=spacing)
     s = torch.linalg.svdvals(x)
     assert abs(float(s[0] / s[4]) / kappa - 1) < 1e-8
     assert float(s[5] / s[0]) < 1e-12  # rank exactly r
@@ -65,7 +65,9 @@ def test_completion_gradient_and_sampling_rate():
     torch.testing.assert_close(z.grad, prob.grad(x))
 
 
-@pytest.mark.parametrize("kind, n, r, kw", [("sensing", 40, 4, {}), ("completion", 400, 5, {"p": 0.2})])  # default sizes
+@pytest.mark.parametrize(
+    "kind, n, r, kw", [("sensing", 40, 4, {}), ("completion", 400, 5, {"p": 0.2})]
+)  # default sizes
 @pytest.mark.parametrize("kappa", KAPPAS)
 def test_spectral_init_is_close_for_the_default_sampling(kind, n, r, kw, kappa):
     prob = lp.make_estimation_problem(kind, n, r, kappa, seed=0, **kw)
@@ -91,7 +93,7 @@ def test_iterations_to_target_and_extrapolation():
 def test_fit_loglog_slope_recovers_a_known_slope():
     rng = np.random.default_rng(0)
     t = np.logspace(1, 4, 25)
-    y = 3.0 * t ** -0.5 * (1 + 0.05 * rng.standard_normal((6, t.size)))
+    y = 3.0 * t**-0.5 * (1 + 0.05 * rng.standard_normal((6, t.size)))
     slope, lo, hi = lp.fit_loglog_slope(t, y)
     assert abs(slope + 0.5) < 0.02
     assert lo < -0.5 < hi
@@ -108,7 +110,7 @@ def test_fit_loglog_slope_recovers_a_known_slope():
 
 def test_fit_loglog_slope_drops_nonpositive_points():
     t = np.logspace(1, 3, 10)
-    y = t ** -0.5
+    y = t**-0.5
     y[0] = -1.0
     slope, _, _ = lp.fit_loglog_slope(t, y)
     assert abs(slope + 0.5) < 1e-12

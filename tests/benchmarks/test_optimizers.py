@@ -84,8 +84,9 @@ def _tensors(x):
 
 def test_pair_model_orientation_matches_peft(model64):
     model64.set_factors(O._random_factors(SHAPES, torch.float64, 2))
-    for layer, (a, b), z, pair, (m, n, r) in zip(model64._layers, model64.factors(), model64.zs(),
-                                                model64.pairs(), SHAPES):
+    for layer, (a, b), z, pair, (m, n, r) in zip(
+        model64._layers, model64.factors(), model64.zs(), model64.pairs(), SHAPES
+    ):
         assert a.shape == (m, r) and b.shape == (n, r)
         assert a.data_ptr() == layer.lora_B["default"].weight.data_ptr()  # views, not copies
         assert layer.scaling["default"] == 1.0
@@ -186,5 +187,11 @@ def test_tune_writes_best_lr_back(tmp_path, monkeypatch):
 
 
 def _sgd_cfg():
-    return {"name": "sgd", "label": "SGD", "library": "torch.optim.SGD", "kwargs": {"momentum": 0.0},
-            "lr": {"default": 0.01}, "tuned": "default: not swept"}
+    return {
+        "name": "sgd",
+        "label": "SGD",
+        "library": "torch.optim.SGD",
+        "kwargs": {"momentum": 0.0},
+        "lr": {"default": 0.01},
+        "tuned": "default: not swept",
+    }

@@ -18,6 +18,8 @@ def test_profile_lists_the_operators_of_a_lora_rite_step():
 
 
 def test_cli_prints_adam_first(capsys):
-    assert profile_step.main(["--optimizers", "scaled_gd", "--r", "4", "--steps", "1", "--layers", "1", "--top", "3"]) == 0
+    assert (
+        profile_step.main(["--optimizers", "scaled_gd", "--r", "4", "--steps", "1", "--layers", "1", "--top", "3"]) == 0
+    )
     out = capsys.readouterr().out
     assert out.index("adam:") < out.index("scaled_gd:")

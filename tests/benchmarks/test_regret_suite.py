@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+
 import numpy as np
 import pytest
 import torch
@@ -27,8 +28,16 @@ def test_quick_run_has_the_promised_keys_and_files(quick):
     for problem in regret.ONLINE:
         assert set(m["online"][problem]) == set(regret.METHODS)
         for s in m["online"][problem].values():
-            assert set(s) >= {"T", "regret_over_T_mean", "final_regret_over_T", "regret_slope", "first_order_slope",
-                              "G_observed", "bound_lora_rite_final", "bound_one_sided_final"}
+            assert set(s) >= {
+                "T",
+                "regret_over_T_mean",
+                "final_regret_over_T",
+                "regret_slope",
+                "first_order_slope",
+                "G_observed",
+                "bound_lora_rite_final",
+                "bound_one_sided_final",
+            }
             assert len(s["T"]) == len(s["regret_over_T_mean"])
             assert s["T"][-1] == regret.SIZES["quick"]["t_max"]
     assert set(m["imbalance"]) == set(regret.METHODS) | {"sgd_rescaled"}
@@ -77,8 +86,10 @@ def test_fed_gradients_are_the_autograd_gradients():
 
 def test_same_seed_same_numbers():
     def seg(seeds):
-        return [regret.Segment("q", "quadratic", True, seeds), regret.Segment("c", "quadratic", False, seeds[:1],
-                                                                              scales=[1.0, 10.0])]
+        return [
+            regret.Segment("q", "quadratic", True, seeds),
+            regret.Segment("c", "quadratic", False, seeds[:1], scales=[1.0, 10.0]),
+        ]
 
     runs = [regret.online_run("lora_rite", seg([0, 1]), 200, 0.03) for _ in range(2)]
     for key in ("q", "c"):

@@ -14,9 +14,24 @@ from benchmarks.common import RunContext
 pytest.importorskip("peft")
 pytest.importorskip("pytorch_optimizer")
 
-CELL_KEYS = {"optimizer", "init", "setup", "dtype", "lr", "seed", "initial_loss", "final_loss",
-             "adamw_final_loss", "adamw_trains", "verdict", "error", "steps_done", "seconds",
-             "warnings", "run_lr"}
+CELL_KEYS = {
+    "optimizer",
+    "init",
+    "setup",
+    "dtype",
+    "lr",
+    "seed",
+    "initial_loss",
+    "final_loss",
+    "adamw_final_loss",
+    "adamw_trains",
+    "verdict",
+    "error",
+    "steps_done",
+    "seconds",
+    "warnings",
+    "run_lr",
+}
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +62,29 @@ def test_verdicts_on_constructed_inputs():
 
 def test_summary_counts_only_target_cells_for_the_claim():
     def rec(name, verdict, adamw_trains, **kw):
-        return dict(optimizer=name, init="peft_default", setup="2class", dtype="float32", lr=1e-3,
-                    seed=0, verdict=verdict, adamw_trains=adamw_trains, error=kw.get("error"),
-                    final_loss=kw.get("final"), initial_loss=1.0, adamw_final_loss=0.2)
+        return dict(
+            optimizer=name,
+            init="peft_default",
+            setup="2class",
+            dtype="float32",
+            lr=1e-3,
+            seed=0,
+            verdict=verdict,
+            adamw_trains=adamw_trains,
+            error=kw.get("error"),
+            final_loss=kw.get("final"),
+            initial_loss=1.0,
+            adamw_final_loss=0.2,
+        )
 
-    records = [rec("a", "trains", True), rec("a", "raises", False, error="E: x"),
-               rec("b", "trains", True), rec("b", "diverges", True, final=0.5),
-               rec("c", "trains", True), rec("c", "lags", True, final=0.4)]
+    records = [
+        rec("a", "trains", True),
+        rec("a", "raises", False, error="E: x"),
+        rec("b", "trains", True),
+        rec("b", "diverges", True, final=0.5),
+        rec("c", "trains", True),
+        rec("c", "lags", True, final=0.4),
+    ]
     s = robustness.summarize(records, ["a", "b", "c"])
     assert s["a"]["trains_where_adamw_trains"] and s["a"]["raises"] == 1
     assert s["a"]["failing"] == ["peft_default/2class/float32/lr=0.001 (raises E: x) †"]
@@ -70,7 +101,8 @@ def test_each_optimizer_runs_the_decades_around_its_recommended_lr():
     assert robustness.optimizer_lr("adamw", 1e-3) == 1e-3
     # ScaledGD's recommended rate is in gradient units: the grid's 1e-3 column runs it at 1e-2
     assert robustness.optimizer_lr("scaled_gd", 1e-3) == pytest.approx(
-        1e-3 * config_lr("scaled_gd") / config_lr("adamw"), rel=1e-15)
+        1e-3 * config_lr("scaled_gd") / config_lr("adamw"), rel=1e-15
+    )
     assert config_lr("scaled_gd") != config_lr("adamw")  # else the check above is vacuous
     assert robustness.optimizer_lr("lora_rite", 1e-2) == pytest.approx(1e-2, rel=1e-15)
     assert robustness.optimizer_lr("no_such_config", 3e-4) == 3e-4  # registered, no config
@@ -97,11 +129,22 @@ def test_full_size_report_on_constructed_records(tmp_path):
             for lr in size["lrs"]:
                 for name in ("adamw", "lora_rite"):
                     bad = name == "lora_rite" and setup == "2class"
-                    records.append(dict(
-                        optimizer=name, init=init, setup=setup, dtype="float32", lr=lr, seed=0,
-                        verdict="raises" if bad else "trains", adamw_trains=True,
-                        error="PSDNumericsError: x" if bad else None,
-                        final_loss=None if bad else 0.3, initial_loss=1.0, adamw_final_loss=0.3))
+                    records.append(
+                        dict(
+                            optimizer=name,
+                            init=init,
+                            setup=setup,
+                            dtype="float32",
+                            lr=lr,
+                            seed=0,
+                            verdict="raises" if bad else "trains",
+                            adamw_trains=True,
+                            error="PSDNumericsError: x" if bad else None,
+                            final_loss=None if bad else 0.3,
+                            initial_loss=1.0,
+                            adamw_final_loss=0.3,
+                        )
+                    )
     names = ["lora_rite", "adamw"]
     summary = robustness.summarize(records, names)
     table = robustness._table(records, summary, names, dict(size, dtypes=["float32"]))
@@ -132,8 +175,7 @@ def test_quick_covers_every_strategy_and_baseline(quick):
     for r in m["cells"]:
         assert set(r) == CELL_KEYS, set(r) ^ CELL_KEYS
         assert r["verdict"] in robustness.VERDICTS
-        assert r["verdict"] == robustness.verdict(r["final_loss"], r["adamw_final_loss"],
-                                                  r["initial_loss"], r["error"])
+        assert r["verdict"] == robustness.verdict(r["final_loss"], r["adamw_final_loss"], r["initial_loss"], r["error"])
         assert (r["error"] is None) == (r["verdict"] != "raises")
         assert r["run_lr"] == robustness.optimizer_lr(r["optimizer"], r["lr"])
     for name in names:
@@ -168,10 +210,8 @@ def test_registered_in_the_cli(tmp_path, monkeypatch):
     assert SUITES.index("robustness") == SUITES.index("invariance") + 1
     assert ALL.index("robustness") == ALL.index("invariance") + 1
     # the CLI path only: fewer optimizers and steps than the quick fixture's
-    monkeypatch.setitem(robustness.SIZES, "quick",
-                        dict(robustness.SIZES["quick"], steps=3, optimizers=["adamw"]))
-    monkeypatch.setitem(robustness.COND_SIZES, "quick",
-                        dict(robustness.COND_SIZES["quick"], steps=3))
+    monkeypatch.setitem(robustness.SIZES, "quick", dict(robustness.SIZES["quick"], steps=3, optimizers=["adamw"]))
+    monkeypatch.setitem(robustness.COND_SIZES, "quick", dict(robustness.COND_SIZES["quick"], steps=3))
     assert main(["robustness", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
     payload = json.loads((tmp_path / "robustness.json").read_text())
     assert payload["suite"] == "robustness" and payload["run"]["size"] == "quick"
@@ -185,12 +225,40 @@ def test_registered_in_the_cli(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------- conditioning sweep
-COND_CELL_KEYS = {"kappa", "seed", "dtype", "engine", "steps", "final_error", "exception",
-                  "steps_done", "update_skips", "nonfinite_skips", "batch_size", "batch_seconds",
-                  "warnings", "float64_error", "reference_error", "ratio", "verdict", "targeted"}
-COND_ROW_KEYS = {"kappa", "dtype", "engine", "seeds", "float64_error_median", "error_median",
-                 "error_max", "ratio_median", "ratio_max", *robustness.COND_VERDICTS, "targeted",
-                 "not_following"}
+COND_CELL_KEYS = {
+    "kappa",
+    "seed",
+    "dtype",
+    "engine",
+    "steps",
+    "final_error",
+    "exception",
+    "steps_done",
+    "update_skips",
+    "nonfinite_skips",
+    "batch_size",
+    "batch_seconds",
+    "warnings",
+    "float64_error",
+    "reference_error",
+    "ratio",
+    "verdict",
+    "targeted",
+}
+COND_ROW_KEYS = {
+    "kappa",
+    "dtype",
+    "engine",
+    "seeds",
+    "float64_error_median",
+    "error_median",
+    "error_max",
+    "ratio_median",
+    "ratio_max",
+    *robustness.COND_VERDICTS,
+    "targeted",
+    "not_following",
+}
 
 
 def test_conditioning_verdict_on_constructed_inputs():
@@ -225,9 +293,21 @@ def test_conditioning_verdict_on_constructed_inputs():
 
 
 def _cond_record(kappa, seed, dtype, engine, final_error, exception=None):
-    return dict(kappa=kappa, seed=seed, dtype=dtype, engine=engine, steps=10,
-                final_error=final_error, exception=exception, steps_done=10, update_skips=0,
-                nonfinite_skips=0, batch_size=1, batch_seconds=0.1, warnings=[])
+    return dict(
+        kappa=kappa,
+        seed=seed,
+        dtype=dtype,
+        engine=engine,
+        steps=10,
+        final_error=final_error,
+        exception=exception,
+        steps_done=10,
+        update_skips=0,
+        nonfinite_skips=0,
+        batch_size=1,
+        batch_seconds=0.1,
+        warnings=[],
+    )
 
 
 def test_conditioning_section_on_constructed_records(tmp_path):
@@ -239,12 +319,15 @@ def test_conditioning_section_on_constructed_records(tmp_path):
             records.append(_cond_record(kappa, seed, "float64", "gram", 1e-3))
             records.append(_cond_record(kappa, seed, "float32", "qr", 1.5e-3))
             bad = kappa == 1e4 and seed == 1
-            records.append(_cond_record(kappa, seed, "float32", "gram", None if bad else 1e-3,
-                                        "PSDNumericsError: eigh" if bad else None))
-            records.append(_cond_record(kappa, seed, "bfloat16", "qr", 0.5 if kappa == 1e4
-                                        else 0.05))  # 0.05 < 2 x the bf16 floor (0.0625)
-            records.append(_cond_record(kappa, seed, "bfloat16", "gram",
-                                        math.nan if kappa == 1e4 else 0.3))
+            records.append(
+                _cond_record(
+                    kappa, seed, "float32", "gram", None if bad else 1e-3, "PSDNumericsError: eigh" if bad else None
+                )
+            )
+            records.append(
+                _cond_record(kappa, seed, "bfloat16", "qr", 0.5 if kappa == 1e4 else 0.05)
+            )  # 0.05 < 2 x the bf16 floor (0.0625)
+            records.append(_cond_record(kappa, seed, "bfloat16", "gram", math.nan if kappa == 1e4 else 0.3))
     section = robustness.conditioning_section(records, size)
     json.dumps(section, allow_nan=False)  # the NaN became None
     assert section["float32_follows_float64_by_engine"] == {"qr": True, "gram": False}
@@ -252,7 +335,8 @@ def test_conditioning_section_on_constructed_records(tmp_path):
     rows = {(r["kappa"], r["dtype"], r["engine"]): r for r in section["rows"]}
     assert len(rows) == len(size["kappas"]) * 6 and set(section["rows"][0]) == COND_ROW_KEYS
     assert [(r["dtype"], r["engine"]) for r in section["rows"][:6]] == [
-        (d, e) for d in robustness.COND_DTYPES for e in robustness.COND_ENGINES]
+        (d, e) for d in robustness.COND_DTYPES for e in robustness.COND_ENGINES
+    ]
     gram = rows[1e4, "float32", "gram"]
     assert gram["follows"] == 2 and gram["raises"] == 1 and gram["ratio_max"] == 1.0
     assert gram["not_following"] == ["seed 1: raises PSDNumericsError (step 11)"]
@@ -299,15 +383,23 @@ def test_conditioning_batch_equals_single_runs():
 def test_conditioning_exception_is_charged_to_its_cell(monkeypatch):
     def fake(cells, dtype, engine, steps):
         bad = (1e4, 1) in cells
-        return dict(errors=[None if bad else 0.1] * len(cells), update_skips=[0] * len(cells),
-                    nonfinite_skips=[0] * len(cells), steps_done=3 if bad else steps,
-                    exception="PSDNumericsError: x" if bad else None, seconds=0.0, warnings=[])
+        return dict(
+            errors=[None if bad else 0.1] * len(cells),
+            update_skips=[0] * len(cells),
+            nonfinite_skips=[0] * len(cells),
+            steps_done=3 if bad else steps,
+            exception="PSDNumericsError: x" if bad else None,
+            seconds=0.0,
+            warnings=[],
+        )
 
     monkeypatch.setattr(robustness, "fit_conditioning", fake)
-    recs = robustness.run_conditioning_batch([(1e2, 0), (1e4, 1), (1e4, 0)], "float32", "gram",
-                                             10)
+    recs = robustness.run_conditioning_batch([(1e2, 0), (1e4, 1), (1e4, 0)], "float32", "gram", 10)
     assert [(r["kappa"], r["seed"], r["exception"]) for r in recs] == [
-        (1e2, 0, None), (1e4, 1, "PSDNumericsError: x"), (1e4, 0, None)]
+        (1e2, 0, None),
+        (1e4, 1, "PSDNumericsError: x"),
+        (1e4, 0, None),
+    ]
     assert [r["final_error"] for r in recs] == [0.1, None, 0.1]
     assert all(r["batch_size"] == 1 for r in recs)
 
@@ -322,7 +414,8 @@ def test_quick_conditioning(quick):
         assert set(r) == COND_CELL_KEYS, set(r) ^ COND_CELL_KEYS
         assert r["steps_done"] == size["steps"] and r["exception"] is None
         assert r["verdict"] == robustness.conditioning_verdict(
-            r["final_error"], r["float64_error"], r["dtype"], r["exception"])
+            r["final_error"], r["float64_error"], r["dtype"], r["exception"]
+        )
     for row in section["rows"]:
         assert set(row) == COND_ROW_KEYS
     (ref,) = [r for r in section["cells"] if (r["dtype"], r["engine"]) == ("float64", "qr")]

@@ -152,12 +152,17 @@ def test_dcp_checkpoint_resumes_into_a_fresh_fsdp2_model_at_any_world_size(_resu
     assert values[0][strategy]["world_1"] <= DCP_TOL
 
 
-@pytest.mark.parametrize("strategy, hp", [
-    ("lora_rite", dict(engine="gram")), ("lora_rite", dict(balance=True)),
-    ("lora_rite", dict(engine="gram", balance=True, escape=True, weight_decay=0.1)),
-    ("scaled_gd", dict(momentum=0.9, weight_decay=0.1)), ("scaled_adam", dict(weight_decay=0.1)),
-    ("one_sided_adagrad", {}),
-])
+@pytest.mark.parametrize(
+    "strategy, hp",
+    [
+        ("lora_rite", dict(engine="gram")),
+        ("lora_rite", dict(balance=True)),
+        ("lora_rite", dict(engine="gram", balance=True, escape=True, weight_decay=0.1)),
+        ("scaled_gd", dict(momentum=0.9, weight_decay=0.1)),
+        ("scaled_adam", dict(weight_decay=0.1)),
+        ("one_sided_adagrad", {}),
+    ],
+)
 def test_dcp_state_initializing_step_leaves_the_parameters_unchanged(strategy, hp):
     # get_state_dict / set_state_dict on a fresh optimizer take one step with zero gradients at lr=0
     from torch.distributed.checkpoint.state_dict import _init_optim_state
@@ -169,8 +174,9 @@ def test_dcp_state_initializing_step_leaves_the_parameters_unchanged(strategy, h
     b = torch.nn.Parameter(0.1 * torch.randn(3, 5, generator=g, dtype=torch.float64))
     bias = torch.nn.Parameter(torch.randn(4, generator=g, dtype=torch.float64))
     before = [t.detach().clone() for t in (a, b, bias)]
-    opt = LowRankOptimizer([{"pairs": [LoRAPair(a, b, -1, 0)]}, {"params": [bias], "weight_decay": 0.1}],
-                           strategy=strategy, lr=1e-2, **hp)
+    opt = LowRankOptimizer(
+        [{"pairs": [LoRAPair(a, b, -1, 0)]}, {"params": [bias], "weight_decay": 0.1}], strategy=strategy, lr=1e-2, **hp
+    )
     _init_optim_state(opt)
     assert opt.state[a] and opt.state[bias]
     assert all(torch.equal(x, y.detach()) for x, y in zip(before, (a, b, bias)))
@@ -243,8 +249,8 @@ def test_row_shard_placement_shards_each_factor_on_its_first_row_dim():
     from lowrank_geom import LoRAPair
     from lowrank_geom.distributed import row_shard_placement
 
-    a = torch.nn.Parameter(torch.zeros(8, 2))        # lora_B.weight: out×r, rank dim 1
-    b = torch.nn.Parameter(torch.zeros(2, 6))        # lora_A.weight: r×in, rank dim 0
+    a = torch.nn.Parameter(torch.zeros(8, 2))  # lora_B.weight: out×r, rank dim 1
+    b = torch.nn.Parameter(torch.zeros(2, 6))  # lora_A.weight: r×in, rank dim 0
     conv = torch.nn.Parameter(torch.zeros(2, 3, 3, 3))  # conv lora_A: r×in×kh×kw
     other = torch.nn.Parameter(torch.zeros(4, 4))
     placement = row_shard_placement([LoRAPair(a, b, 1, 0), LoRAPair(torch.zeros(5, 2), conv, -1, 0)])

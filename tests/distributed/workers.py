@@ -25,9 +25,10 @@ import contextlib
 import json
 import os
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -48,8 +49,18 @@ RITE_SHARDABLE = dict(row_normalize=False, update_skipping=0.0, **RITE_GRAM)
 STRATEGIES = [
     ("lora_rite", "lora_rite", dict(lr=2e-2, **RITE_GRAM)),  # the authors' defaults
     # the paper's Algorithm 1 (escaped mass, summed second moment, no clipping)
-    ("lora_rite_alg1", "lora_rite", dict(lr=2e-2, escape=True, second_moment="sum", bias_correction=False,
-                                         clip_unmagnified_grad=0.0, **RITE_SHARDABLE)),
+    (
+        "lora_rite_alg1",
+        "lora_rite",
+        dict(
+            lr=2e-2,
+            escape=True,
+            second_moment="sum",
+            bias_correction=False,
+            clip_unmagnified_grad=0.0,
+            **RITE_SHARDABLE,
+        ),
+    ),
     # EMA moments, global clipping over the group, norm balancing
     ("lora_rite_ema", "lora_rite", dict(lr=2e-2, balance=True, **RITE_SHARDABLE)),
     ("scaled_gd", "scaled_gd", dict(lr=5e-2)),
@@ -57,8 +68,11 @@ STRATEGIES = [
     ("scaled_adam", "scaled_adam", dict(lr=1e-2, delta=1e-3)),
     ("gram_test", "_test_gram_scaled_gd", dict(lr=5e-2)),
 ]
-PEFT_STRATEGIES = [("_test_gram_scaled_gd", dict(lr=5e-2)), ("lora_rite", dict(lr=2e-2, **RITE_SHARDABLE)),
-                   ("scaled_gd", dict(lr=5e-2))]
+PEFT_STRATEGIES = [
+    ("_test_gram_scaled_gd", dict(lr=5e-2)),
+    ("lora_rite", dict(lr=2e-2, **RITE_SHARDABLE)),
+    ("scaled_gd", dict(lr=5e-2)),
+]
 DDP_STRATEGIES = [("lora_rite", "lora_rite", dict(lr=2e-2)), ("scaled_gd", "scaled_gd", dict(lr=5e-2))]
 
 
@@ -157,8 +171,7 @@ def lora_pairs_of(specs, params) -> list:
     from lowrank_geom import LoRAPair
 
     return [
-        LoRAPair(params[2 * i], params[2 * i + 1], -1, 0 if s[4] else -1, name=f"pair{i}")
-        for i, s in enumerate(specs)
+        LoRAPair(params[2 * i], params[2 * i + 1], -1, 0 if s[4] else -1, name=f"pair{i}") for i, s in enumerate(specs)
     ]
 
 
@@ -186,8 +199,19 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------ communication
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
-               "broadcast", "reduce", "gather", "scatter", "all_to_all", "all_to_all_single")
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "reduce",
+    "gather",
+    "scatter",
+    "all_to_all",
+    "all_to_all_single",
+)
 
 
 @contextlib.contextmanager
@@ -318,7 +342,7 @@ def ddp_trajectory(rank: int, world: int, strategy: str, hp: dict) -> dict:
 def _error_of(fn: Callable[[], Any]) -> dict:
     try:
         fn()
-    except Exception as err:  # noqa: BLE001 - the test checks type and message
+    except Exception as err:
         return dict(type=type(err).__name__, message=str(err))
     return dict(type=None, message="no error")
 
@@ -546,8 +570,9 @@ def dcp_resume(rank: int, world: int, out_dir: str) -> dict:
     # a sharded state dict into an optimizer over plain (unsharded) factors: a clear error
     plain = [torch.nn.Parameter(t.clone()) for t in init_tensors(SPECS)]
     bias = torch.nn.Parameter(torch.zeros(5, dtype=DTYPE))
-    into_plain = LowRankOptimizer([{"pairs": lora_pairs_of(SPECS, plain)}, {"params": [bias], "lr": 1e-2}],
-                                  strategy=strategy, **hp)
+    into_plain = LowRankOptimizer(
+        [{"pairs": lora_pairs_of(SPECS, plain)}, {"params": [bias], "lr": 1e-2}], strategy=strategy, **hp
+    )
     out["into_plain"] = _error_of(lambda: into_plain.load_state_dict(opt.state_dict()))
     return out
 
@@ -608,9 +633,10 @@ def peft_recipe(rank: int, world: int) -> dict:
                     worst = max(worst, rel_err(p.full_tensor().detach(), q.detach()))
             out[strategy] = dict(
                 fallback=[str(tuple(p.placements)) for p in rest],
-                max_rel_err=worst, placements=[str(tuple(t.placements)) for p in pairs for t in (p.a, p.b)]
+                max_rel_err=worst,
+                placements=[str(tuple(t.placements)) for p in pairs for t in (p.a, p.b)],
             )
-        except Exception as err:  # noqa: BLE001 - reported per strategy
+        except Exception as err:
             out[strategy] = dict(error=f"{type(err).__name__}: {err}")
     return out
 
@@ -655,7 +681,7 @@ def run_all(rank: int, world: int, init_file: str, out_dir: str, only: tuple = (
                 continue
             try:
                 results[name] = dict(ok=True, value=fn(rank, world))
-            except Exception:  # noqa: BLE001 - reported by the test of that scenario
+            except Exception:
                 results[name] = dict(ok=False, error=traceback.format_exc())
             dist.barrier()
     finally:
@@ -671,9 +697,13 @@ def comm_volume(
     logs = sharded_run(specs, strategy, dict(hp, lr=1e-3), rank, steps)
     nbytes = sum(logs[-1]["all_reduce_bytes"])
     return dict(
-        strategy=strategy + ("+escape" if hp.get("escape") else ""), pairs=len(specs), rows=hidden, r=r,
+        strategy=strategy + ("+escape" if hp.get("escape") else ""),
+        pairs=len(specs),
+        rows=hidden,
+        r=r,
         bytes_per_step=nbytes,
-        calls_per_step=len(logs[-1]["all_reduce_bytes"]), other=sorted({o for c in logs for o in c["other"]}),
+        calls_per_step=len(logs[-1]["all_reduce_bytes"]),
+        other=sorted({o for c in logs for o in c["other"]}),
         param_bytes=sum((m + n) * rr for m, n, rr, *_ in specs) * 8,
     )
 
@@ -688,7 +718,7 @@ def _summary(rank: int, world: int, init_file: str, out_dir: str, strategies: li
     for strategy, hp in strategies:
         try:
             rows.append(comm_volume(rank, world, strategy, hp, layers=8, hidden=1024, r=16))
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             rows.append(dict(strategy=strategy, error=f"{type(err).__name__} (not run on shards)"))
     if rank == 0:
         Path(out_dir, "summary.json").write_text(json.dumps(rows))
@@ -703,8 +733,12 @@ if __name__ == "__main__":  # python -m tests.distributed.workers [OUT_DIR]: all
 
     out = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp()
     os.makedirs(out, exist_ok=True)
-    names = [("lora_rite", RITE_SHARDABLE), ("lora_rite", dict(escape=True, **RITE_SHARDABLE)), ("scaled_gd", {}),
-             ("_test_gram_scaled_gd", {})]
+    names = [
+        ("lora_rite", RITE_SHARDABLE),
+        ("lora_rite", dict(escape=True, **RITE_SHARDABLE)),
+        ("scaled_gd", {}),
+        ("_test_gram_scaled_gd", {}),
+    ]
     mp.spawn(_summary, args=(2, os.path.join(out, "init"), out, names), nprocs=2)
     print("FSDP2, 2 gloo processes, float64; each pair A: rows×r (Shard(0)), B stored r×rows (Shard(1))")
     print(

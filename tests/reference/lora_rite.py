@@ -32,14 +32,14 @@ import numpy as np
 
 __all__ = [
     "EPS64",
+    "basis_and_magnitude",
+    "pinv_cutoff",
+    "polar_split",
+    "qr_canonical",
     "resolve_lr",
     "rms",
-    "pinv_cutoff",
-    "qr_canonical",
-    "polar_split",
-    "basis_and_magnitude",
-    "sym",
     "run_lora_rite",
+    "sym",
 ]
 
 EPS64 = float(np.finfo(np.float64).eps)

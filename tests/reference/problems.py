@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["pair_shapes", "quadratic_problem", "zero_init_problem", "linear_problem", "OnlineLinearGrad", "loss"]
+__all__ = ["OnlineLinearGrad", "linear_problem", "loss", "pair_shapes", "quadratic_problem", "zero_init_problem"]
 
 
 def pair_shapes(m: int, n: int, r: int) -> list[tuple[int, int, int]]:
@@ -47,7 +47,9 @@ def loss(As, Bs, targets) -> float:
     return float(sum(0.5 * np.sum((a @ b.T - t) ** 2) for a, b, t in zip(As, Bs, targets)))
 
 
-def quadratic_problem(m: int = 8, n: int = 6, r: int = 2, seed: int = 0, init_scale: float = 0.3, target_scale: float = 0.3):
+def quadratic_problem(
+    m: int = 8, n: int = 6, r: int = 2, seed: int = 0, init_scale: float = 0.3, target_scale: float = 0.3
+):
     """Two pairs, random factors ``init_scale * N(0,1)`` and random targets ``target_scale * N(0,1)``.
 
     Loss ``sum_i 0.5 ||A_i B_i^T - Z*_i||_F^2``; ``grad_fn.targets`` holds the targets.
@@ -61,7 +63,9 @@ def quadratic_problem(m: int = 8, n: int = 6, r: int = 2, seed: int = 0, init_sc
     return As, Bs, _quadratic_grad_fn(targets)
 
 
-def zero_init_problem(m: int = 8, n: int = 6, r: int = 2, seed: int = 0, init_scale: float = 0.3, target_scale: float = 0.3):
+def zero_init_problem(
+    m: int = 8, n: int = 6, r: int = 2, seed: int = 0, init_scale: float = 0.3, target_scale: float = 0.3
+):
     """Like :func:`quadratic_problem` but every ``A`` starts exactly at 0 (PEFT's ``lora_B = 0`` init).
 
     In PEFT, ``delta W = lora_B @ lora_A`` with ``lora_B`` (out x r) zero and ``lora_A`` (r x in) random;

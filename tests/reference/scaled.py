@@ -20,7 +20,7 @@ import numpy as np
 
 from .lora_rite import _cap_relative_change, basis_and_magnitude, pinv_cutoff, qr_canonical, resolve_lr
 
-__all__ = ["inv_gram", "scaled_direction", "run_scaled_gd", "run_scaled_adam"]
+__all__ = ["inv_gram", "run_scaled_adam", "run_scaled_gd", "scaled_direction"]
 
 
 def inv_gram(x: np.ndarray, delta: float) -> np.ndarray:
@@ -147,7 +147,14 @@ def run_scaled_adam(As, Bs, grad_fn, steps, lr, betas=(0.9, 0.999), eps=1e-8, de
             new_A.append(A[i] * (1.0 - lr_t * weight_decay) - lr_t * stepA)
             new_B.append(B[i] * (1.0 - lr_t * weight_decay) - lr_t * stepB)
             step_rec.append(
-                {"D_A": D_A, "D_B": D_B, "m_A": mA[i].copy(), "m_B": mB[i].copy(), "v_A": vA[i].copy(), "v_B": vB[i].copy()}
+                {
+                    "D_A": D_A,
+                    "D_B": D_B,
+                    "m_A": mA[i].copy(),
+                    "m_B": mB[i].copy(),
+                    "v_A": vA[i].copy(),
+                    "v_B": vB[i].copy(),
+                }
             )
         A, B = new_A, new_B
         for i in range(n):

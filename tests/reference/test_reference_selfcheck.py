@@ -57,7 +57,7 @@ RITE_OPTIONS = [
 def test_lora_rite_transformation_invariance(basis, opts):
     As, Bs, grad_fn = quadratic_problem(7, 5, 2, seed=1)
     A2, B2 = _transform(As, Bs, seed=2)
-    lr = lambda t: 0.05 / (1 + 0.1 * t)  # noqa: E731
+    lr = lambda t: 0.05 / (1 + 0.1 * t)
     r1 = run_lora_rite(As, Bs, grad_fn, 12, lr, basis=basis, **opts)
     r2 = run_lora_rite(A2, B2, grad_fn, 12, lr, basis=basis, **opts)
     _assert_same_z(r1, r2, 1e-10)
@@ -80,8 +80,18 @@ def test_lora_rite_first_step_closed_form():
     eps, lr = 1e-14, 0.1
     # the paper's step: the library's relative-change cap (which a step of lr = 0.1 reaches here)
     # and rebalancing (a change of factorization the closed form does not write) off
-    rec = run_lora_rite(As, Bs, grad_fn, 1, lr, eps=eps, clip_unmagnified_grad=0.0, update_skipping=0.0,
-                        relative_step_cap=0.0, rebalance=0.0)[0]
+    rec = run_lora_rite(
+        As,
+        Bs,
+        grad_fn,
+        1,
+        lr,
+        eps=eps,
+        clip_unmagnified_grad=0.0,
+        update_skipping=0.0,
+        relative_step_cap=0.0,
+        rebalance=0.0,
+    )[0]
     gA, _ = grad_fn(As, Bs)
     for i, (a, b) in enumerate(zip(As, Bs)):
         m = a.shape[0]
@@ -126,8 +136,14 @@ def test_lora_rite_matches_one_sided_adagrad_with_fixed_orthonormal_b():
         return gA, [np.zeros_like(g) for g in gB]
 
     opts = dict(
-        betas=(0.0, 0.5), eps=1e-14, escape=True, second_moment="sum", bias_correction=False,
-        row_normalize=False, clip_unmagnified_grad=0.0, update_skipping=0.0,
+        betas=(0.0, 0.5),
+        eps=1e-14,
+        escape=True,
+        second_moment="sum",
+        bias_correction=False,
+        row_normalize=False,
+        clip_unmagnified_grad=0.0,
+        update_skipping=0.0,
     )
     rite = run_lora_rite(As, Bs, grad_a_only, 8, 0.1, **opts)
     ada = run_one_sided_adagrad(As, Bs, grad_a_only, 8, 0.1, eps=1e-14)

@@ -37,8 +37,16 @@ PROBLEMS = {
     "online_linear": lambda: linear_problem(m=8, n=6, r=2, seed=2),
 }
 
-PAPER_RITE = dict(escape=True, second_moment="sum", bias_correction=False, row_normalize=False,
-                  clip_unmagnified_grad=0.0, update_skipping=0.0, relative_step_cap=0.0, rebalance=0.0)
+PAPER_RITE = dict(
+    escape=True,
+    second_moment="sum",
+    bias_correction=False,
+    row_normalize=False,
+    clip_unmagnified_grad=0.0,
+    update_skipping=0.0,
+    relative_step_cap=0.0,
+    rebalance=0.0,
+)
 
 # (case id, strategy, reference runner, hyperparameters, {package state key: (factor, reference key)})
 RITE_STATE = {"exp_avg": "M", "second_moment": "V"}
@@ -46,40 +54,89 @@ GRAM = dict(engine="gram")
 CASES = [
     # the default engine ("auto") is the QR engine on these float64 factors
     ("lora_rite", "lora_rite", run_lora_rite, dict(lr=0.05), RITE_STATE),
-    ("lora_rite_paper", "lora_rite", run_lora_rite, dict(lr=0.05, betas=(0.9, 0.999), **PAPER_RITE),
-     dict(RITE_STATE, escaped_mass="rho")),
+    (
+        "lora_rite_paper",
+        "lora_rite",
+        run_lora_rite,
+        dict(lr=0.05, betas=(0.9, 0.999), **PAPER_RITE),
+        dict(RITE_STATE, escaped_mass="rho"),
+    ),
     ("lora_rite_polar", "lora_rite", run_lora_rite, dict(lr=0.05, basis="polar"), RITE_STATE),
     ("lora_rite_gram_engine", "lora_rite", run_lora_rite, dict(lr=0.05, **GRAM), RITE_STATE),
-    ("lora_rite_gram_engine_paper", "lora_rite", run_lora_rite, dict(lr=0.05, betas=(0.9, 0.999), **PAPER_RITE, **GRAM),
-     dict(RITE_STATE, escaped_mass="rho")),
-    ("lora_rite_gram_engine_ema_escape", "lora_rite", run_lora_rite, dict(lr=0.05, escape=True, **GRAM),
-     dict(RITE_STATE, escaped_mass="rho")),
-    ("lora_rite_gram_engine_options", "lora_rite", run_lora_rite,
-     dict(lr=0.05, weight_decay=0.1, update_capping=0.02, balance=True, clip_unmagnified_grad=0.5, **GRAM), RITE_STATE),
-    ("lora_rite_qr_engine_ema_escape", "lora_rite", run_lora_rite, dict(lr=0.05, escape=True, engine="qr"),
-     dict(RITE_STATE, escaped_mass="rho")),
-    ("lora_rite_qr_engine_options", "lora_rite", run_lora_rite,
-     dict(lr=0.05, weight_decay=0.1, update_capping=0.02, balance=True, clip_unmagnified_grad=0.5, engine="qr"),
-     RITE_STATE),
+    (
+        "lora_rite_gram_engine_paper",
+        "lora_rite",
+        run_lora_rite,
+        dict(lr=0.05, betas=(0.9, 0.999), **PAPER_RITE, **GRAM),
+        dict(RITE_STATE, escaped_mass="rho"),
+    ),
+    (
+        "lora_rite_gram_engine_ema_escape",
+        "lora_rite",
+        run_lora_rite,
+        dict(lr=0.05, escape=True, **GRAM),
+        dict(RITE_STATE, escaped_mass="rho"),
+    ),
+    (
+        "lora_rite_gram_engine_options",
+        "lora_rite",
+        run_lora_rite,
+        dict(lr=0.05, weight_decay=0.1, update_capping=0.02, balance=True, clip_unmagnified_grad=0.5, **GRAM),
+        RITE_STATE,
+    ),
+    (
+        "lora_rite_qr_engine_ema_escape",
+        "lora_rite",
+        run_lora_rite,
+        dict(lr=0.05, escape=True, engine="qr"),
+        dict(RITE_STATE, escaped_mass="rho"),
+    ),
+    (
+        "lora_rite_qr_engine_options",
+        "lora_rite",
+        run_lora_rite,
+        dict(lr=0.05, weight_decay=0.1, update_capping=0.02, balance=True, clip_unmagnified_grad=0.5, engine="qr"),
+        RITE_STATE,
+    ),
     # rebalance = 1.05 acts on almost every step where Z is resolved (and must not where it is
     # not: the zero-init problem starts with Z = 0)
     ("lora_rite_rebalance", "lora_rite", run_lora_rite, dict(lr=0.05, rebalance=1.05), RITE_STATE),
-    ("lora_rite_gram_engine_rebalance", "lora_rite", run_lora_rite, dict(lr=0.05, rebalance=1.05, **GRAM),
-     RITE_STATE),
+    ("lora_rite_gram_engine_rebalance", "lora_rite", run_lora_rite, dict(lr=0.05, rebalance=1.05, **GRAM), RITE_STATE),
     ("scaled_gd", "scaled_gd", run_scaled_gd, dict(lr=0.05), {}),
-    ("scaled_gd_momentum", "scaled_gd", run_scaled_gd, dict(lr=0.05, momentum=0.9, weight_decay=0.01),
-     {"momentum_buffer": "buf"}),
+    (
+        "scaled_gd_momentum",
+        "scaled_gd",
+        run_scaled_gd,
+        dict(lr=0.05, momentum=0.9, weight_decay=0.01),
+        {"momentum_buffer": "buf"},
+    ),
     ("scaled_gd_damped", "scaled_gd", run_scaled_gd, dict(lr=0.05, delta=0.1), {}),
     ("scaled_adam", "scaled_adam", run_scaled_adam, dict(lr=0.01), {"exp_avg": "m", "exp_avg_sq": "v"}),
-    ("scaled_adam_damped", "scaled_adam", run_scaled_adam, dict(lr=0.01, delta=0.1, weight_decay=0.1),
-     {"exp_avg": "m", "exp_avg_sq": "v"}),
-    ("one_sided_adagrad", "one_sided_adagrad", run_one_sided_adagrad, dict(lr=0.05, weight_decay=0.01), {"sum_gram": "H"}),
+    (
+        "scaled_adam_damped",
+        "scaled_adam",
+        run_scaled_adam,
+        dict(lr=0.01, delta=0.1, weight_decay=0.1),
+        {"exp_avg": "m", "exp_avg_sq": "v"},
+    ),
+    (
+        "one_sided_adagrad",
+        "one_sided_adagrad",
+        run_one_sided_adagrad,
+        dict(lr=0.05, weight_decay=0.01),
+        {"sum_gram": "H"},
+    ),
 ]
 
 
 def close(actual: torch.Tensor, expected, what: str) -> None:
-    torch.testing.assert_close(actual, torch.as_tensor(np.asarray(expected), dtype=torch.float64),
-                               rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual,
+        torch.as_tensor(np.asarray(expected), dtype=torch.float64),
+        rtol=RTOL,
+        atol=ATOL,
+        msg=lambda m: f"{what}: {m}",
+    )
 
 
 def _close_up_to_rotation(a: torch.Tensor, b: torch.Tensor, rec: dict, where: str) -> None:
@@ -136,7 +193,11 @@ def test_every_step_and_state_variable_matches_the_reference(case, problem):
                 # the transport reads the factor of the last step instead of its basis
                 prev = records[t - 1][i] if t > 0 else None
                 for x, key, start in ((a, "A", As[i]), (b, "B", Bs[i])):
-                    close(opt.state[x]["previous_factor"], start if prev is None else prev[key], f"{where}, previous {key}")
+                    close(
+                        opt.state[x]["previous_factor"],
+                        start if prev is None else prev[key],
+                        f"{where}, previous {key}",
+                    )
             elif strategy == "lora_rite" and hp.get("basis", "qr") == "qr" and t > 0:
                 # the basis of a factor is defined up to its null space; compare it where full rank
                 for x, key in ((a, "U_A"), (b, "U_B")):

@@ -50,8 +50,14 @@ def pair_opt(cls, **kw):
     return lambda a, b: cls([(a, b)], **kw)
 
 
-PAPER_RITE = dict(escape=True, second_moment="sum", bias_correction=False, row_normalize=False,
-                  clip_unmagnified_grad=0.0, update_skipping=0.0)
+PAPER_RITE = dict(
+    escape=True,
+    second_moment="sum",
+    bias_correction=False,
+    row_normalize=False,
+    clip_unmagnified_grad=0.0,
+    update_skipping=0.0,
+)
 
 #: learning rates other than 0.05 (elementwise-normalized steps move much further per step)
 LR = {"scaled_adam": 0.01}
@@ -68,9 +74,10 @@ VARIANTS = {
 
 def _declared() -> dict[str, tuple[str, object]]:
     # every discovered strategy at its defaults, checked for the class it declares: no edit here
-    return {name: (get_strategy(name).invariance,
-                   pair_opt(LowRankOptimizer, strategy=name, lr=LR.get(name, 0.05)))
-            for name in shipped_strategies()}
+    return {
+        name: (get_strategy(name).invariance, pair_opt(LowRankOptimizer, strategy=name, lr=LR.get(name, 0.05)))
+        for name in shipped_strategies()
+    }
 
 
 TABLE = {**_declared(), **VARIANTS}

@@ -17,7 +17,11 @@ def _strategy(name: str) -> type[Strategy]:
 
 def test_a_taken_name_is_refused_with_both_classes_named(monkeypatch):
     monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
-    with pytest.raises(ValueError, match=r"'scaled_gd' is taken by lowrank_geom\.strategies\.scaled_gd\.ScaledGDStrategy; fake_plugin\.Fake needs another name"):
+    with pytest.raises(
+        ValueError,
+        match=r"'scaled_gd' is taken by lowrank_geom\.strategies\.scaled_gd\.ScaledGDStrategy; "
+        r"fake_plugin\.Fake needs another name",
+    ):
         register(_strategy("scaled_gd"))
     assert type(get_strategy("scaled_gd")).__module__ == "lowrank_geom.strategies.scaled_gd"
 
@@ -33,14 +37,16 @@ def test_every_module_of_a_package_is_imported_and_its_strategies_discovered(tmp
     pkg = tmp_path / "fake_strategies"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "mine.py").write_text(textwrap.dedent('''
+    (pkg / "mine.py").write_text(
+        textwrap.dedent('''
         from lowrank_geom.strategies import Strategy, register
 
         @register
         class Mine(Strategy):
             """A strategy found by the package scan."""
             name = "_test_scanned"
-    '''))
+    ''')
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
     monkeypatch.setattr(base, "_DISCOVERED", dict(base._DISCOVERED))
@@ -52,9 +58,13 @@ def test_every_module_of_a_package_is_imported_and_its_strategies_discovered(tmp
 
 
 def test_a_broken_entry_point_warns_and_the_rest_works(monkeypatch):
-    eps = [importlib.metadata.EntryPoint("broken", "no_such_module_xyz", base.ENTRY_POINT_GROUP),
-           importlib.metadata.EntryPoint("not_a_strategy", "os:getcwd", base.ENTRY_POINT_GROUP)]
-    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: eps if group == base.ENTRY_POINT_GROUP else [])
+    eps = [
+        importlib.metadata.EntryPoint("broken", "no_such_module_xyz", base.ENTRY_POINT_GROUP),
+        importlib.metadata.EntryPoint("not_a_strategy", "os:getcwd", base.ENTRY_POINT_GROUP),
+    ]
+    monkeypatch.setattr(
+        importlib.metadata, "entry_points", lambda group: eps if group == base.ENTRY_POINT_GROUP else []
+    )
     monkeypatch.setattr(base, "_entry_points_loaded", False)
     with pytest.warns(RuntimeWarning) as record:
         names = base.available_strategies()

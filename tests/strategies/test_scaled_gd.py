@@ -35,7 +35,9 @@ def test_damped_direction_solves_the_damped_system():
 
 def test_zero_factor_gives_a_zero_direction_for_its_partner():
     grad = torch.ones(1, 4, 2, dtype=torch.float64)
-    assert torch.equal(scaled_gradient(grad, torch.zeros(1, 5, 2, dtype=torch.float64), 0.0), torch.zeros(1, 4, 2, dtype=torch.float64))
+    assert torch.equal(
+        scaled_gradient(grad, torch.zeros(1, 5, 2, dtype=torch.float64), 0.0), torch.zeros(1, 4, 2, dtype=torch.float64)
+    )
 
 
 def test_one_step_is_the_manifold_retraction_of_the_riemannian_gradient():
@@ -82,12 +84,15 @@ def test_relative_step_cap_bounds_each_factors_relative_change(dtype, momentum):
     a, b, target = _tiny_direction_pair(dtype)
 
     def largest_relative_change(a1, b1):
-        return max(torch.linalg.svdvals((x1.double() - x0.double()) @ torch.linalg.pinv(x0.double())).max().item()
-                   for x0, x1 in ((a, a1), (b, b1)))
+        return max(
+            torch.linalg.svdvals((x1.double() - x0.double()) @ torch.linalg.pinv(x0.double())).max().item()
+            for x0, x1 in ((a, a1), (b, b1))
+        )
 
     # 1e-3: float32 rounding of the capped step, measured through pinv of a cond-300 factor
     assert largest_relative_change(*_steps(a, b, target, momentum=momentum)) <= 1.0 + (
-        1e-3 if dtype == torch.float32 else 1e-9)
+        1e-3 if dtype == torch.float32 else 1e-9
+    )
     # without: 8× the factor (float32, its direction 3e-3), 2.4e4× (float64, 1e-6)
     assert largest_relative_change(*_steps(a, b, target, momentum=momentum, relative_step_cap=0.0)) > 5.0
 
@@ -109,10 +114,9 @@ def test_relative_step_cap_keeps_gl_r_invariance_where_it_acts(cls):
     from lowrank_geom import invariance_gap
 
     a, b, target = _tiny_direction_pair()
-    loss = lambda z: (z - target).pow(2).mean()  # noqa: E731
+    loss = lambda z: (z - target).pow(2).mean()
     gauge = torch.tensor([[2.0, 0.3, 0.0], [0.0, 0.5, 0.1], [0.2, 0.0, 1.5]], dtype=torch.float64)
-    gap = invariance_gap(a, b, loss, optimizer=lambda x, y, **kw: cls([(x, y)], **kw), lr=1e-2,
-                         steps=10, gauge=gauge)
+    gap = invariance_gap(a, b, loss, optimizer=lambda x, y, **kw: cls([(x, y)], **kw), lr=1e-2, steps=10, gauge=gauge)
     # the cap acts on step 1 here (test above); 1e-8: round-off of pinv on a cond-1e6 factor
     assert gap < 1e-8, gap
     assert invariance_gap(a, b, loss, optimizer=torch.optim.Adam, lr=1e-2, steps=10, gauge=gauge) > 1e-2
@@ -136,8 +140,9 @@ def test_bf16_peft_batch_of_one_trains_like_adamw_only_with_the_cap(cap):
         if name == "adamw":
             opt = torch.optim.AdamW([{"params": model.trainable_parameters()}, head], lr=1e-3, weight_decay=0.0)
         else:
-            opt = LowRankOptimizer([{"pairs": model.pairs()}, head], strategy="scaled_gd", lr=1e-2,
-                                   relative_step_cap=cap)
+            opt = LowRankOptimizer(
+                [{"pairs": model.pairs()}, head], strategy="scaled_gd", lr=1e-2, relative_step_cap=cap
+            )
         g = torch.Generator().manual_seed(0)
         for _ in range(100):
             idx = torch.randint(0, rb.N_SAMPLES, (1,), generator=g)
