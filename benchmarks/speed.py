@@ -62,8 +62,8 @@ Shampoo's 1-layer Gemma subset at every r and m = 4096, with ``min_run_time`` 1 
 compiled step. The targets' interleaved repeats add ≈25 s at the default size (5 repeats, 0.2 s
 turns; at r = 64 a turn of LoRA-RITE or pytorch_optimizer's LoRARite is one ≈0.9 s step), 9
 repeats of 0.5 s at ``full``. ``--compile`` (any size whose main set has
-r = 16) also times ``lora_rite``, ``scaled_gd`` and ``scaled_adam`` with ``compile=True`` there. Run-to-run spread of the
-medians on this shared VM is up to ±30 % (Adam(foreach) on Gemma r=16 measured 8.5–14 ms).
+r = 16) also times ``lora_rite``, ``scaled_gd`` and ``scaled_adam`` with ``compile=True`` there.
+Run-to-run spread of the medians on this shared VM is up to ±30 % (Adam(foreach) on Gemma r=16 measured 8.5–14 ms).
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ class CpuMonitor:
         idle = vals[3] + vals[4]  # idle + iowait
         return (sum(vals) - idle) / os.sysconf("SC_CLK_TCK")
 
-    def start(self) -> "CpuMonitor":
+    def start(self) -> CpuMonitor:
         t = os.times()
         self._t0 = (self._busy_seconds(), t.user + t.system, time.perf_counter())
         return self
@@ -291,7 +291,7 @@ def measure(name: str, ps: ParamSet, min_run_time: float, overrides: dict[str, A
     def step() -> None:
         if restore:
             torch._foreach_copy_(grads, saved)
-        opt.step()
+        opt.step()  # noqa: F821 (opt is deleted only after the last call)
         _sync(device)
 
     t0 = time.perf_counter()
@@ -359,8 +359,13 @@ def floor_fn(ps: ParamSet, seed: int = 0) -> Callable[[], None]:
         for r, pairs in pairs_per_rank.items():
             x = torch.randn(2 * pairs, 4 * r, r, generator=g, dtype=torch.float32)
             v = (x.mT @ x / (4 * r)).to(device)
-            eighs.append((v, torch.empty(2 * pairs, r, dtype=torch.float32, device=device),
-                          torch.empty(2 * pairs, r, r, dtype=torch.float32, device=device)))
+            eighs.append(
+                (
+                    v,
+                    torch.empty(2 * pairs, r, dtype=torch.float32, device=device),
+                    torch.empty(2 * pairs, r, r, dtype=torch.float32, device=device),
+                )
+            )
 
     def floor() -> None:
         for x, out in grams:
@@ -456,10 +461,16 @@ def interleaved_repeats(ps: ParamSet, names: list[str], repeats: int, min_run_ti
     ps.reset()
     turns = [_Turn(name, ps) for name in names]
     rec: dict[str, Any] = {
-        "names": list(names), "repeats": repeats, "min_run_time": min_run_time, "order": [],
-        "ms": {n: [] for n in names}, "steps": {n: [] for n in names},
+        "names": list(names),
+        "repeats": repeats,
+        "min_run_time": min_run_time,
+        "order": [],
+        "ms": {n: [] for n in names},
+        "steps": {n: [] for n in names},
         "grad_restore_ms": {t.name: [] for t in turns if t.restore},
-        "warmup_s": {t.name: t.warmup_s for t in turns}, "others_cpu": [], "contended": [],
+        "warmup_s": {t.name: t.warmup_s for t in turns},
+        "others_cpu": [],
+        "contended": [],
     }
     for k in range(repeats):
         rot = k % len(turns)
@@ -493,9 +504,11 @@ def _shampoo_plan(size: dict[str, Any], set_name: str, spec: dict[str, Any], r: 
     if sh.get("layers") and r in sh.get("ranks", []) and set_name in sh.get("sets", [set_name]):
         return "subset", sh["layers"]
     where = f"at r ∈ {sh['ranks']}" if sh.get("ranks") else "with --full"
-    return "skipped", (f"m×m preconditioners with m = {max_dim} and an SVD of each every step "
-                       f"(≈1.6 s per 2048² SVD on this CPU); timed on a 1-layer subset only "
-                       f"{where}")
+    return "skipped", (
+        f"m×m preconditioners with m = {max_dim} and an SVD of each every step "
+        f"(≈1.6 s per 2048² SVD on this CPU); timed on a 1-layer subset only "
+        f"{where}"
+    )
 
 
 #: strategies timed again with ``compile=True`` (``--compile``; always at size ``full``), on the
@@ -590,9 +603,16 @@ def _run(ctx: RunContext) -> SuiteResult:
                     base = measure(BASELINE, sub, mrt)
                     factor = len(ps.shapes) / len(sub.shapes)
                     entry[name] = dict(
-                        res, subset_pairs=len(sub.shapes), subset_ms=res["ms"], subset_state_bytes=res["state_bytes"],
-                        subset_adam_ms=base["ms"], ms=res["ms"] * factor, state_bytes=int(res["state_bytes"] * factor),
-                        param_bytes=ps.numel * 4, pairs=len(ps.shapes), extrapolated=factor,
+                        res,
+                        subset_pairs=len(sub.shapes),
+                        subset_ms=res["ms"],
+                        subset_state_bytes=res["state_bytes"],
+                        subset_adam_ms=base["ms"],
+                        ms=res["ms"] * factor,
+                        state_bytes=int(res["state_bytes"] * factor),
+                        param_bytes=ps.numel * 4,
+                        pairs=len(ps.shapes),
+                        extrapolated=factor,
                         ratio_to_adam_subset=res["ms"] / base["ms"],
                         contended=res["contended"] or base["contended"],
                     )
@@ -622,29 +642,50 @@ def _run(ctx: RunContext) -> SuiteResult:
             res["contended"] = res["contended"] or eager[name].get("contended") or eager[BASELINE].get("contended")
             compiled[name] = res
         ps = None
-    load = {"before": list(load_before), "after": list(os.getloadavg()), "cpus": os.cpu_count(),
-            "others_cpu_share": whole.share()}
+    load = {
+        "before": list(load_before),
+        "after": list(os.getloadavg()),
+        "cpus": os.cpu_count(),
+        "others_cpu_share": whole.share(),
+    }
 
     # ---- ratios, targets
-    for set_name, by_r in sets.items():
-        for r, by_name in by_r.items():
+    for by_r in sets.values():
+        for by_name in by_r.values():
             adam = by_name[BASELINE]["ms"]
             adamw = by_name["adamw"]["state_bytes"]
-            for name, res in by_name.items():
+            for res in by_name.values():
                 if "ms" in res:
                     res["ratio_to_adam"] = res.get("ratio_to_adam_subset", res["ms"] / adam)
                     res["state_ratio_to_adamw"] = res["state_bytes"] / adamw
     targets = _targets(sets[main_set], interleaved, tcfg)
 
-    metrics = {"sets": sets, "m_sweep": {"r": sweep["r"], "pairs": sweep["pairs"], "results": msweep},
-               "targets": targets, "device": str(device), "threads": torch.get_num_threads(),
-               "interleaved": {"set": main_set, "repeats": tcfg["repeats"], "min_run_time": tcfg["min_run_time"],
-                               "floor_rank": tcfg["floor_rank"], "spread": "min–max", "by_rank": interleaved},
-               "compiled": {"set": main_set, "r": COMPILE_RANK, "results": compiled} if compiled else None,
-               "baseline": "torch.optim.Adam(foreach=True) (config 'adam')", "load_average": load}
-    config = {"size": ctx.size, **size, "device": str(device), "dtype": "float32",
-              "timer": f"torch.utils.benchmark.Timer.blocked_autorange(min_run_time={mrt}), median, "
-                       f"{torch.get_num_threads()} threads"}
+    metrics = {
+        "sets": sets,
+        "m_sweep": {"r": sweep["r"], "pairs": sweep["pairs"], "results": msweep},
+        "targets": targets,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "interleaved": {
+            "set": main_set,
+            "repeats": tcfg["repeats"],
+            "min_run_time": tcfg["min_run_time"],
+            "floor_rank": tcfg["floor_rank"],
+            "spread": "min–max",
+            "by_rank": interleaved,
+        },
+        "compiled": {"set": main_set, "r": COMPILE_RANK, "results": compiled} if compiled else None,
+        "baseline": "torch.optim.Adam(foreach=True) (config 'adam')",
+        "load_average": load,
+    }
+    config = {
+        "size": ctx.size,
+        **size,
+        "device": str(device),
+        "dtype": "float32",
+        "timer": f"torch.utils.benchmark.Timer.blocked_autorange(min_run_time={mrt}), median, "
+        f"{torch.get_num_threads()} threads",
+    }
     table = _table(sets, msweep, sweep, targets, tcfg, load)
     if compiled:
         table = _compiled_table(compiled, main_set) + "\n\n" + table
@@ -662,24 +703,40 @@ def _ratio_target(label: str, num: str, den: str, r: int, op: str, bound: float,
     status = "met" if ok else "missed"
     if 2 * n_cont >= len(per):
         status += f" (unreliable: {n_cont}/{len(per)} repeats contended †)"
-    row = {"target": f"{label}, r={r}", "bound": f"{op} {bound}", "value": med, "median": med,
-           "min": min(per), "max": max(per), "spread": "min–max", "per_repeat": per, "repeats": len(per),
-           "numerator": num, "denominator": den, "r": r, "numerator_ms": list(rec["ms"][num]),
-           "denominator_ms": list(rec["ms"][den]), "order": rec["order"], "contended_repeats": n_cont,
-           "status": status}
+    row = {
+        "target": f"{label}, r={r}",
+        "bound": f"{op} {bound}",
+        "value": med,
+        "median": med,
+        "min": min(per),
+        "max": max(per),
+        "spread": "min–max",
+        "per_repeat": per,
+        "repeats": len(per),
+        "numerator": num,
+        "denominator": den,
+        "r": r,
+        "numerator_ms": list(rec["ms"][num]),
+        "denominator_ms": list(rec["ms"][den]),
+        "order": rec["order"],
+        "contended_repeats": n_cont,
+        "status": status,
+    }
     if den == FLOOR:
         row.update(floor_ms=statistics.median(rec["ms"][FLOOR]), step_ms=statistics.median(rec["ms"][num]))
     return row
 
 
-def _targets(by_r: dict[str, dict[str, Any]], interleaved: dict[str, dict[str, Any]],
-             tcfg: dict[str, Any]) -> list[dict[str, Any]]:
+def _targets(
+    by_r: dict[str, dict[str, Any]], interleaved: dict[str, dict[str, Any]], tcfg: dict[str, Any]
+) -> list[dict[str, Any]]:
     out = []
     for label, num, den, rank, op, bound in TARGETS:
         ranks = _target_ranks(rank, tcfg)
         if not ranks:
-            out.append({"target": f"{label}, r={rank}", "bound": f"{op} {bound}", "value": None,
-                        "status": "not measured"})
+            out.append(
+                {"target": f"{label}, r={rank}", "bound": f"{op} {bound}", "value": None, "status": "not measured"}
+            )
         for r in ranks:
             out.append(_ratio_target(label, num, den, r, op, bound, interleaved[str(r)]))
     # state: LoRA-RITE <= AdamW + 2 r² + 1 float32 per pair. AdamW's two step scalars per pair
@@ -691,19 +748,35 @@ def _targets(by_r: dict[str, dict[str, Any]], interleaved: dict[str, dict[str, A
             bound = res["adamw"]["state_bytes"] + pairs * (2 * int(r) ** 2 + 1) * 4
             v = res["lora_rite"]["state_bytes"]
             target = f"LoRA-RITE state bytes <= AdamW + 2r² + 1 floats per pair, r={r}"
-            out.append({"target": target,
-                        "bound": f"<= {bound}", "value": v, "status": "met" if v <= bound else "missed",
-                        "excess_bytes": v - bound})
+            out.append(
+                {
+                    "target": target,
+                    "bound": f"<= {bound}",
+                    "value": v,
+                    "status": "met" if v <= bound else "missed",
+                    "excess_bytes": v - bound,
+                }
+            )
     return out
 
 
 def _compiled_table(compiled: dict[str, Any], set_name: str) -> str:
-    rows = [[name, _fmt_ms(res), f"{res['ratio_to_eager']:.3g}" + ("†" if res["contended"] else ""),
-             f"{res['ratio_to_adam']:.3g}", f"{res['warmup_s']:.1f}"] for name, res in compiled.items()]
-    return (f"### compile=True: {set_name}, r={COMPILE_RANK}\n\n"
-            + markdown_table(["optimizer", "ms", "×eager", "×Adam", "first step s (compiles)"], rows)
-            + "\n\nThe same strategy with `LowRankOptimizer(compile=True)` (its update through `torch.compile`), "
-              "timed after the eager rows of the same run; ×eager and ×Adam divide by those rows' medians.")
+    rows = [
+        [
+            name,
+            _fmt_ms(res),
+            f"{res['ratio_to_eager']:.3g}" + ("†" if res["contended"] else ""),
+            f"{res['ratio_to_adam']:.3g}",
+            f"{res['warmup_s']:.1f}",
+        ]
+        for name, res in compiled.items()
+    ]
+    return (
+        f"### compile=True: {set_name}, r={COMPILE_RANK}\n\n"
+        + markdown_table(["optimizer", "ms", "×eager", "×Adam", "first step s (compiles)"], rows)
+        + "\n\nThe same strategy with `LowRankOptimizer(compile=True)` (its update through `torch.compile`), "
+        "timed after the eager rows of the same run; ×eager and ×Adam divide by those rows' medians."
+    )
 
 
 def _fmt_ms(res: dict[str, Any]) -> Any:
@@ -721,8 +794,11 @@ def _table(sets, msweep, sweep, targets, tcfg, load) -> str:
     notes = []
     for set_name, by_r in sets.items():
         ranks = list(by_r)
-        head = ["optimizer"] + [h for r in ranks for h in (f"ms r={r}", f"×Adam r={r}")] + \
-               [h for r in ranks for h in (f"state MB r={r}", f"×AdamW r={r}")]
+        head = (
+            ["optimizer"]
+            + [h for r in ranks for h in (f"ms r={r}", f"×Adam r={r}")]
+            + [h for r in ranks for h in (f"state MB r={r}", f"×AdamW r={r}")]
+        )
         rows = []
         for name in OPTIMIZERS:
             row = [name]
@@ -743,9 +819,10 @@ def _table(sets, msweep, sweep, targets, tcfg, load) -> str:
                     if res.get("extrapolated"):
                         notes.append(
                             f"`{name}` on {set_name} r={r}: timed on the first {res['subset_pairs']} pairs "
-                            f"({res['subset_ms']:.0f} ms per step; Adam on the same subset {res['subset_adam_ms']:.2f} ms, "
-                            f"×Adam = {res['ratio_to_adam_subset']:.0f}); ms and state MB marked * are ×{res['extrapolated']:.0f} "
-                            "extrapolations (identical layers: the state scales exactly, the time per pair is assumed constant)."
+                            f"({res['subset_ms']:.0f} ms per step; Adam on the same subset "
+                            f"{res['subset_adam_ms']:.2f} ms, ×Adam = {res['ratio_to_adam_subset']:.0f}); ms and state "
+                            f"MB marked * are ×{res['extrapolated']:.0f} extrapolations (identical layers: the state "
+                            "scales exactly, the time per pair is assumed constant)."
                         )
             rows.append(row)
         pairs = next(iter(by_r.values()))[BASELINE]["pairs"]
@@ -762,8 +839,9 @@ def _table(sets, msweep, sweep, targets, tcfg, load) -> str:
         if "skipped" in msweep["shampoo"].get(m, {}):
             notes.append(f"`shampoo` m={m}: skipped ({msweep['shampoo'][m]['skipped']}).")
     parts.append(_targets_table(targets, tcfg, next(iter(sets))))
-    n_cont = sum(1 for by_r in sets.values() for res_r in by_r.values() for x in res_r.values() if x.get("contended")) + \
-        sum(1 for by_m in msweep.values() for x in by_m.values() if x.get("contended"))
+    n_cont = sum(
+        1 for by_r in sets.values() for res_r in by_r.values() for x in res_r.values() if x.get("contended")
+    ) + sum(1 for by_m in msweep.values() for x in by_m.values() if x.get("contended"))
     notes.append(
         f"† = other processes used more than the cores left free by our {torch.get_num_threads()} thread(s) "
         f"plus {CONTENDED:.0%} of the machine while this was timed "
@@ -782,8 +860,11 @@ def _table(sets, msweep, sweep, targets, tcfg, load) -> str:
         "(each repeat's values in the JSON, `targets[i].per_repeat`), and the status follows the median. These "
         "medians come from their own steps, not from the set tables above. A status is marked unreliable when at "
         "least half of its repeats were contended (†); contended repeats here: "
-        + ", ".join(f"r={r} {c}/{tcfg['repeats']}" for r, c in sorted(
-            {t["r"]: t["contended_repeats"] for t in targets if "per_repeat" in t}.items())) + "."
+        + ", ".join(
+            f"r={r} {c}/{tcfg['repeats']}"
+            for r, c in sorted({t["r"]: t["contended_repeats"] for t in targets if "per_repeat" in t}.items())
+        )
+        + "."
     )
     notes.append(
         f"Floor at r={tcfg['floor_rank']}: the work LoRA-RITE cannot avoid — the Grams AᵀA and BᵀB of every pair "
@@ -816,17 +897,27 @@ def _targets_table(targets: list[dict[str, Any]], tcfg: dict[str, Any], set_name
         else:  # state bytes (exact) or not measured
             rows.append([t["target"], t["bound"], "—" if t["value"] is None else t["value"], "—", t["status"]])
     out = "### Targets\n\n" + markdown_table(
-        ["ratio", "target", f"median of {n} interleaved repeats", "min–max", "status"], rows)
+        ["ratio", "target", f"median of {n} interleaved repeats", "min–max", "status"], rows
+    )
     floors = [t for t in targets if t.get("denominator") == FLOOR]
     if floors:
         frows = []
         for t in floors:
             f_ms, s_ms = t["denominator_ms"], t["numerator_ms"]
-            frows.append([f"r={t['r']}", f"{t['floor_ms']:.3g}", f"{min(f_ms):.3g}–{max(f_ms):.3g}",
-                          f"{t['step_ms']:.3g}", f"{min(s_ms):.3g}–{max(s_ms):.3g}", t["median"], _spread(t)])
-        out += (f"\n\n### Floor: {set_name}, Grams + r×r eigendecompositions\n\n"
-                + markdown_table(["rank", "floor ms", "min–max", "LoRA-RITE step ms", "min–max", "step / floor",
-                                  "min–max"], frows))
+            frows.append(
+                [
+                    f"r={t['r']}",
+                    f"{t['floor_ms']:.3g}",
+                    f"{min(f_ms):.3g}–{max(f_ms):.3g}",
+                    f"{t['step_ms']:.3g}",
+                    f"{min(s_ms):.3g}–{max(s_ms):.3g}",
+                    t["median"],
+                    _spread(t),
+                ]
+            )
+        out += f"\n\n### Floor: {set_name}, Grams + r×r eigendecompositions\n\n" + markdown_table(
+            ["rank", "floor ms", "min–max", "LoRA-RITE step ms", "min–max", "step / floor", "min–max"], frows
+        )
     return out
 
 
@@ -855,8 +946,15 @@ def _plots(sets, msweep, sweep, ctx: RunContext) -> list[str]:
         ys = [by_r[str(r)][name]["ms"] for r in xs]
         if xs:
             extrap = any(by_r[str(r)][name].get("extrapolated") for r in xs)
-            axes[0].loglog(xs, ys, marker=markers[i % len(markers)], color=_color(i), linestyle=":" if extrap else ("-" if i < 4 else "--"),
-                           label=name + (" (extrapolated)" if extrap else ""), markerfacecolor="none" if extrap else None)
+            axes[0].loglog(
+                xs,
+                ys,
+                marker=markers[i % len(markers)],
+                color=_color(i),
+                linestyle=":" if extrap else ("-" if i < 4 else "--"),
+                label=name + (" (extrapolated)" if extrap else ""),
+                markerfacecolor="none" if extrap else None,
+            )
     axes[0].set_xlabel("rank r")
     axes[0].set_ylabel("step time (ms)")
     axes[0].set_title(f"{set_name}: step time vs r")
@@ -867,13 +965,20 @@ def _plots(sets, msweep, sweep, ctx: RunContext) -> list[str]:
     for r in ranks:
         res = by_r[str(r)].get("shampoo", {})
         if res.get("extrapolated"):
-            axes[0].annotate(f"shampoo ×{res['extrapolated']:.0f} from {res['subset_pairs']} pairs",
-                             (r, res["ms"]), textcoords="offset points", xytext=(6, -4), fontsize=7)
+            axes[0].annotate(
+                f"shampoo ×{res['extrapolated']:.0f} from {res['subset_pairs']} pairs",
+                (r, res["ms"]),
+                textcoords="offset points",
+                xytext=(6, -4),
+                fontsize=7,
+            )
     for i, name in enumerate(OPTIMIZERS):
         xs = [int(m) for m, res in msweep[name].items() if "ms" in res]
         ys = [msweep[name][str(m)]["ms"] for m in xs]
         if xs:
-            axes[1].loglog(xs, ys, marker=markers[i % len(markers)], color=_color(i), linestyle="-" if i < 4 else "--", label=name)
+            axes[1].loglog(
+                xs, ys, marker=markers[i % len(markers)], color=_color(i), linestyle="-" if i < 4 else "--", label=name
+            )
     axes[1].set_xticks(sweep["ms"], [str(m) for m in sweep["ms"]])
     axes[1].xaxis.set_minor_formatter(NullFormatter())
     axes[1].set_xlabel("m (pairs m×m)")

@@ -87,8 +87,13 @@ def _ratio_rows(metrics):
 def test_targets_are_the_issues_ratios_at_their_ranks(quick):
     tcfg = speed.SIZES["quick"]["targets"]
     got = {(t["numerator"], t["denominator"], t["r"]) for t in _ratio_rows(quick.metrics)}
-    at16 = {("lora_rite", "adam"), ("scaled_gd", "adam"), ("scaled_adam", "adam"),
-            ("scaled_adam", "peft_riemannian"), ("lora_rite", "peft_riemannian")}
+    at16 = {
+        ("lora_rite", "adam"),
+        ("scaled_gd", "adam"),
+        ("scaled_adam", "adam"),
+        ("scaled_adam", "peft_riemannian"),
+        ("lora_rite", "peft_riemannian"),
+    }
     want = {(n, d, 16) for n, d in at16} | {("pyopt_lora_rite", "lora_rite", r) for r in tcfg["ranks"]}
     want.add(("lora_rite", speed.FLOOR, tcfg["floor_rank"]))
     assert got == want
@@ -120,7 +125,7 @@ def test_repeats_are_interleaved_in_rotating_order(quick):
     for r, rec in by_rank.items():
         names, n = rec["names"], rec["repeats"]
         assert names == speed.timed_at(int(r), speed.SIZES["quick"]["targets"]) and len(names) >= 3
-        assert rec["order"] == [names[k % len(names):] + names[:k % len(names)] for k in range(n)]
+        assert rec["order"] == [names[k % len(names) :] + names[: k % len(names)] for k in range(n)]
         assert len({tuple(o) for o in rec["order"]}) == min(n, len(names))  # orders really change
         for name in names:
             assert len(rec["ms"][name]) == n and all(v > 0 for v in rec["ms"][name]), (r, name)
