@@ -115,8 +115,6 @@ def magnify(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return symmetrize(t @ v @ t.mT)
 
 
-
-
 def _clamped_singular_values(e_gram: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``V D Vᵀ`` with ``EᵀE = V diag(s²) Vᵀ``, ``D = diag(min(1, cap/s))``, and whether any ``s > cap``. ``(..., r, r), (...,)``."""
     lam, v = eigh_safe(e_gram)
@@ -167,3 +165,21 @@ def relative_change_cap(
     eye = torch.eye(k.shape[-1], dtype=work, device=k.device)
     direction = (e @ (vdv @ r)) / lr_w + m.to(work) @ (k0 @ (eye - t @ r))
     return torch.where(capped[..., None, None], direction.to(m.dtype), plain)
+
+
+def gram_relative_change_cap(
+    d: torch.Tensor,
+    g: torch.Tensor,
+    t: torch.Tensor,
+    cap: float,
+    lr: float | torch.Tensor,
+    row_reduce: RowReduce | None = None,
+) -> torch.Tensor:
+    """:func:`relative_change_cap` of a direction ``D`` of a factor ``X`` given by its Gram: step ``lr·D``,
+    ``G = XᵀX``, ``t = R⁺`` (:func:`inverse_magnitude`), ``k₀ = I``. ``(..., m, r)``.
+
+    ``R = tᵀ G`` (``RᵀR = G`` up to an orthogonal factor, which the cap does not depend on) and
+    ``I`` are formed in ``t``'s dtype; ``row_reduce`` None sums over the local rows only.
+    """
+    eye = torch.eye(g.shape[-1], dtype=t.dtype, device=t.device)
+    return relative_change_cap(d, eye, t, t.mT @ g.to(t.dtype), cap, lr, row_reduce or _identity)

@@ -3,12 +3,19 @@ r"""LoRA-RITE (Yen et al., ICLR 2025, arXiv 2410.20625): Algorithm 1, for A and 
 Every function is batched over a leading pair dim ``P`` and named after the paper's quantity.
 The A side reads the B factor's basis and magnitude (``B = U_B R_B``) and vice versa.
 
-Two engines compute the same step. ``engine="gram"`` never factorizes an m×r matrix:
-it keeps the first moment and the second moment *magnified* (``M̃ = M̄ R_B⁻ᵀ``, ``W = R_B⁻¹ V̄ R_B⁻ᵀ``,
-both independent of the basis ``U_B``), reads ``R_B`` from the Cholesky factor of ``B_tᵀB_t`` and the
-transport from ``C = B_tᵀB_{t−1}``, and updates ``M̃`` with one m×2r×r product. ``engine="qr"``
-transcribes Algorithm 1 with a Householder QR (or polar) basis of every factor. ``engine="auto"``
-(default, :func:`resolve_engine`) is the QR engine in every dtype; the Gram engine is opt-in.
+One algorithm, two engines. Each step of Algorithm 1 on r×r (and per-factor) quantities is one
+function below, used by both engines: :func:`moment_decays`, :func:`skip_mask`,
+:func:`clip_scale`, :func:`second_moment` (:func:`accumulate_second_moment`,
+:func:`escaped_mass`), :func:`preconditioner`, :func:`first_moment_weights`, :func:`update_cap`.
+The engines differ only in how they obtain the r×r inputs and apply the m×r products:
+
+* ``engine="qr"`` (what ``"auto"``, the default, runs: :func:`resolve_engine`) transcribes the
+  paper with a Householder QR (or polar) basis of every factor: moments in the basis, the
+  transport ``P = U_{B,t}ᵀU_{B,t−1}``, m×r products with ``∇̄ = ∇A R_B⁺``.
+* ``engine="gram"`` (opt-in; the one that runs on FSDP2 row shards) never factorizes an m×r
+  matrix: it keeps the moments *magnified* (``M̃ = M̄ R_B⁻ᵀ``, ``W = R_B⁻¹ V̄ R_B⁻ᵀ``, both
+  independent of the basis ``U_B``), reads ``R_B`` from the Cholesky factor of ``B_tᵀB_t`` and
+  the transport from ``C = B_tᵀB_{t−1}``, and updates ``M̃`` with one m×2r×r product.
 
 Three safeguards depart from Algorithm 1 only where it is ill-defined or loses precision
 (docs/numerics.rst): eigenvalues of ``V̄`` that ``eigh`` cannot resolve are floored at its
@@ -22,7 +29,7 @@ taking small steps.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -31,7 +38,6 @@ from lowrank_geom.geometry import (
     balancing_gauge,
     basis_transport,
     compute_dtype,
-    eigenvalue_distance,
     eigh_resolution,
     eigh_safe,
     factorization_excess,
@@ -39,6 +45,7 @@ from lowrank_geom.geometry import (
     gram,
     gram_cutoff,
     gram_pinv,
+    gram_relative_change_cap,
     inverse_magnitude,
     inverse_root_eig,
     magnify,
@@ -71,20 +78,24 @@ from lowrank_geom.strategies.base import (
 )
 
 
-def unmagnified_grad(grad: torch.Tensor, r_pinv_other: torch.Tensor) -> torch.Tensor:
-    """``∇̄A = ∇A R_B⁻¹`` (Alg. 1 line 5; ``R⁻¹`` is the pseudo-inverse ``R⁺``). ``(P, m, r)``."""
-    return grad @ r_pinv_other
+# ------------------------------------------------------------- Algorithm 1's steps, both engines
+def moment_decays(hp: dict[str, Any], step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d₁, d₂) = (β₁, β₂)``, or with ``bias_correction`` ``β(1−β^k)/(1−β^{k+1})`` (authors' code). ``(P,)``."""
+    beta1, beta2 = hp["betas"]
+    if hp["bias_correction"]:
+        return bias_corrected_decay(beta1, step), bias_corrected_decay(beta2, step)
+    return torch.full_like(step, beta1, dtype=torch.float64), torch.full_like(step, beta2, dtype=torch.float64)
 
 
-def skip_large(gbar: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Update skipping (authors' code): ``∇̄ = 0`` for a factor whose RMS exceeds ``threshold``."""
-    return torch.where(expand(rms(gbar) > threshold, gbar), torch.zeros_like(gbar), gbar)
+def skip_mask(rms_gbar: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Update skipping (authors' code): 0 for a factor with ``RMS(∇̄) > threshold`` (``∇̄`` taken as 0), else 1."""
+    return (~(rms_gbar > threshold)).to(rms_gbar.dtype)
 
 
-def second_moment_increment(gbar: torch.Tensor, row_normalize: bool) -> torch.Tensor:
-    """``∇̄ᵀ∇̄`` (Alg. 1 line 7), divided by the row count with ``row_normalize`` (authors' code)."""
-    s = symmetrize(gbar.mT @ gbar)
-    return s / gbar.shape[-2] if row_normalize else s
+def clip_scale(sq_norm: torch.Tensor, clip: float) -> torch.Tensor:
+    """Global clipping (authors' code): ``min(1, clip/‖∇̄‖)`` from ``‖∇̄‖²`` summed over the param group's factors."""
+    norm = sq_norm.sqrt()
+    return torch.where(norm > clip, clip / norm, torch.ones_like(norm))
 
 
 def accumulate_second_moment(
@@ -97,44 +108,134 @@ def accumulate_second_moment(
     return symmetrize(d * v_transported + (1.0 - d) * increment)
 
 
+def eigenvalue_drop(lam_old: torch.Tensor, v_transported: torch.Tensor) -> torch.Tensor:
+    """``d_λ(V̄_{t−1}, P V̄_{t−1} Pᵀ) = max_i [λ_i(V̄_{t−1}) − λ_i(P V̄ Pᵀ)]⁺`` from the sorted ``λ(V̄_{t−1})``. ``(P,)``."""
+    lam_new = torch.linalg.eigvalsh(symmetrize(v_transported.to(compute_dtype(v_transported.dtype))))
+    return (lam_old.to(lam_new.dtype) - lam_new).amax(dim=-1).clamp_min(0.0)
+
+
 def escaped_mass(
-    rho: torch.Tensor, v_old: torch.Tensor, v_transported: torch.Tensor, decay: torch.Tensor | None
+    rho: torch.Tensor, lam_old: torch.Tensor, v_transported: torch.Tensor, decay: torch.Tensor | None
 ) -> torch.Tensor:
-    """``ρ_t = ρ_{t−1} + d_λ(V̄_{t−1}, P V̄_{t−1} Pᵀ)`` (Alg. 1 line 8); EMA mode decays it with V̄."""
-    rho = rho + eigenvalue_distance(v_old, v_transported).to(rho.dtype)
-    return rho if decay is None else decay.to(rho.dtype) * rho
+    """``ρ_t = ρ_{t−1} + d_λ(V̄_{t−1}, P V̄_{t−1} Pᵀ)`` (Alg. 1 line 8); EMA mode decays it with V̄ (``decay·ρ_t``).
+
+    ``lam_old`` is ``λ(V̄_{t−1})`` sorted; the decayed ``ρ`` is rounded from the promoted dtype of
+    ``decay`` and ``ρ`` (the QR engine passes ``decay`` in ``ρ``'s, the Gram engine in float64).
+    """
+    rho = rho + eigenvalue_drop(lam_old, v_transported).to(rho.dtype)
+    return rho if decay is None else decay * rho
 
 
-def preconditioned_direction(
-    gbar: torch.Tensor, v: torch.Tensor, rho: torch.Tensor | float, eps: float,
-    increment: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``S̄ = ∇̄ (V̄ + ρI)^{-1/2}`` (Alg. 1 line 9), as ``Q diag(1/(√(λ+ρ) + ε)) Qᵀ`` with λ clamped at 0.
+class SecondMoment(NamedTuple):
+    """Alg. 1 lines 7–8 of a stack of factors."""
+
+    v: torch.Tensor  #: ``V̄_t``
+    rho: torch.Tensor | float  #: ``ρ_t``; 0.0 without ``escape``
+
+
+def second_moment(
+    v_transported: torch.Tensor,
+    increment: torch.Tensor,
+    rho: torch.Tensor | None,
+    lam_old: torch.Tensor | None,
+    d2: torch.Tensor,
+    hp: dict[str, Any],
+) -> SecondMoment:
+    """``V̄_t`` (Alg. 1 line 7) and ``ρ_t`` (line 8; ``rho`` and ``lam_old`` are read only with ``escape``)."""
+    decay = d2 if hp["second_moment"] == "ema" else None
+    v = accumulate_second_moment(v_transported, increment, decay)
+    return SecondMoment(v, escaped_mass(rho, lam_old, v_transported, decay) if hp["escape"] else 0.0)
+
+
+class Preconditioner(NamedTuple):
+    """Alg. 1 line 9's r×r factor and the spectrum it came from."""
+
+    root: torch.Tensor  #: ``X = (V̄ + ρI)^{-1/2}``, safeguarded
+    lam: torch.Tensor  #: ``λ(V̄)``, sorted
+
+
+def preconditioner(v: torch.Tensor, rho: torch.Tensor | float, eps: float, increment: torch.Tensor) -> Preconditioner:
+    """``X = (V̄ + ρI)^{-1/2}`` (Alg. 1 line 9) as ``Q diag(1/(√(λ+ρ) + ε)) Qᵀ`` with λ clamped at 0.
 
     Eigenvalues below ``eigh``'s resolution (``r·eps·λ_max``,
     :func:`~lowrank_geom.geometry.eigh_resolution`) are floored there; directions that the current
     gradient does not resolve either (:func:`~lowrank_geom.geometry.unresolved_directions`, from
-    ``increment = ∇̄ᵀ∇̄``, computed from ``gbar`` when None) get the factor 0: ``∇̄`` is round-off there.
+    ``increment = ∇̄ᵀ∇̄``) get the factor 0: ``∇̄`` is round-off there.
     """
     lam, q = eigh_safe(v)
+    null_rtol = eigh_resolution(v.shape[-1], lam.dtype)
+    drop = unresolved_directions(lam, q, increment, null_rtol, gradient_resolution(lam.dtype))
+    return Preconditioner(inverse_root_eig(lam, q, 2, shift=rho, eps=eps, null_rtol=null_rtol, drop=drop), lam)
+
+
+def first_moment_weights(
+    d1: torch.Tensor | float, s: torch.Tensor | None = None
+) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """The weights ``(d₁, (1 − d₁)·s)`` of ``M̄_t = β₁ M̄_{t−1} Pᵀ + (1 − β₁) S̄_t`` (Alg. 1 line 10).
+
+    ``s`` is the gradient scale (clipping × skip mask) where the engine has not applied it to ``∇̄``.
+    """
+    return d1, ((1.0 - d1) if s is None else (1.0 - d1) * s)
+
+
+def update_cap(rms_m: torch.Tensor, cap: float) -> torch.Tensor:
+    """Update capping (authors' code): the divisor ``max(1, RMS(M̄)/cap)`` of ``M̄``. ``(P,)``."""
+    return torch.clamp(rms_m / cap, min=1.0)
+
+
+def _pair_update(batch: PairBatch, deltas: list, states: list, skipped, hp: dict[str, Any]) -> PairUpdate:
+    """``δ = −η(δ̃ + λX)`` (the driver applies ``scale`` and ``decay``), then the balancing safeguards."""
+    lr, wd = hp["lr"], hp["weight_decay"]
+    upd = PairUpdate(
+        deltas[0], deltas[1], states[0], states[1], scale=-lr, decay=lr * wd if wd else 0.0, skipped=skipped
+    )
+    return _rebalanced(batch, _balanced(batch, upd, hp), hp)
+
+
+# ---------------------------------------------------------------------------- QR engine, m×r
+def unmagnified_grad(grad: torch.Tensor, r_pinv_other: torch.Tensor) -> torch.Tensor:
+    """``∇̄A = ∇A R_B⁻¹`` (Alg. 1 line 5; ``R⁻¹`` is the pseudo-inverse ``R⁺``). ``(P, m, r)``."""
+    return grad @ r_pinv_other
+
+
+def skip_large(gbar: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Update skipping on an m×r ``∇̄``: ``(∇̄, mask)`` with ``∇̄ = 0`` where :func:`skip_mask` is 0."""
+    keep = skip_mask(rms(gbar), threshold)
+    return torch.where(expand(keep == 0, gbar), torch.zeros_like(gbar), gbar), keep
+
+
+def second_moment_increment(gbar: torch.Tensor, row_normalize: bool) -> torch.Tensor:
+    """``∇̄ᵀ∇̄`` (Alg. 1 line 7), divided by the row count with ``row_normalize`` (authors' code)."""
+    s = symmetrize(gbar.mT @ gbar)
+    return s / gbar.shape[-2] if row_normalize else s
+
+
+def preconditioned_direction(
+    gbar: torch.Tensor,
+    v: torch.Tensor,
+    rho: torch.Tensor | float,
+    eps: float,
+    increment: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``S̄ = ∇̄ (V̄ + ρI)^{-1/2}`` (Alg. 1 line 9, :func:`preconditioner`; ``increment = ∇̄ᵀ∇̄`` or None)."""
     inc = second_moment_increment(gbar, False) if increment is None else increment
-    null_rtol = eigh_resolution(v.shape[-1], v.dtype)
-    drop = unresolved_directions(lam, q, inc, null_rtol, gradient_resolution(gbar.dtype))
-    root = inverse_root_eig(lam, q, 2, shift=rho, eps=eps, null_rtol=null_rtol, drop=drop)
-    return gbar @ root.to(gbar.dtype)
+    return gbar @ preconditioner(v, rho, eps, inc).root.to(gbar.dtype)
 
 
 def accumulate_first_moment(
     m_transported: torch.Tensor, direction: torch.Tensor, decay: torch.Tensor | float
 ) -> torch.Tensor:
-    """``M̄_t = β₁ M̄_{t−1} Pᵀ + (1 − β₁) S̄_t`` (Alg. 1 line 10); ``decay`` is β₁ or its bias-corrected form."""
-    d = expand(decay, direction) if isinstance(decay, torch.Tensor) else decay
-    return d * m_transported + (1.0 - d) * direction
+    """``M̄_t = β₁ M̄_{t−1} Pᵀ + (1 − β₁) S̄_t`` (Alg. 1 line 10); ``decay`` is rounded to ``S̄``'s dtype first."""
+    if isinstance(decay, torch.Tensor):
+        keep, new = (expand(w, direction) for w in first_moment_weights(decay.to(direction.dtype)))
+    else:
+        keep, new = first_moment_weights(decay)
+    return keep * m_transported + new * direction
 
 
 def cap_update(m: torch.Tensor, cap: float) -> torch.Tensor:
-    """Update capping (authors' code): ``M / max(1, RMS(M)/cap)``."""
-    return m / expand(torch.clamp(rms(m) / cap, min=1.0), m)
+    """Update capping (authors' code): ``M̄ / max(1, RMS(M̄)/cap)`` (:func:`update_cap`)."""
+    return m / expand(update_cap(rms(m), cap), m)
 
 
 def magnitude_restoration(
@@ -147,9 +248,93 @@ def magnitude_restoration(
     return relative_change_cap(m, r_pinv_other.mT, r_pinv_self, r_self, hp["relative_step_cap"], hp["lr"])
 
 
-# ------------------------------------------------------------------------------ Gram engine
+class QRFactor(NamedTuple):
+    """A factor as basis times magnitude, ``X = U R``, with ``R⁺``."""
+
+    u: torch.Tensor
+    r: torch.Tensor
+    rinv: torch.Tensor
+
+
+class QRPair(NamedTuple):
+    """Phase 1 of the QR engine for a batch: both factors and the unmagnified gradients after skipping."""
+
+    a: QRFactor
+    b: QRFactor
+    gbar_a: torch.Tensor
+    gbar_b: torch.Tensor
+    skipped: torch.Tensor | None  #: skipped factor updates per pair, with ``update_skipping``
+
+
+def qr_factor(x: torch.Tensor, basis: str) -> QRFactor:
+    """``X = U R`` (:func:`~lowrank_geom.orthonormal_basis`) and ``R⁺`` at ``matrix_rank``'s cutoff."""
+    u, r = orthonormal_basis(x, basis)
+    return QRFactor(u, r, magnitude_pinv(r, rows=x.shape[-2]))
+
+
+def qr_pair(batch: PairBatch, hp: dict[str, Any]) -> QRPair:
+    """Bases, magnitudes and unmagnified gradients ``∇̄A = ∇A R_B⁺``, ``∇̄B = ∇B R_A⁺`` (line 5), skipped."""
+    fa, fb = qr_factor(batch.a, hp["basis"]), qr_factor(batch.b, hp["basis"])
+    gbar_a, gbar_b = unmagnified_grad(batch.grad_a, fb.rinv), unmagnified_grad(batch.grad_b, fa.rinv)
+    skipped = None
+    if hp["update_skipping"] > 0:
+        (gbar_a, keep_a), (gbar_b, keep_b) = (skip_large(g, hp["update_skipping"]) for g in (gbar_a, gbar_b))
+        skipped = (1.0 - keep_a) + (1.0 - keep_b)
+    return QRPair(fa, fb, gbar_a, gbar_b, skipped)
+
+
+def qr_side(
+    gbar: torch.Tensor,
+    state: State,
+    basis_other_old: torch.Tensor,
+    basis_other: torch.Tensor,
+    step: torch.Tensor,
+    hp: dict[str, Any],
+) -> tuple[State, torch.Tensor]:
+    """One factor's moments (Alg. 1 lines 6–10): its new state without the basis, and ``M̄`` after update capping."""
+    # decays rounded to the moments' dtype: the QR engine's arithmetic, ρ's decay included
+    d1, d2 = (d.to(gbar.dtype) for d in moment_decays(hp, step))
+    p = basis_transport(basis_other, basis_other_old)
+    v_old = state["second_moment"]
+    inc = second_moment_increment(gbar, hp["row_normalize"])
+    lam_old = torch.linalg.eigvalsh(symmetrize(v_old.to(compute_dtype(v_old.dtype)))) if hp["escape"] else None
+    v, rho = second_moment(transport_second_moment(v_old, p), inc, state.get("escaped_mass"), lam_old, d2, hp)
+    new = {"second_moment": v, "escaped_mass": rho} if hp["escape"] else {"second_moment": v}
+    s_bar = preconditioned_direction(gbar, v, rho, hp["eps"], inc)
+    m = accumulate_first_moment(transport_first_moment(state["exp_avg"], p), s_bar, d1)
+    new["exp_avg"] = m
+    return new, (cap_update(m, hp["update_capping"]) if hp["update_capping"] > 0 else m)
+
+
+def qr_engine(batches: list[PairBatch], hp: dict[str, Any]) -> list[PairUpdate]:
+    """The QR engine: phase 1 for every batch first, since clipping reduces ``‖∇̄‖`` over the whole param group."""
+    prepared = [qr_pair(batch, hp) for batch in batches]
+    scale = None
+    if hp["clip_unmagnified_grad"] > 0 and prepared:
+        sq_norm = None
+        for p in prepared:
+            part = torch.linalg.vector_norm(p.gbar_a).square() + torch.linalg.vector_norm(p.gbar_b).square()
+            sq_norm = part if sq_norm is None else sq_norm + part.to(sq_norm)
+        scale = clip_scale(sq_norm, hp["clip_unmagnified_grad"])
+    out = []
+    for batch, p in zip(batches, prepared):
+        gbar_a, gbar_b = p.gbar_a, p.gbar_b
+        if scale is not None:
+            gbar_a, gbar_b = gbar_a * scale.to(gbar_a), gbar_b * scale.to(gbar_b)
+        new_a, m_a = qr_side(gbar_a, batch.state_a, batch.state_b["basis"], p.b.u, batch.step, hp)
+        new_b, m_b = qr_side(gbar_b, batch.state_b, batch.state_a["basis"], p.a.u, batch.step, hp)
+        new_a["basis"], new_b["basis"] = p.a.u, p.b.u
+        deltas = [
+            magnitude_restoration(m_a, p.b.rinv, p.a.r, p.a.rinv, hp),
+            magnitude_restoration(m_b, p.a.rinv, p.b.r, p.b.rinv, hp),
+        ]
+        out.append(_pair_update(batch, deltas, [new_a, new_b], p.skipped, hp))
+    return out
+
+
+# ------------------------------------------------------------------------ Gram engine, m×r
 def magnitude_grams(other: torch.Tensor, other_prev: torch.Tensor, row_reduce) -> tuple[torch.Tensor, torch.Tensor]:
-    """``G_B = B_tᵀB_t`` (``R_BᵀR_B``) and ``C = B_tᵀB_{t−1}`` (``P_A = R_{B,t}⁻ᵀ C R_{B,t−1}⁻¹``), float64 ``(P, r, r)``."""
+    """``G_B = B_tᵀB_t`` (``R_BᵀR_B``) and ``C = B_tᵀB_{t−1}`` (``P_A = R_{B,t}⁻ᵀ C R_{B,t−1}⁻¹``), float64."""
     return gram(other, None, row_reduce), gram(other, other_prev, row_reduce)
 
 
@@ -158,20 +343,9 @@ def unmagnified_grad_gram(grad_gram: torch.Tensor, rinv_other: torch.Tensor) -> 
     return unmagnify(grad_gram, rinv_other)
 
 
-def skip_mask(sq_norm: torch.Tensor, numel: torch.Tensor | int, threshold: float) -> torch.Tensor:
-    """Update skipping (authors' code): 1 where ``RMS(∇̄) = (‖∇̄‖²/(m r))^{1/2} ≤ threshold``, else 0. ``(P,)``."""
-    return ((sq_norm / numel).sqrt() <= threshold).to(sq_norm.dtype)
-
-
 def transported_second_moment(w: torch.Tensor, transport_gram: torch.Tensor, rinv_other: torch.Tensor) -> torch.Tensor:
     """``P V̄_{t−1} Pᵀ = R_{B,t}⁻ᵀ (C W_{t−1} Cᵀ) R_{B,t}⁻¹`` with ``W = R_B⁻¹ V̄ R_B⁻ᵀ`` (Alg. 1 line 7's transport)."""
     return unmagnify(transport_gram @ w @ transport_gram.mT, rinv_other)
-
-
-def eigenvalue_drop(lam_old: torch.Tensor, v_transported: torch.Tensor) -> torch.Tensor:
-    """``d_λ(V̄_{t−1}, P V̄_{t−1} Pᵀ) = max_i [λ_i(V̄_{t−1}) − λ_i(P V̄ Pᵀ)]⁺`` from the kept sorted ``λ(V̄_{t−1})``."""
-    lam_new = torch.linalg.eigvalsh(symmetrize(v_transported))
-    return (lam_old.to(lam_new.dtype) - lam_new).amax(dim=-1).clamp_min(0.0)
 
 
 def magnified_first_moment(
@@ -197,15 +371,168 @@ def capped_scale(
 
     ``rows`` is the factor's global row count (a row shard has fewer)."""
     sq = (gram(m_mag, None, row_reduce) * g_other).sum(dim=(-2, -1)).clamp_min(0.0)
-    rms_m = (sq / (rows * m_mag.shape[-1])).sqrt()
-    return 1.0 / torch.clamp(rms_m / cap, min=1.0)
+    return 1.0 / update_cap((sq / (rows * m_mag.shape[-1])).sqrt(), cap)
 
 
-#: dtype of the gram engine's r×r work; None: the factors' compute dtype (float32 for float32/bf16
-#: factors: at r = 64 float64 r×r products cost more than the m×r GEMMs)
-RR_DTYPE: torch.dtype | None = None
+def _row_count(grad: torch.Tensor, row_reduce) -> torch.Tensor:
+    """The factor's row count, float64 0-dim, summed over row shards by ``row_reduce`` (None: the local count)."""
+    rows = grad.new_tensor(float(grad.shape[-2]), dtype=torch.float64)
+    return rows if row_reduce is None else row_reduce(rows)
 
 
+class GramSide(NamedTuple):
+    """One factor's side of a pair in the Gram engine (the A side: ``other = B``), after phase 1."""
+
+    g: torch.Tensor  #: ``G = B_tᵀB_t``, float64
+    c: torch.Tensor  #: ``C = B_tᵀB_{t−1}``, float64
+    n: torch.Tensor  #: ``N = ∇Aᵀ∇A``, float64
+    rows: torch.Tensor  #: A's global row count, float64 0-dim
+    dtype: torch.dtype  #: B's compute dtype, the rounding of ``G`` (so of ``R_B⁻¹``'s cutoff)
+    state: State  #: A's state
+    step: torch.Tensor  #: steps taken, ``(P,)``
+
+
+def gram_sides(batch: PairBatch, needs_rows: bool) -> tuple[GramSide, GramSide]:
+    """Phase 1 (m×r): the Grams of both sides of a batch, each one GEMM summed through ``row_reduce``."""
+    rr = batch.row_reduce
+
+    def side(grad: torch.Tensor, state: State, other: torch.Tensor, other_prev: torch.Tensor) -> GramSide:
+        g, c = magnitude_grams(other, other_prev, rr)
+        # the global row count costs a collective on shards: only the options that read it ask
+        return GramSide(
+            g,
+            c,
+            gram(grad, None, rr),
+            _row_count(grad, rr if needs_rows else None),
+            compute_dtype(other.dtype),
+            state,
+            batch.step,
+        )
+
+    return (
+        side(batch.grad_a, batch.state_a, batch.b, batch.state_b["previous_factor"]),
+        side(batch.grad_b, batch.state_b, batch.a, batch.state_a["previous_factor"]),
+    )
+
+
+# ------------------------------------------------------------------------ Gram engine, r×r
+class Unmagnified(NamedTuple):
+    """Alg. 1 line 5 from Grams, for a stack of Gram sides of one rank."""
+
+    t: torch.Tensor  #: ``R_B⁻¹`` (filtered pseudo-inverse), in the r×r work dtype
+    s_gram: torch.Tensor  #: ``∇̄ᵀ∇̄`` before clipping and skipping
+    keep: torch.Tensor  #: :func:`skip_mask`, ``(P,)``
+    rows: torch.Tensor  #: row count per matrix, ``(P,)``
+    sq_norm: torch.Tensor  #: ``Σ ‖∇̄‖²`` of the kept factors, 0-dim
+
+
+def gram_unmagnified(sides: list[GramSide], hp: dict[str, Any]) -> Unmagnified:
+    """``R_B⁻¹`` (:func:`~lowrank_geom.geometry.inverse_magnitude` of ``G``), ``∇̄ᵀ∇̄`` and the skip mask of ``sides``."""
+    # r×r work in the factors' compute dtype: at r = 64 float64 r×r products cost more than the m×r GEMMs
+    work = functools.reduce(torch.promote_types, (sd.dtype for sd in sides))
+    g = torch.cat([sd.g for sd in sides]).to(work)
+    t = inverse_magnitude(g, torch.cat([gram_cutoff(sd.g, sd.dtype) for sd in sides]).to(work))
+    s_gram = unmagnified_grad_gram(torch.cat([sd.n for sd in sides]).to(work), t)
+    sq = torch.diagonal(s_gram, dim1=-2, dim2=-1).sum(-1)  # ‖∇̄‖², so no m×r ∇̄ is formed
+    rows = torch.cat([sd.rows.to(work).expand(sd.g.shape[0]) for sd in sides])
+    thr = hp["update_skipping"]
+    keep = skip_mask((sq / (rows * g.shape[-1])).sqrt(), thr) if thr > 0 else torch.ones_like(sq)
+    return Unmagnified(t, s_gram, keep, rows, (keep * sq).sum())
+
+
+class GramStep(NamedTuple):
+    """One Gram side's r×r result: the factors of its m×2r×r product and its new r×r state."""
+
+    keep: torch.Tensor  #: ``d₁ CᵀG⁺``
+    apply: torch.Tensor  #: ``(1−d₁) s R_B⁻¹ X R_B⁻ᵀ``
+    rinv: torch.Tensor  #: ``R_B⁻¹``
+    state: State  #: ``magnified_second_moment`` (and ``escaped_mass``, ``second_moment_eigenvalues``)
+    skipped: torch.Tensor  #: 1 where the update was skipped, ``(P,)``
+
+
+def gram_moments(
+    sides: list[GramSide], u: Unmagnified, scale: torch.Tensor | None, hp: dict[str, Any]
+) -> list[GramStep]:
+    """Alg. 1 lines 6–10 on r×r matrices for a stack of Gram sides (one rank), one result per side."""
+    t = u.t
+    cat = lambda get: torch.cat([get(sd) for sd in sides]).to(t.dtype)
+    c = cat(lambda sd: sd.c)
+    d1, d2 = moment_decays(hp, cat(lambda sd: sd.step))
+    s = u.keep if scale is None else u.keep * scale  # the engine scales ∇̄ here, through its Gram
+    inc = u.s_gram * expand(s.square(), u.s_gram)
+    if hp["row_normalize"]:
+        inc = inc / expand(u.rows, inc)
+    v_transported = transported_second_moment(cat(lambda sd: sd.state["magnified_second_moment"]), c, t)
+    rho_old = lam_old = None
+    if hp["escape"]:  # λ(V̄_{t−1}) kept from the last step: V̄ itself is not
+        rho_old = cat(lambda sd: sd.state["escaped_mass"])
+        lam_old = cat(lambda sd: sd.state["second_moment_eigenvalues"])
+    v, rho = second_moment(v_transported, inc, rho_old, lam_old, d2, hp)
+    x_root, lam = preconditioner(v, rho, hp["eps"], inc)
+    w1, w2 = first_moment_weights(d1, s)
+    split = lambda x: torch.split(x, [sd.g.shape[0] for sd in sides])
+    chunks = zip(
+        split(expand(w1, c) * (c.mT @ gram_pinv(t))),
+        split(expand(w2, c) * (t @ x_root @ t.mT)),
+        split(t),
+        split(magnify(v, t)),
+        split(1.0 - u.keep),
+        split(rho) if hp["escape"] else [None] * len(sides),
+        split(lam),
+    )
+    out = []
+    for sd, (keep, apply, rinv, w, skipped, rho_i, lam_i) in zip(sides, chunks):
+        st = sd.state
+        new = {"magnified_second_moment": w.to(st["magnified_second_moment"].dtype)}
+        if hp["escape"]:
+            new["escaped_mass"] = rho_i.to(st["escaped_mass"].dtype)
+            new["second_moment_eigenvalues"] = lam_i.to(st["second_moment_eigenvalues"].dtype)
+        out.append(GramStep(keep, apply, rinv, new, skipped))
+    return out
+
+
+def gram_pair_update(
+    batch: PairBatch, sides: tuple[GramSide, GramSide], steps: list[GramStep], hp: dict[str, Any]
+) -> PairUpdate:
+    """Phase 3 (m×r): ``M̃_t`` by one m×2r×r product per side, update capping and the relative-change cap."""
+    deltas, states = [], []
+    for k, (x, grad) in enumerate(((batch.a, batch.grad_a), (batch.b, batch.grad_b))):
+        sd, st = sides[k], steps[k]
+        out = workspace_like(batch.workspace, "magnified_exp_avg_" + "ab"[k], grad)
+        m_mag = magnified_first_moment(sd.state["magnified_exp_avg"], grad, st.keep, st.apply, out=out)
+        states.append({**st.state, "magnified_exp_avg": m_mag, "previous_factor": x})
+        if hp["update_capping"] > 0:
+            scale = capped_scale(m_mag, sd.g, hp["update_capping"], batch.row_reduce, sd.rows.to(m_mag.dtype))
+            m_mag = m_mag * expand(scale, m_mag)
+        if hp["relative_step_cap"] > 0:  # the partner side holds this factor's G and R⁻¹
+            m_mag = gram_relative_change_cap(
+                m_mag, sides[1 - k].g, steps[1 - k].rinv, hp["relative_step_cap"], hp["lr"], batch.row_reduce
+            )
+        deltas.append(m_mag)  # M̃ is δ: the magnitude is restored already
+    skipped = steps[0].skipped + steps[1].skipped if hp["update_skipping"] > 0 else None
+    return _pair_update(batch, deltas, states, skipped, hp)
+
+
+def gram_engine(batches: list[PairBatch], hp: dict[str, Any]) -> list[PairUpdate]:
+    """The Gram engine: Grams (m×r), then every side of every batch of one rank as one stack of r×r
+    matrices (one Cholesky, one ``eigh``; the global clipping norm is one sum), then the m×r products."""
+    needs_rows = hp["row_normalize"] or hp["update_skipping"] > 0 or hp["update_capping"] > 0
+    pairs = [gram_sides(batch, needs_rows) for batch in batches]
+    sides = [sd for pair in pairs for sd in pair]
+    by_rank: dict[int, list[int]] = {}
+    for i, sd in enumerate(sides):
+        by_rank.setdefault(sd.g.shape[-1], []).append(i)
+    unmag = {r: gram_unmagnified([sides[i] for i in idx], hp) for r, idx in by_rank.items()}
+    clip = hp["clip_unmagnified_grad"]
+    scale = clip_scale(sum(u.sq_norm for u in unmag.values()), clip) if clip > 0 else None
+    steps: list[GramStep] = [None] * len(sides)  # type: ignore[list-item]
+    for r, idx in by_rank.items():
+        for i, step in zip(idx, gram_moments([sides[i] for i in idx], unmag[r], scale, hp)):
+            steps[i] = step
+    return [gram_pair_update(batch, pairs[i], steps[2 * i : 2 * i + 2], hp) for i, batch in enumerate(batches)]
+
+
+# ------------------------------------------------------------------------------- engines
 #: state key that tells the engine a pair's state was initialized for
 _ENGINE_KEYS = {"gram": "magnified_exp_avg", "qr": "exp_avg"}
 
@@ -227,22 +554,11 @@ def batch_engine(batch: PairBatch) -> str:
     checked it against the ``engine`` option)."""
     found = [e for e, key in _ENGINE_KEYS.items() if key in batch.state_a]
     if len(found) != 1:
-        raise KeyError(f"lora_rite: state has neither {' nor '.join(map(repr, _ENGINE_KEYS.values()))}; "
-                       f"got keys {sorted(batch.state_a)}")
+        raise KeyError(
+            f"lora_rite: state has neither {' nor '.join(map(repr, _ENGINE_KEYS.values()))}; "
+            f"got keys {sorted(batch.state_a)}"
+        )
     return found[0]
-
-
-def _row_count(grad: torch.Tensor, row_reduce) -> torch.Tensor:
-    """The factor's row count as a float64 0-dim tensor, summed over row shards by ``row_reduce`` (None: the local count)."""
-    rows = grad.new_tensor(float(grad.shape[-2]), dtype=torch.float64)
-    return rows if row_reduce is None else row_reduce(rows)
-
-
-def _decays(hp: dict[str, Any], step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    beta1, beta2 = hp["betas"]
-    if hp["bias_correction"]:
-        return bias_corrected_decay(beta1, step), bias_corrected_decay(beta2, step)
-    return (torch.full_like(step, beta1, dtype=torch.float64), torch.full_like(step, beta2, dtype=torch.float64))
 
 
 def _balanced(batch: PairBatch, upd: PairUpdate, hp: dict[str, Any]) -> PairUpdate:
@@ -322,7 +638,7 @@ class LoRARITEStrategy(Strategy):
     ``M̃_t = M̃_{t−1}·d₁CᵀG⁺ + ∇A·(1−d₁) s R⁻¹(V̄+ρI)^{-1/2}R⁻ᵀ``, ``δA = −η(M̃_t + λA)``, where
     ``s`` is the clipping scale times the skip mask. Per factor that is three m×r×r GEMMs
     (``BᵀB``, ``BᵀB_{t−1}``, ``∇ᵀ∇``) and one m×2r×r GEMM, plus r×r work in the factors' compute
-    dtype (:data:`RR_DTYPE`), batched over the whole param group; every row
+    dtype, batched over the whole param group; every row
     sum goes through ``PairBatch.row_reduce``. A zero or rank-deficient factor uses a filtered
     pseudo-inverse (:func:`~lowrank_geom.geometry.inverse_magnitude`). State per factor:
     ``magnified_exp_avg`` (m×r, ``M̃``), ``magnified_second_moment`` (r×r, ``W``),
@@ -370,7 +686,6 @@ class LoRARITEStrategy(Strategy):
 
     name = "lora_rite"
     invariance = "GL(r)"
-    #: the gram engine sums over factor rows only through ``row_reduce`` (FSDP2 row shards)
     defaults = dict(
         betas=(0.9, 0.999),
         eps=1e-6,
@@ -405,8 +720,7 @@ class LoRARITEStrategy(Strategy):
         check_betas(hp["betas"])
         check_eps(hp["eps"])
         check_weight_decay(hp["weight_decay"])
-        for key in ("clip_unmagnified_grad", "update_skipping", "update_capping", "relative_step_cap",
-                    "rebalance"):
+        for key in ("clip_unmagnified_grad", "update_skipping", "update_capping", "relative_step_cap", "rebalance"):
             check_non_negative(key, hp[key])
         for key, values in self.choices.items():
             check_choice(key, hp[key], values)
@@ -414,20 +728,23 @@ class LoRARITEStrategy(Strategy):
             check_choice(key, hp[key], (True, False))
 
     def init(self, a: torch.Tensor, b: torch.Tensor, hp: dict[str, Any]) -> tuple[State, State]:
-        gram_engine = resolve_engine(hp["engine"], a.dtype) == "gram"
+        magnified = resolve_engine(hp["engine"], a.dtype) == "gram"
 
         # gram: magnified moments and the factor of the last step (a zero previous factor makes the
         # first transport C = BᵀB_{t−1} zero); qr: moments in the basis and the basis itself (a
         # zero basis makes the first P zero). Either way the (zero) moments start afresh.
-        keys = ("magnified_exp_avg", "magnified_second_moment", "previous_factor") if gram_engine else (
-            "exp_avg", "second_moment", "basis")
+        keys = (
+            ("magnified_exp_avg", "magnified_second_moment", "previous_factor")
+            if magnified
+            else ("exp_avg", "second_moment", "basis")
+        )
 
         def side(x: torch.Tensor) -> State:
             r = x.shape[-1]
             s = {keys[0]: torch.zeros_like(x), keys[1]: x.new_zeros(r, r), keys[2]: torch.zeros_like(x)}
             if hp["escape"]:
                 s["escaped_mass"] = x.new_zeros(())
-                if gram_engine:
+                if magnified:
                     s["second_moment_eigenvalues"] = x.new_zeros(r)
             return s
 
@@ -453,202 +770,5 @@ class LoRARITEStrategy(Strategy):
 
     def update(self, batches: list[PairBatch], hp: dict[str, Any]) -> list[PairUpdate]:
         # one engine per group: every pair's state was fitted to the group's engine option
-        if batch_engine(batches[0]) == "gram":
-            return self._update_gram(batches, hp)
-        return self._update_qr(batches, hp)
-
-    # -------------------------------------------------------------------------- gram engine
-    def _update_gram(self, batches: list[PairBatch], hp: dict[str, Any]) -> list[PairUpdate]:
-        # Phase 1 (m×r): the Grams of every side of every batch — G = BᵀB, C = BᵀB_{t−1}, ∇Aᵀ∇A.
-        sides = []
-        # the global row count (a row shard has fewer rows) costs a collective on shards: only
-        # row normalization, skipping and capping read it
-        needs_rows = hp["row_normalize"] or hp["update_skipping"] > 0 or hp["update_capping"] > 0
-        for batch in batches:
-            for x, grad, state, other, other_prev in (
-                (batch.a, batch.grad_a, batch.state_a, batch.b, batch.state_b["previous_factor"]),
-                (batch.b, batch.grad_b, batch.state_b, batch.a, batch.state_a["previous_factor"]),
-            ):
-                g, c = magnitude_grams(other, other_prev, batch.row_reduce)
-                sides.append(dict(x=x, grad=grad, state=state, g=g, c=c, n=gram(grad, None, batch.row_reduce),
-                                  step=batch.step, tau_dtype=compute_dtype(other.dtype),
-                                  rows=_row_count(grad, batch.row_reduce if needs_rows else None)))
-        # Phase 2 (r×r): every side of every batch of one rank in one batch of r×r matrices, so
-        # the global clipping norm is one sum and each r×r operation one call.
-        by_rank: dict[int, list[int]] = {}
-        for i, sd in enumerate(sides):
-            by_rank.setdefault(sd["g"].shape[-1], []).append(i)
-        parts = {r: self._gram_rr([sides[i] for i in idx], hp) for r, idx in by_rank.items()}
-        sq_total = sum(p["sq"] for p in parts.values())
-        clip = hp["clip_unmagnified_grad"]
-        scale = None
-        if clip > 0:
-            norm = sq_total.sqrt()
-            scale = torch.where(norm > clip, clip / norm, torch.ones_like(norm))
-        for r, idx in by_rank.items():
-            self._gram_rr_moments(parts[r], [sides[i] for i in idx], scale, hp)
-        # Phase 3 (m×r): one m×2r×r product per side.
-        out = []
-        lr = hp["lr"]
-        for bi, batch in enumerate(batches):
-            deltas, states = [], []
-            for k, sd in enumerate(sides[2 * bi:2 * bi + 2]):
-                new = sd["new"]
-                m_mag = magnified_first_moment(sd["state"]["magnified_exp_avg"], sd["grad"], sd["keep_rr"], sd["apply_rr"],
-                                               out=workspace_like(batch.workspace, "magnified_exp_avg_" + "ab"[k], sd["grad"]))
-                new["magnified_exp_avg"] = m_mag
-                new["previous_factor"] = sd["x"]
-                if hp["update_capping"] > 0:
-                    m_mag = m_mag * expand(capped_scale(m_mag, sd["g"], hp["update_capping"], batch.row_reduce, sd["rows"].to(m_mag.dtype)), m_mag)
-                if hp["relative_step_cap"] > 0:
-                    own = sides[2 * bi + 1 - k]  # the partner side holds this factor's G and R⁻¹
-                    eye = torch.eye(m_mag.shape[-1], dtype=own["t"].dtype, device=m_mag.device)
-                    r_own = own["t"].mT @ own["g"].to(own["t"].dtype)  # R with RᵀR = G
-                    m_mag = relative_change_cap(m_mag, eye, own["t"], r_own, hp["relative_step_cap"], lr,
-                                                batch.row_reduce)
-                deltas.append(m_mag)  # δ = −η(M̃ + λX): applied by the driver (PairUpdate.scale, .decay)
-                states.append(new)
-            wd = hp["weight_decay"]
-            skipped = sides[2 * bi]["skipped"] + sides[2 * bi + 1]["skipped"] if hp["update_skipping"] > 0 else None
-            upd = PairUpdate(deltas[0], deltas[1], states[0], states[1], scale=-lr, decay=lr * wd if wd else 0.0,
-                             skipped=skipped)
-            out.append(_rebalanced(batch, _balanced(batch, upd, hp), hp))
-        return out
-
-    @staticmethod
-    def _gram_rr(sides: list[dict], hp: dict[str, Any]) -> dict[str, Any]:
-        """Inverse magnitudes, ``∇̄ᵀ∇̄`` and the skip masks of the given sides, concatenated."""
-        # r×r work in the factors' compute dtype (RR_DTYPE=None) or float64
-        work = RR_DTYPE or functools.reduce(torch.promote_types, (sd["tau_dtype"] for sd in sides))
-        cat = lambda key: torch.cat([sd[key] for sd in sides]).to(work)  # noqa: E731
-        g, n = cat("g"), cat("n")
-        counts = [sd["g"].shape[0] for sd in sides]
-        t = inverse_magnitude(g, torch.cat([gram_cutoff(sd["g"], sd["tau_dtype"]) for sd in sides]).to(work))
-        s_gram = unmagnified_grad_gram(n, t)
-        sq = torch.diagonal(s_gram, dim1=-2, dim2=-1).sum(-1)
-        rows = torch.cat([sd["rows"].to(g.dtype).expand(c) for c, sd in zip(counts, sides)])
-        thr = hp["update_skipping"]
-        keep = skip_mask(sq, rows * g.shape[-1], thr) if thr > 0 else torch.ones_like(sq)
-        return dict(g=g, t=t, s_gram=s_gram, keep=keep, rows=rows, counts=counts, sq=(keep * sq).sum())
-
-    @staticmethod
-    def _gram_rr_moments(part: dict[str, Any], sides: list[dict], scale: torch.Tensor | None, hp: dict[str, Any]) -> None:
-        """The r×r moment updates of the given sides; stores each side's new state and r×r factors."""
-        t, counts = part["t"], part["counts"]
-        cat = lambda get: torch.cat([get(sd) for sd in sides]).to(t.dtype)  # noqa: E731
-        c = cat(lambda sd: sd["c"])
-        w_old = cat(lambda sd: sd["state"]["magnified_second_moment"])
-        d1, d2 = _decays(hp, cat(lambda sd: sd["step"]))
-        s = part["keep"] if scale is None else part["keep"] * scale
-        inc = part["s_gram"] * expand(s.square(), part["s_gram"])
-        if hp["row_normalize"]:
-            inc = inc / expand(part["rows"], inc)
-        ema = hp["second_moment"] == "ema"
-        v_transported = transported_second_moment(w_old, c, t)
-        v = accumulate_second_moment(v_transported, inc, d2 if ema else None)
-        # eigh in the factors' compute dtype (float32 for float32/bf16 factors): the costliest r×r call
-        lam, q = eigh_safe(v)
-        rho: torch.Tensor | float = 0.0
-        if hp["escape"]:
-            rho = cat(lambda sd: sd["state"]["escaped_mass"])
-            rho = rho + eigenvalue_drop(cat(lambda sd: sd["state"]["second_moment_eigenvalues"]), v_transported)
-            if ema:
-                rho = d2 * rho
-        null_rtol = eigh_resolution(lam.shape[-1], lam.dtype)
-        drop = unresolved_directions(lam, q, inc, null_rtol, gradient_resolution(lam.dtype))
-        x_root = inverse_root_eig(lam, q, 2, shift=rho, eps=hp["eps"], null_rtol=null_rtol, drop=drop)
-        w_new = magnify(v, t)
-        keep_rr = expand(d1, c) * (c.mT @ gram_pinv(t))
-        apply_rr = expand((1.0 - d1) * s, c) * (t @ x_root @ t.mT)
-        chunks = {k: torch.split(val, counts) for k, val in
-                  dict(w=w_new, keep=keep_rr, apply=apply_rr, lam=lam, t=t, kept=part["keep"],
-                       rho=rho if hp["escape"] else torch.zeros_like(d1)).items()}
-        for i, sd in enumerate(sides):
-            st = sd["state"]
-            new = {"magnified_second_moment": chunks["w"][i].to(st["magnified_second_moment"].dtype)}
-            if hp["escape"]:
-                new["escaped_mass"] = chunks["rho"][i].to(st["escaped_mass"].dtype)
-                new["second_moment_eigenvalues"] = chunks["lam"][i].to(st["second_moment_eigenvalues"].dtype)
-            sd["new"], sd["keep_rr"], sd["apply_rr"] = new, chunks["keep"][i], chunks["apply"][i]
-            sd["t"] = chunks["t"][i]  # R⁻¹ of the *other* factor
-            sd["skipped"] = 1.0 - chunks["kept"][i]
-
-    # ---------------------------------------------------------------------------- QR engine
-    def _update_qr(self, batches: list[PairBatch], hp: dict[str, Any]) -> list[PairUpdate]:
-        # Phase 1: bases, magnitudes and unmagnified gradients of every batch, so the global
-        # clipping norm can be reduced over all pairs of the group before any moment is touched.
-        prepared = []
-        sq_norm = None
-        for batch in batches:
-            u_a, r_a = orthonormal_basis(batch.a, hp["basis"])
-            u_b, r_b = orthonormal_basis(batch.b, hp["basis"])
-            rinv_a = magnitude_pinv(r_a, rows=batch.a.shape[-2])
-            rinv_b = magnitude_pinv(r_b, rows=batch.b.shape[-2])
-            gbar_a = unmagnified_grad(batch.grad_a, rinv_b)
-            gbar_b = unmagnified_grad(batch.grad_b, rinv_a)
-            skipped = None
-            if hp["update_skipping"] > 0:
-                skipped = (rms(gbar_a) > hp["update_skipping"]).to(gbar_a.dtype) + (
-                    rms(gbar_b) > hp["update_skipping"]).to(gbar_b.dtype)
-                gbar_a = skip_large(gbar_a, hp["update_skipping"])
-                gbar_b = skip_large(gbar_b, hp["update_skipping"])
-            part = torch.linalg.vector_norm(gbar_a).square() + torch.linalg.vector_norm(gbar_b).square()
-            sq_norm = part if sq_norm is None else sq_norm + part.to(sq_norm)
-            prepared.append((u_a, u_b, r_a, r_b, rinv_a, rinv_b, gbar_a, gbar_b, skipped))
-
-        clip = hp["clip_unmagnified_grad"]
-        scale = None
-        if clip > 0 and sq_norm is not None:
-            norm = sq_norm.sqrt()
-            scale = torch.where(norm > clip, clip / norm, torch.ones_like(norm))
-
-        out = []
-        for batch, (u_a, u_b, r_a, r_b, rinv_a, rinv_b, gbar_a, gbar_b, skipped) in zip(batches, prepared):
-            if scale is not None:
-                gbar_a = gbar_a * scale.to(gbar_a)
-                gbar_b = gbar_b * scale.to(gbar_b)
-            new_a, delta_a = self._side(gbar_a, batch.state_a, batch.state_b["basis"], u_b, batch.step, hp)
-            new_b, delta_b = self._side(gbar_b, batch.state_b, batch.state_a["basis"], u_a, batch.step, hp)
-            delta_a = magnitude_restoration(delta_a, rinv_b, r_a, rinv_a, hp)
-            delta_b = magnitude_restoration(delta_b, rinv_a, r_b, rinv_b, hp)
-            new_a["basis"], new_b["basis"] = u_a, u_b
-            wd = hp["weight_decay"]
-            upd = PairUpdate(delta_a, delta_b, new_a, new_b, scale=-hp["lr"], decay=hp["lr"] * wd if wd else 0.0,
-                             skipped=skipped)
-            out.append(_rebalanced(batch, _balanced(batch, upd, hp), hp))
-        return out
-
-    @staticmethod
-    def _side(
-        gbar: torch.Tensor,
-        state: State,
-        basis_other_old: torch.Tensor,
-        basis_other: torch.Tensor,
-        step: torch.Tensor,
-        hp: dict[str, Any],
-    ) -> tuple[State, torch.Tensor]:
-        """One factor's moments; returns (new state without basis, ``M̄`` after update capping)."""
-        beta1, beta2 = hp["betas"]
-        ema = hp["second_moment"] == "ema"
-        if hp["bias_correction"]:
-            d1 = bias_corrected_decay(beta1, step)
-            d2 = bias_corrected_decay(beta2, step)
-        else:
-            d1 = torch.full_like(step, beta1, dtype=torch.float64)
-            d2 = torch.full_like(step, beta2, dtype=torch.float64)
-        p = basis_transport(basis_other, basis_other_old)
-        v_old = state["second_moment"]
-        v_transported = transport_second_moment(v_old, p)
-        inc = second_moment_increment(gbar, hp["row_normalize"])
-        v = accumulate_second_moment(v_transported, inc, d2 if ema else None)
-        new = {"second_moment": v}
-        rho: torch.Tensor | float = 0.0
-        if hp["escape"]:
-            rho = escaped_mass(state["escaped_mass"], v_old, v_transported, d2 if ema else None)
-            new["escaped_mass"] = rho
-        s_bar = preconditioned_direction(gbar, v, rho, hp["eps"], inc)
-        m = accumulate_first_moment(transport_first_moment(state["exp_avg"], p), s_bar, d1)
-        new["exp_avg"] = m
-        if hp["update_capping"] > 0:
-            m = cap_update(m, hp["update_capping"])
-        return new, m
+        engine = gram_engine if batch_engine(batches[0]) == "gram" else qr_engine
+        return engine(batches, hp)

@@ -11,8 +11,8 @@ from lowrank_geom.geometry import (
     gram,
     gram_cutoff,
     gram_pinv,
+    gram_relative_change_cap,
     inverse_magnitude,
-    relative_change_cap,
 )
 from lowrank_geom.strategies.base import (
     PairBatch,
@@ -61,7 +61,7 @@ def capped_direction(
     d: torch.Tensor, g_self: torch.Tensor, rinv_self: torch.Tensor, cap: float, lr: float, row_reduce=None
 ) -> torch.Tensor:
     """The direction ``D`` of a factor ``X`` (step ``−η D``) with its relative change ``η D R_X⁺``
-    capped at ``cap`` (:func:`~lowrank_geom.geometry.relative_change_cap`; ``G_X = XᵀX = RᵀR``,
+    capped at ``cap`` (:func:`~lowrank_geom.geometry.gram_relative_change_cap`; ``G_X = XᵀX = RᵀR``,
     ``rinv_self = R⁺`` from :func:`magnitude_inverse`).
 
     ScaledGD multiplies the partner's gradient by ``(XᵀX)⁻¹``, so a factor with a direction far
@@ -69,8 +69,7 @@ def capped_direction(
     created — makes the partner jump by ``1/σ_min²``; capped, each factor changes by at most
     ``cap`` relative to itself along any direction. GL(r)-invariant; uncapped pairs bit for bit.
     """
-    eye = torch.eye(g_self.shape[-1], dtype=g_self.dtype, device=g_self.device)
-    return relative_change_cap(d, eye, rinv_self, rinv_self.mT @ g_self, cap, lr, row_reduce or (lambda x: x))
+    return gram_relative_change_cap(d, g_self, rinv_self, cap, lr, row_reduce)
 
 
 @register

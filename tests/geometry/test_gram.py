@@ -54,3 +54,24 @@ def test_gram_sums_row_shards_through_row_reduce():
     for k, (xs, ys) in enumerate(shards):
         reduced = gram(xs, ys, row_reduce=lambda t, k=k: t + partial[1 - k])
         torch.testing.assert_close(reduced, x.mT @ y, rtol=1e-13, atol=1e-13)
+
+
+def test_gram_relative_change_cap_is_the_cap_with_the_qr_magnitude():
+    """From the Gram and ``R⁻¹`` (ScaledGD's and LoRA-RITE's Gram engine) the cap equals
+    :func:`relative_change_cap` with QR's ``R``, ``R⁻¹`` and ``k₀ = I``; every relative change ends
+    at most ``cap``, and a direction below the cap is returned bit for bit."""
+    from lowrank_geom.geometry import gram_relative_change_cap, relative_change_cap
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 30, 4, generator=g, dtype=torch.float64)
+    d = torch.randn(3, 30, 4, generator=g, dtype=torch.float64)
+    gm = gram(x)
+    t = inverse_magnitude(gm, gram_cutoff(gm, torch.float64))
+    _, r = orthonormal_basis(x)
+    eye = torch.eye(4, dtype=torch.float64)
+    capped = gram_relative_change_cap(d, gm, t, 0.1, 1.0)
+    torch.testing.assert_close(capped, relative_change_cap(d, eye, torch.linalg.inv(r), r, 0.1, 1.0),
+                               rtol=1e-10, atol=1e-12)
+    assert (torch.linalg.matrix_norm(capped @ t, ord=2) <= 0.1 * (1 + 1e-9)).all()
+    small = 1e-3 * d
+    assert torch.equal(gram_relative_change_cap(small, gm, t, 10.0, 1.0), small)

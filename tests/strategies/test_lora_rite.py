@@ -21,18 +21,20 @@ def test_escaped_mass_follows_the_sorted_eigenvalue_drop():
     p = torch.linalg.qr(torch.randn(3, 4, 4, generator=g, dtype=torch.float64))[0][..., :, :3]
     p = torch.cat([p, torch.zeros(3, 4, 1, dtype=torch.float64)], dim=-1)  # a contraction dropping mass
     vt = p @ v @ p.mT
-    rho = escaped_mass(torch.zeros(3, dtype=torch.float64), v, vt, None)
+    lam = torch.linalg.eigvalsh(v)
+    rho = escaped_mass(torch.zeros(3, dtype=torch.float64), lam, vt, None)
     expected = (torch.linalg.eigvalsh(v) - torch.linalg.eigvalsh(vt)).amax(-1).clamp_min(0)
     torch.testing.assert_close(rho, expected)
     assert (rho > 0).all()
     decay = torch.full((3,), 0.5, dtype=torch.float64)
-    torch.testing.assert_close(escaped_mass(rho, v, vt, decay), 0.5 * (rho + eigenvalue_distance(v, vt)))
+    torch.testing.assert_close(escaped_mass(rho, lam, vt, decay), 0.5 * (rho + eigenvalue_distance(v, vt)))
 
 
 def test_skip_large_zeroes_only_the_loud_factors():
     gbar = torch.stack([torch.full((4, 2), 0.5), torch.full((4, 2), 2.0)])
-    out = skip_large(gbar, 1.0)
+    out, keep = skip_large(gbar, 1.0)
     assert torch.equal(out[0], gbar[0]) and torch.equal(out[1], torch.zeros(4, 2))
+    assert keep.tolist() == [1.0, 0.0]
 
 
 def test_indefinite_second_moment_gives_a_finite_direction():
