@@ -31,6 +31,8 @@ bench: setup-bench
 	$(PY) -m benchmarks all --out results
 
 test: setup-test
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -n 2 -q
 
 docs: setup-docs

@@ -5,17 +5,6 @@ orientation ``Z = A Bᵀ``. Nothing here keeps optimizer state or imports from a
 """
 
 from lowrank_geom.geometry.factors import balance, magnitude_pinv, orthonormal_basis
-from lowrank_geom.geometry.gramian import (
-    GRAM_DTYPE,
-    gram,
-    gram_cutoff,
-    gram_pinv,
-    gram_relative_change_cap,
-    inverse_magnitude,
-    magnify,
-    relative_change_cap,
-    unmagnify,
-)
 from lowrank_geom.geometry.gauge import (
     balancing_gauge,
     factorization_excess,
@@ -23,6 +12,16 @@ from lowrank_geom.geometry.gauge import (
     norm_balance,
     random_gauge,
     scale_gauge,
+)
+from lowrank_geom.geometry.gramian import (
+    GRAM_DTYPE,
+    gram,
+    gram_cutoff,
+    gram_pinv,
+    inverse_magnitude,
+    magnify,
+    relative_change_cap,
+    unmagnify,
 )
 from lowrank_geom.geometry.invariance import invariance_gap
 from lowrank_geom.geometry.psd import (
@@ -45,39 +44,38 @@ from lowrank_geom.geometry.transport import (
 
 __all__ = [
     "GRAM_DTYPE",
-    "eigh_resolution",
-    "eigh_safe",
-    "gradient_resolution",
-    "unresolved_directions",
-    "gram",
-    "gram_cutoff",
-    "gram_pinv",
-    "gram_relative_change_cap",
-    "inverse_magnitude",
-    "inverse_root_eig",
-    "magnify",
-    "relative_change_cap",
-    "unmagnify",
     "FixedRankQuotient",
-    "RankDeficientError",
     "PSDNumericsError",
+    "RankDeficientError",
     "balance",
     "balancing_gauge",
-    "factorization_excess",
     "basis_transport",
     "compute_dtype",
     "eigenvalue_distance",
+    "eigh_resolution",
+    "eigh_safe",
+    "factorization_excess",
     "gauge_act",
+    "gradient_resolution",
+    "gram",
+    "gram_cutoff",
+    "gram_pinv",
     "invariance_gap",
+    "inverse_magnitude",
     "inverse_root",
+    "inverse_root_eig",
+    "magnify",
     "magnitude_pinv",
     "norm_balance",
     "orthonormal_basis",
     "random_gauge",
+    "relative_change_cap",
     "scale_gauge",
     "symmetrize",
     "transport_first_moment",
     "transport_second_moment",
+    "unmagnify",
+    "unresolved_directions",
 ]
 
 

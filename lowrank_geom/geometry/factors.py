@@ -11,9 +11,7 @@ from lowrank_geom.geometry.psd import compute_dtype, symmetrize
 BasisMethod = Literal["qr", "polar"]
 
 
-def orthonormal_basis(
-    x: torch.Tensor, method: BasisMethod = "qr"
-) -> tuple[torch.Tensor, torch.Tensor]:
+def orthonormal_basis(x: torch.Tensor, method: BasisMethod = "qr") -> tuple[torch.Tensor, torch.Tensor]:
     """``X = U R`` with ``Uᵀ U = I_r`` (paper §3.2: ``B = U_B R_B``). ``(..., m, r)`` → ``(..., m, r), (..., r, r)``.
 
     ``method="qr"``: Householder QR with the canonical sign ``diag(R) ≥ 0``, so the result is
@@ -28,9 +26,7 @@ def orthonormal_basis(
     Computed in ``promote_types(x.dtype, float32)``; ``U`` and ``R`` are returned in that dtype.
     """
     if x.shape[-2] < x.shape[-1]:
-        raise ValueError(
-            f"orthonormal_basis needs rows >= rank, got a factor of shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"orthonormal_basis needs rows >= rank, got a factor of shape {tuple(x.shape)}")
     work = x.to(compute_dtype(x.dtype))
     if method == "qr":
         u, r = torch.linalg.qr(work)
@@ -43,9 +39,7 @@ def orthonormal_basis(
     raise ValueError(f"Invalid basis method: {method!r} (expected 'qr' or 'polar')")
 
 
-def magnitude_pinv(
-    r: torch.Tensor, rtol: float | None = None, *, rows: int | None = None
-) -> torch.Tensor:
+def magnitude_pinv(r: torch.Tensor, rtol: float | None = None, *, rows: int | None = None) -> torch.Tensor:
     """``R⁺``, the pseudo-inverse of a magnitude, with a ``matrix_rank``-style cutoff. ``(..., r, r)``.
 
     Singular values ``≤ rtol · σ_max`` count as zero. By default ``rtol = max(rows, r) · eps(dtype)``:

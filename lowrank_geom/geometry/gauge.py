@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 
-def gauge_act(
-    a: torch.Tensor, b: torch.Tensor, g: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def gauge_act(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A G, B G⁻ᵀ)``: the same ``Z = A Bᵀ`` in another factorization. ``G`` is ``(..., r, r)``.
 
     ``B G⁻ᵀ`` is computed with a linear solve (``G Xᵀ = Bᵀ``), never an explicit inverse.
@@ -26,9 +24,7 @@ def scale_gauge(
     return s * torch.eye(r, dtype=dtype, device=device)
 
 
-def _random_orthogonal(
-    r: int, generator: torch.Generator | None, dtype: torch.dtype, device
-) -> torch.Tensor:
+def _random_orthogonal(r: int, generator: torch.Generator | None, dtype: torch.dtype, device) -> torch.Tensor:
     x = torch.randn(r, r, generator=generator, dtype=torch.float64, device=device)
     q, rr = torch.linalg.qr(x)
     return (q * torch.diagonal(rr).sign()).to(dtype)
@@ -94,9 +90,7 @@ def factorization_excess(ga: torch.Tensor, gb: torch.Tensor) -> torch.Tensor:
     return torch.where(nuclear > 0, frob / torch.where(nuclear > 0, nuclear, 1.0), torch.inf)
 
 
-def balancing_gauge(
-    ga: torch.Tensor, gb: torch.Tensor, rtol: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def balancing_gauge(ga: torch.Tensor, gb: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(T_A, T_B, ok)``: ``T_B = T_A⁻ᵀ`` with ``(A T_A)ᵀ(A T_A) = (B T_B)ᵀ(B T_B) = Σ``, ``σ(Z)``.
 
     From the Grams (use float64): ``G = RᵀR`` (Cholesky), ``R_A R_Bᵀ = W Σ Vᵀ``,

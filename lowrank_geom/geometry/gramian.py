@@ -10,14 +10,15 @@ all-reduce for row-sharded factors), so nothing here reads the full rows of a fa
 
 Precision: the Grams are formed in the factor's compute dtype ``promote_types(dtype, float32)``
 (the m×r GEMMs are the cost) and returned in float64 (:data:`GRAM_DTYPE`); a caller may run the
-r×r work in float64 or, cheaper at large r, in the compute dtype (LoRA-RITE does). A Gram squares the condition number: with float32 factors the
+r×r work in float64 or, cheaper at large r, in the compute dtype (LoRA-RITE does). A Gram squares
+the condition number: with float32 factors the
 inverse magnitude is accurate to about ``cond(X)² · 1e-7`` (measured in
 ``tests/geometry/test_gram.py``), against ``cond(X) · 1e-7`` for Householder QR.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -116,7 +117,9 @@ def magnify(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def _clamped_singular_values(e_gram: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``V D Vᵀ`` with ``EᵀE = V diag(s²) Vᵀ``, ``D = diag(min(1, cap/s))``, and whether any ``s > cap``. ``(..., r, r), (...,)``."""
+    """``V D Vᵀ`` with ``EᵀE = V diag(s²) Vᵀ``, ``D = diag(min(1, cap/s))``, and whether any ``s > cap``.
+
+    ``(..., r, r), (...,)``."""
     lam, v = eigh_safe(e_gram)
     d = (cap / lam.clamp_min(0.0).sqrt()).clamp(max=1.0)  # 1 where s ≤ cap (and where s = 0)
     return (v * d.unsqueeze(-2)) @ v.mT, (d < 1).any(dim=-1)
@@ -131,7 +134,7 @@ def relative_change_cap(
     lr: float | torch.Tensor,
     row_reduce: RowReduce = _identity,
 ) -> torch.Tensor:
-    """The direction ``M k₀`` of a factor ``X = U R`` (step ``lr·M k₀``) with its relative change capped. ``(..., m, r)``.
+    """The direction ``M k₀`` of a factor ``X = U R`` (step ``lr·M k₀``), relative change capped. ``(..., m, r)``.
 
     The relative change ``E = lr·M k₀ R⁺`` (the step in the basis ``U``, per unit of the factor's
     own magnitude) gets its singular values clamped at ``cap`` (``E' = E V D Vᵀ`` with

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -143,7 +144,8 @@ def invariance_gap(
         >>> import torch
         >>> from lowrank_geom.geometry import invariance_gap
         >>> g = torch.Generator().manual_seed(0)
-        >>> a, b = torch.randn(6, 2, generator=g, dtype=torch.float64), torch.randn(5, 2, generator=g, dtype=torch.float64)
+        >>> a = torch.randn(6, 2, generator=g, dtype=torch.float64)
+        >>> b = torch.randn(5, 2, generator=g, dtype=torch.float64)
         >>> target = torch.randn(6, 5, generator=g, dtype=torch.float64)
         >>> loss = lambda z: 0.5 * (z - target).pow(2).sum()
         >>> invariance_gap(a, b, loss, optimizer=torch.optim.Adam, lr=1e-2, gauge=10.0) > 1e-3

@@ -28,7 +28,7 @@ This is the only module of the package that imports :mod:`geoopt`.
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Tuple, Union
+from typing import Literal
 
 import geoopt
 import torch
@@ -44,7 +44,7 @@ _METRICS = ("euclidean", "preconditioned")
 
 # (left singular vectors L (..., rows, r), singular values s (..., r) descending, V (..., r, r))
 # of one factor F = L diag(s) Vᵀ.
-_Spectrum = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+_Spectrum = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class RankDeficientError(ValueError):
@@ -107,13 +107,9 @@ class FixedRankQuotient(geoopt.Manifold):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"Invalid {label}: {val!r} (must be a positive int)")
         if r > min(m, n):
-            raise ValueError(
-                f"Invalid rank: r={r} > min(m, n)={min(m, n)}; no full-rank factors exist"
-            )
+            raise ValueError(f"Invalid rank: r={r} > min(m, n)={min(m, n)}; no full-rank factors exist")
         if metric not in _METRICS:
-            raise ValueError(
-                f"Invalid metric: {metric!r} (expected 'euclidean' or 'preconditioned')"
-            )
+            raise ValueError(f"Invalid metric: {metric!r} (expected 'euclidean' or 'preconditioned')")
         self.m = m
         self.n = n
         self.r = r
@@ -135,30 +131,27 @@ class FixedRankQuotient(geoopt.Manifold):
         b = b.expand(*batch, self.n, self.r)
         return torch.cat((a, b), dim=-2)
 
-    def unpack(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def unpack(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[A; B] ↦ (A, B)``: ``(..., m+n, r)`` → views ``(..., m, r), (..., n, r)``."""
         ok, reason = self._check_shape(x.shape, "x")
         if not ok:
             raise ValueError(reason)
         return x[..., : self.m, :], x[..., self.m :, :]
 
-    def _check_shape(
-        self, shape: Tuple[int, ...], name: str
-    ) -> Tuple[bool, Optional[str]]:
+    def _check_shape(self, shape: tuple[int, ...], name: str) -> tuple[bool, str | None]:
         ok, reason = super()._check_shape(shape, name)
         if not ok:
             return False, reason
         if tuple(shape[-2:]) != (self.m + self.n, self.r):
             return (
                 False,
-                f"`{name}` should have shape (..., m+n, r) = (..., {self.m + self.n}, {self.r}), "
-                f"got {tuple(shape)}",
+                f"`{name}` should have shape (..., m+n, r) = (..., {self.m + self.n}, {self.r}), got {tuple(shape)}",
             )
         return True, None
 
     # ------------------------------------------------------------------ internals
 
-    def _spectra(self, a: torch.Tensor, b: torch.Tensor, where: str) -> Tuple[_Spectrum, _Spectrum]:
+    def _spectra(self, a: torch.Tensor, b: torch.Tensor, where: str) -> tuple[_Spectrum, _Spectrum]:
         """Thin SVDs ``A = L_A S_A V_Aᵀ``, ``B = L_B S_B V_Bᵀ``: QR (``orthonormal_basis``), then an
         r×r SVD of the magnitude. Raises :class:`RankDeficientError` on a deficient factor."""
         out = []
@@ -168,8 +161,7 @@ class FixedRankQuotient(geoopt.Manifold):
                 w, s, vh = torch.linalg.svd(mag)
             except torch.linalg.LinAlgError as err:
                 raise RankDeficientError(
-                    f"{self.name}.{where}: the SVD of factor {label} failed; it probably has "
-                    "non-finite entries"
+                    f"{self.name}.{where}: the SVD of factor {label} failed; it probably has non-finite entries"
                 ) from err
             tol = _rank_tol(f.shape[-2], self.r, s.dtype)
             if bool(_deficient(s, tol).any()):
@@ -209,7 +201,7 @@ class FixedRankQuotient(geoopt.Manifold):
         qb = vb @ ((lb.mT @ ub) / sb.unsqueeze(-1))  # (BᵀB)⁻¹ Bᵀ ξ_B
         return 0.5 * (pa - qb.mT)
 
-    def _work(self, *tensors: torch.Tensor) -> Tuple[torch.dtype, torch.dtype]:
+    def _work(self, *tensors: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
         out = tensors[0].dtype
         for t in tensors[1:]:
             out = torch.promote_types(out, t.dtype)
@@ -236,7 +228,7 @@ class FixedRankQuotient(geoopt.Manifold):
 
     def _check_point_on_manifold(
         self, x: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5
-    ) -> Tuple[bool, Optional[str]]:
+    ) -> tuple[bool, str | None]:
         """Finite entries and both factors of full numerical rank.
 
         Full rank means ``σ_min > max(rows, r) · eps · σ_max`` (``torch.linalg.matrix_rank``'s
@@ -266,7 +258,7 @@ class FixedRankQuotient(geoopt.Manifold):
 
     def _check_vector_on_tangent(
         self, x: torch.Tensor, u: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5
-    ) -> Tuple[bool, Optional[str]]:
+    ) -> tuple[bool, str | None]:
         """Shape, finiteness, and horizontality: ``‖u − proju(x, u)‖_x ≤ atol + rtol · ‖u‖_x``.
 
         ``u − proju(x, u) = (AΩ, −BΩᵀ)`` is the vertical part of ``u``, measured in the metric;
@@ -372,7 +364,7 @@ class FixedRankQuotient(geoopt.Manifold):
         self,
         x: torch.Tensor,
         u: torch.Tensor,
-        v: Optional[torch.Tensor] = None,
+        v: torch.Tensor | None = None,
         *,
         keepdim: bool = False,
     ) -> torch.Tensor:
@@ -397,9 +389,9 @@ class FixedRankQuotient(geoopt.Manifold):
         a, b = self.unpack(x.to(work))
         ua, ub = self.unpack(u.to(work))
         va, vb = self.unpack(v.to(work))
-        res = ((ua @ (b.mT @ b)) * va).sum(dim=(-2, -1), keepdim=keepdim) + (
-            (ub @ (a.mT @ a)) * vb
-        ).sum(dim=(-2, -1), keepdim=keepdim)
+        res = ((ua @ (b.mT @ b)) * va).sum(dim=(-2, -1), keepdim=keepdim) + ((ub @ (a.mT @ a)) * vb).sum(
+            dim=(-2, -1), keepdim=keepdim
+        )
         return res.to(out)
 
     def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -431,17 +423,17 @@ class FixedRankQuotient(geoopt.Manifold):
 
     # ------------------------------------------------------------------ sampling
 
-    def _point_shape(self, size) -> Tuple[int, ...]:
+    def _point_shape(self, size) -> tuple[int, ...]:
         shape = size2shape(*size) if size else (self.m + self.n, self.r)
         self._assert_check_shape(shape, "x")
         return tuple(shape)
 
     def random(
         self,
-        *size: Union[int, Tuple[int, ...]],
-        dtype: Optional[torch.dtype] = None,
-        device: Union[torch.device, str, None] = None,
-        generator: Optional[torch.Generator] = None,
+        *size: int | tuple[int, ...],
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
         std: float = 1.0,
     ) -> geoopt.ManifoldTensor:
         """A Gaussian pair, entries ``N(0, std²)``: full rank with probability one.
@@ -457,10 +449,10 @@ class FixedRankQuotient(geoopt.Manifold):
 
     def origin(
         self,
-        *size: Union[int, Tuple[int, ...]],
-        dtype: Optional[torch.dtype] = None,
-        device: Union[torch.device, str, None] = None,
-        seed: Optional[int] = 42,
+        *size: int | tuple[int, ...],
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        seed: int | None = 42,
     ) -> geoopt.ManifoldTensor:
         """The deterministic pair ``A = [I_r; 0]``, ``B = [I_r; 0]`` (``Z`` = the first ``r`` unit
         diagonal entries), balanced and perfectly conditioned.

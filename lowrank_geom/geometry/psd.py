@@ -28,7 +28,7 @@ def symmetrize(x: torch.Tensor) -> torch.Tensor:
 
 
 def eigh_safe(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``eigh`` of the symmetric part in ``promote_types(dtype, float32)``, retried in float64 when LAPACK does not converge."""
+    """``eigh`` of the symmetric part in ``promote_types(dtype, float32)``; float64 if LAPACK does not converge."""
     work = symmetrize(v.to(compute_dtype(v.dtype)))
     try:
         return torch.linalg.eigh(work)

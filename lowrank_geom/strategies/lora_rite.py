@@ -45,7 +45,6 @@ from lowrank_geom.geometry import (
     gram,
     gram_cutoff,
     gram_pinv,
-    gram_relative_change_cap,
     inverse_magnitude,
     inverse_root_eig,
     magnify,
@@ -59,6 +58,7 @@ from lowrank_geom.geometry import (
     unmagnify,
     unresolved_directions,
 )
+from lowrank_geom.geometry.gramian import gram_relative_change_cap
 from lowrank_geom.strategies.base import (
     PairBatch,
     PairUpdate,
@@ -623,7 +623,8 @@ class LoRARITEStrategy(Strategy):
         \begin{aligned}
         B_t &= U_{B,t} R_{B,t} && \text{(magnitude: } R_{B,t}^\top R_{B,t} = B_t^\top B_t\text{)}\\
         \bar\nabla A_t &= \nabla A_t\, R_{B,t}^{-1} && \text{(unmagnified gradient)}\\
-        P_{A,t} &= U_{B,t}^\top U_{B,t-1} = R_{B,t}^{-\top} (B_t^\top B_{t-1}) R_{B,t-1}^{-1} && \text{(basis transport)}\\
+        P_{A,t} &= U_{B,t}^\top U_{B,t-1}
+                 = R_{B,t}^{-\top} (B_t^\top B_{t-1}) R_{B,t-1}^{-1} && \text{(basis transport)}\\
         \bar V_{A,t} &= P_{A,t} \bar V_{A,t-1} P_{A,t}^\top + \bar\nabla A_t^\top \bar\nabla A_t\\
         \rho_{A,t} &= \rho_{A,t-1} + d_\lambda(\bar V_{A,t-1}, P_{A,t} \bar V_{A,t-1} P_{A,t}^\top)\\
         \bar S_{A,t} &= \bar\nabla A_t (\bar V_{A,t} + \rho_{A,t} I)^{-1/2}\\

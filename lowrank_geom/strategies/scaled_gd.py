@@ -11,9 +11,9 @@ from lowrank_geom.geometry import (
     gram,
     gram_cutoff,
     gram_pinv,
-    gram_relative_change_cap,
     inverse_magnitude,
 )
+from lowrank_geom.geometry.gramian import gram_relative_change_cap
 from lowrank_geom.strategies.base import (
     PairBatch,
     PairUpdate,
@@ -29,8 +29,13 @@ from lowrank_geom.strategies.base import (
 
 
 def scaled_gradient(
-    grad: torch.Tensor, other: torch.Tensor, delta: float, row_reduce=None, out: torch.Tensor | None = None,
-    gram_other: torch.Tensor | None = None, rinv_other: torch.Tensor | None = None,
+    grad: torch.Tensor,
+    other: torch.Tensor,
+    delta: float,
+    row_reduce=None,
+    out: torch.Tensor | None = None,
+    gram_other: torch.Tensor | None = None,
+    rinv_other: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``∇A (BᵀB + δI)⁻¹`` (Tong et al. Eq. 6). ``(P, m, r)``, ``(P, n, r)`` → ``(P, m, r)``.
 
@@ -61,7 +66,7 @@ def capped_direction(
     d: torch.Tensor, g_self: torch.Tensor, rinv_self: torch.Tensor, cap: float, lr: float, row_reduce=None
 ) -> torch.Tensor:
     """The direction ``D`` of a factor ``X`` (step ``−η D``) with its relative change ``η D R_X⁺``
-    capped at ``cap`` (:func:`~lowrank_geom.geometry.gram_relative_change_cap`; ``G_X = XᵀX = RᵀR``,
+    capped at ``cap`` (:func:`~lowrank_geom.geometry.relative_change_cap`; ``G_X = XᵀX = RᵀR``,
     ``rinv_self = R⁺`` from :func:`magnitude_inverse`).
 
     ScaledGD multiplies the partner's gradient by ``(XᵀX)⁻¹``, so a factor with a direction far
@@ -128,12 +133,17 @@ class ScaledGDStrategy(Strategy):
         lr, wd, mu, cap = hp["lr"], hp["weight_decay"], hp["momentum"], hp["relative_step_cap"]
         g_a, g_b = gram(batch.a, None, rr), gram(batch.b, None, rr)
         # each R⁺ serves both the partner's direction (δ = 0) and its own factor's cap
-        t_a, t_b = (None, None) if hp["delta"] > 0 and cap == 0 else (
-            magnitude_inverse(g_a, batch.a.dtype), magnitude_inverse(g_b, batch.b.dtype))
-        d_a = scaled_gradient(batch.grad_a, batch.b, hp["delta"], rr, workspace_like(ws, "direction_a", batch.grad_a),
-                              g_b, t_b)
-        d_b = scaled_gradient(batch.grad_b, batch.a, hp["delta"], rr, workspace_like(ws, "direction_b", batch.grad_b),
-                              g_a, t_a)
+        t_a, t_b = (
+            (None, None)
+            if hp["delta"] > 0 and cap == 0
+            else (magnitude_inverse(g_a, batch.a.dtype), magnitude_inverse(g_b, batch.b.dtype))
+        )
+        d_a = scaled_gradient(
+            batch.grad_a, batch.b, hp["delta"], rr, workspace_like(ws, "direction_a", batch.grad_a), g_b, t_b
+        )
+        d_b = scaled_gradient(
+            batch.grad_b, batch.a, hp["delta"], rr, workspace_like(ws, "direction_b", batch.grad_b), g_a, t_a
+        )
 
         def capped(d_a, d_b):
             return capped_direction(d_a, g_a, t_a, cap, lr, rr), capped_direction(d_b, g_b, t_b, cap, lr, rr)

@@ -288,9 +288,7 @@ def test_pinv_bf16_computed_in_float32():
 
 
 @given(
-    dims=st.integers(1, 5).flatmap(
-        lambda r: st.tuples(st.integers(r, 30), st.integers(r, 30), st.just(r))
-    ),
+    dims=st.integers(1, 5).flatmap(lambda r: st.tuples(st.integers(r, 30), st.integers(r, 30), st.just(r))),
     seed=seeds,
 )
 def test_balance_same_z_equal_grams(dims, seed):

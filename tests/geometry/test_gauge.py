@@ -66,7 +66,7 @@ def test_gauge_act_composes(pair):
     a_c, b_c = gauge_act(a, b, g1 @ g2)
     # two gauges of condition number cond each: the errors compound to cond² · eps
     tol = 10 * r * cond**2 * EPS
-    rel = lambda x, y: (torch.linalg.matrix_norm(x - y) / torch.linalg.matrix_norm(y)).item()  # noqa: E731
+    rel = lambda x, y: (torch.linalg.matrix_norm(x - y) / torch.linalg.matrix_norm(y)).item()
     assert rel(a12, a_c) <= tol
     assert rel(b12, b_c) <= tol
 

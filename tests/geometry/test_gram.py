@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lowrank_geom.geometry.gramian import FILTER_POWER, FILTER_SHIFT
 from lowrank_geom.geometry import gram, gram_cutoff, gram_pinv, inverse_magnitude, magnitude_pinv, orthonormal_basis
+from lowrank_geom.geometry.gramian import FILTER_POWER, FILTER_SHIFT
 
 
 def test_inverse_magnitude_is_the_inverse_of_qr_magnitude():
@@ -60,7 +60,8 @@ def test_gram_relative_change_cap_is_the_cap_with_the_qr_magnitude():
     """From the Gram and ``R⁻¹`` (ScaledGD's and LoRA-RITE's Gram engine) the cap equals
     :func:`relative_change_cap` with QR's ``R``, ``R⁻¹`` and ``k₀ = I``; every relative change ends
     at most ``cap``, and a direction below the cap is returned bit for bit."""
-    from lowrank_geom.geometry import gram_relative_change_cap, relative_change_cap
+    from lowrank_geom.geometry import relative_change_cap
+    from lowrank_geom.geometry.gramian import gram_relative_change_cap
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 30, 4, generator=g, dtype=torch.float64)
@@ -70,8 +71,9 @@ def test_gram_relative_change_cap_is_the_cap_with_the_qr_magnitude():
     _, r = orthonormal_basis(x)
     eye = torch.eye(4, dtype=torch.float64)
     capped = gram_relative_change_cap(d, gm, t, 0.1, 1.0)
-    torch.testing.assert_close(capped, relative_change_cap(d, eye, torch.linalg.inv(r), r, 0.1, 1.0),
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        capped, relative_change_cap(d, eye, torch.linalg.inv(r), r, 0.1, 1.0), rtol=1e-10, atol=1e-12
+    )
     assert (torch.linalg.matrix_norm(capped @ t, ord=2) <= 0.1 * (1 + 1e-9)).all()
     small = 1e-3 * d
     assert torch.equal(gram_relative_change_cap(small, gm, t, 10.0, 1.0), small)

@@ -226,7 +226,7 @@ def test_bad_optimizer_arguments():
     a, b, loss = _problem(19)
     with pytest.raises(TypeError, match="instance of Adam; pass its class or a factory"):
         invariance_gap(a, b, loss, optimizer=torch.optim.Adam([a.clone().requires_grad_()]), gauge=2.0)
-    with pytest.raises(TypeError, match="Optimizer subclass or a factory.*str"):
+    with pytest.raises(TypeError, match=r"Optimizer subclass or a factory.*str"):
         invariance_gap(a, b, loss, optimizer="adam", gauge=2.0)
     with pytest.raises(TypeError, match="no zero_grad"):
         invariance_gap(a, b, loss, optimizer=lambda x, y: None, gauge=2.0)

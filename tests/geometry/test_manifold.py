@@ -213,7 +213,7 @@ def test_inner_formula_keepdim_and_symmetry(metric, dtype):
     if metric == "euclidean":
         expected = (ua * va).sum((-2, -1)) + (ub * vb).sum((-2, -1))
     else:
-        tr = lambda t: torch.diagonal(t, dim1=-2, dim2=-1).sum(-1)  # noqa: E731
+        tr = lambda t: torch.diagonal(t, dim1=-2, dim2=-1).sum(-1)
         expected = tr(b.mT @ b @ ua.mT @ va) + tr(a.mT @ a @ ub.mT @ vb)
     got = man.inner(x, u, v)
     assert got.shape == (3,)
@@ -224,7 +224,6 @@ def test_inner_formula_keepdim_and_symmetry(metric, dtype):
     assert bool((man.inner(x, u) > 0).all())
     # broadcasting: one point, a batch of vectors
     assert man.inner(x[0], u, v).shape == (3,)
-
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -259,6 +258,7 @@ def test_inner_broadcasts_the_batch_of_x_and_checks_shapes(metric):
     with pytest.raises(ValueError, match="do not broadcast"):
         man.inner(x, u[:3])
 
+
 def test_preconditioned_metric_is_gauge_invariant_and_euclidean_is_not():
     """g_{xG}(ξG, ηG) = g_x(ξ, η) with (A, B)·G = (AG, BG⁻ᵀ): for all G (preconditioned), for
     orthogonal G only (Euclidean)."""
@@ -271,7 +271,7 @@ def test_preconditioned_metric_is_gauge_invariant_and_euclidean_is_not():
         man, x, u, _ = _setup(metric, torch.float64, (6, 5, 3), seed=1)
         v = torch.randn(u.shape, generator=g, dtype=torch.float64)
         G = random_gauge(3, cond, g)
-        push = lambda t: man.pack(*gauge_act(*man.unpack(t), G))  # noqa: E731
+        push = lambda t, man=man, G=G: man.pack(*gauge_act(*man.unpack(t), G))
         # tangent vectors push forward like points: (ξ_A G, ξ_B G⁻ᵀ)
         before = man.inner(x, u, v)
         after = man.inner(push(x), push(u), push(v))
@@ -306,9 +306,7 @@ def test_preconditioned_rgrad_is_scaled_gd(dtype, shape, seed):
     egrad = _egrad(man, x, target)
     a, b = man.unpack(x.double())
     ga, gb = man.unpack(egrad.double())
-    expected = man.pack(
-        torch.linalg.solve(b.mT @ b, ga.mT).mT, torch.linalg.solve(a.mT @ a, gb.mT).mT
-    )
+    expected = man.pack(torch.linalg.solve(b.mT @ b, ga.mT).mT, torch.linalg.solve(a.mT @ a, gb.mT).mT)
     got = man.egrad2rgrad(x, egrad)
     assert got.dtype == dtype
     assert _rel(got.double() - expected, expected) < _tol(dtype)
@@ -344,7 +342,7 @@ def test_preconditioned_rgrad_is_gauge_equivariant():
     man, x, _, g = _setup("preconditioned", torch.float64, (8, 6, 3), seed=4)
     target = torch.randn(8, 6, generator=g, dtype=torch.float64)
     G = random_gauge(3, 50.0, g)
-    push = lambda t: man.pack(*gauge_act(*man.unpack(t), G))  # noqa: E731
+    push = lambda t: man.pack(*gauge_act(*man.unpack(t), G))
     xg = push(x)
     lhs = man.egrad2rgrad(xg, _egrad(man, xg, target))
     rhs = push(man.egrad2rgrad(x, _egrad(man, x, target)))
@@ -355,9 +353,7 @@ def _taylor_slope(man, x, v, direction_fn, target):
     f0 = _loss(man, x, target)
     slope_term = man.inner(x, direction_fn(), v)
     ts = torch.logspace(-5, -1, 9, dtype=torch.float64)
-    errs = torch.stack(
-        [(_loss(man, man.retr(x, t * v), target) - f0 - t * slope_term).abs() for t in ts]
-    )
+    errs = torch.stack([(_loss(man, man.retr(x, t * v), target) - f0 - t * slope_term).abs() for t in ts])
     lt, le = ts.log(), errs.log()
     return float(((lt - lt.mean()) * (le - le.mean())).sum() / ((lt - lt.mean()) ** 2).sum())
 
@@ -389,9 +385,7 @@ def test_taylor_remainder_has_slope_two(metric, seed):
 def test_retr_keeps_full_rank_and_transp_lands_horizontal(metric, dtype, shape):
     man, x, u, g = _setup(metric, dtype, shape, seed=5, batch=(2,))
     a, b = man.unpack(x)
-    smin = torch.minimum(
-        torch.linalg.svdvals(a)[..., -1], torch.linalg.svdvals(b)[..., -1]
-    ).min()
+    smin = torch.minimum(torch.linalg.svdvals(a)[..., -1], torch.linalg.svdvals(b)[..., -1]).min()
     xi = man.proju(x, u)
     xi = xi * (0.5 * smin / torch.linalg.matrix_norm(xi, ord=2).max())  # ‖ξ‖₂ < σ_min
     y = man.retr(x, xi)
@@ -504,9 +498,9 @@ def test_rank_deficient_points_raise_instead_of_nan(metric):
     nan[2, 1] = float("nan")
     for bad, label in [(peft_init, "factor B"), (rank1, "factor A"), (nan, "factor A")]:
         for op in (
-            lambda: man.proju(bad, u),
-            lambda: man.egrad2rgrad(bad, u),
-            lambda: man.transp(x, bad, u),
+            lambda bad=bad: man.proju(bad, u),
+            lambda bad=bad: man.egrad2rgrad(bad, u),
+            lambda bad=bad: man.transp(x, bad, u),
         ):
             with pytest.raises(RankDeficientError, match=label):
                 op()

@@ -13,16 +13,18 @@ import torch
 
 from lowrank_geom import LoRAPair, LowRankOptimizer
 
-
 # Summed losses here make LoRA-RITE's update skipping (the authors' default) drop whole steps, and
 # the driver warns when it does (tests/test_optim.py tests the warning); these tests compare
 # engines and batching, skipping included, so the warning is expected.
 SKIP_WARNING = pytest.mark.filterwarnings("ignore:.*every pair's update was skipped:UserWarning")
 
+
 def _problem(seed: int, shapes, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    factors = [(0.5 * torch.randn(m, r, generator=g, dtype=dtype), 0.5 * torch.randn(n, r, generator=g, dtype=dtype))
-               for m, n, r in shapes]
+    factors = [
+        (0.5 * torch.randn(m, r, generator=g, dtype=dtype), 0.5 * torch.randn(n, r, generator=g, dtype=dtype))
+        for m, n, r in shapes
+    ]
     targets = [0.3 * torch.randn(m, n, generator=g, dtype=dtype) for m, n, _ in shapes]
     return factors, targets
 
@@ -35,8 +37,11 @@ def _run(factors, targets, steps, *, separate=False, peft_layout=False, grads_ma
         a = a.clone().requires_grad_()
         b = (b.T.contiguous() if peft_layout else b.clone()).requires_grad_()
         pairs.append(LoRAPair(a, b, b_rank_dim=0 if peft_layout else -1))
-    opts = [LowRankOptimizer([p], strategy=strategy, lr=2e-2, **hp) for p in pairs] if separate else \
-        [LowRankOptimizer(pairs, strategy=strategy, lr=2e-2, **hp)]
+    opts = (
+        [LowRankOptimizer([p], strategy=strategy, lr=2e-2, **hp) for p in pairs]
+        if separate
+        else [LowRankOptimizer(pairs, strategy=strategy, lr=2e-2, **hp)]
+    )
 
     def zs():
         return [p.a @ (p.b if peft_layout else p.b.T) for p in pairs]
@@ -55,10 +60,22 @@ SHAPES = [(12, 9, 3)] * 3 + [(7, 10, 2)] * 2
 
 
 @pytest.mark.parametrize("peft_layout", [False, True])
-@pytest.mark.parametrize("hp", [{}, dict(escape=True, second_moment="sum", bias_correction=False, row_normalize=False,
-                                         clip_unmagnified_grad=0.0, update_skipping=0.0),
-                                dict(weight_decay=0.1, update_capping=0.05, balance=True)],
-                         ids=["defaults", "paper", "options"])
+@pytest.mark.parametrize(
+    "hp",
+    [
+        {},
+        dict(
+            escape=True,
+            second_moment="sum",
+            bias_correction=False,
+            row_normalize=False,
+            clip_unmagnified_grad=0.0,
+            update_skipping=0.0,
+        ),
+        dict(weight_decay=0.1, update_capping=0.05, balance=True),
+    ],
+    ids=["defaults", "paper", "options"],
+)
 def test_gram_engine_equals_the_qr_engine(hp, peft_layout):
     factors, targets = _problem(0, SHAPES)
     fast = _run(factors, targets, 20, peft_layout=peft_layout, engine="gram", **hp)
@@ -80,18 +97,21 @@ def test_batched_step_equals_one_optimizer_per_pair(strategy):
     if strategy.startswith("lora_rite"):
         hp = dict(clip_unmagnified_grad=0.0, engine="qr" if strategy == "lora_rite_qr" else "gram")
         strategy = "lora_rite"
-    mask = lambda t, i: (t + i) % 3 != 0  # noqa: E731
+    mask = lambda t, i: (t + i) % 3 != 0
     for peft_layout in (False, True):
         batched = _run(factors, targets, 15, peft_layout=peft_layout, grads_mask=mask, strategy=strategy, **hp)
-        per_pair = _run(factors, targets, 15, separate=True, peft_layout=peft_layout, grads_mask=mask, strategy=strategy, **hp)
+        per_pair = _run(
+            factors, targets, 15, separate=True, peft_layout=peft_layout, grads_mask=mask, strategy=strategy, **hp
+        )
         for z1, z2 in zip(batched, per_pair):
             torch.testing.assert_close(z1, z2, rtol=1e-10, atol=1e-12)
 
 
 def _one_step_dz(a0, b0, ga, gb, dtype, engine):
     a, b = a0.to(dtype).clone().requires_grad_(), b0.to(dtype).clone().requires_grad_()
-    opt = LowRankOptimizer([(a, b)], strategy="lora_rite", lr=1e-2, engine=engine,
-                           update_skipping=0.0, clip_unmagnified_grad=0.0)
+    opt = LowRankOptimizer(
+        [(a, b)], strategy="lora_rite", lr=1e-2, engine=engine, update_skipping=0.0, clip_unmagnified_grad=0.0
+    )
     a.grad, b.grad = ga.to(dtype), gb.to(dtype)
     opt.step()
     return a.detach().double() @ b.detach().double().T - a0 @ b0.T
@@ -119,7 +139,10 @@ def test_float32_condition_sweep_against_float64(cond):
         v, _ = torch.linalg.qr(torch.randn(r, r, generator=g, dtype=torch.float64))
         a0 = (u * torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), r, dtype=torch.float64)) @ v
         b0 = torch.randn(n, r, generator=g, dtype=torch.float64) / r**0.5
-        ga, gb = 1e-2 * torch.randn(m, r, generator=g, dtype=torch.float64), 1e-2 * torch.randn(n, r, generator=g, dtype=torch.float64)
+        ga, gb = (
+            1e-2 * torch.randn(m, r, generator=g, dtype=torch.float64),
+            1e-2 * torch.randn(n, r, generator=g, dtype=torch.float64),
+        )
         ref = _one_step_dz(a0, b0, ga, gb, torch.float64, "qr")
         dz = _one_step_dz(a0, b0, ga, gb, torch.float32, "gram")
         assert torch.isfinite(dz).all()
@@ -140,21 +163,27 @@ def test_zero_and_rank_deficient_factors_step_like_the_qr_engine():
     fast = _run([(a, b)], targets, 10, engine="gram")
     slow = _run([(a, b)], targets, 10, engine="qr")
     torch.testing.assert_close(fast[0], slow[0], rtol=1e-9, atol=1e-11)
-    rank_one = torch.randn(10, 1, generator=g, dtype=torch.float64) @ torch.randn(1, 3, generator=g, dtype=torch.float64)
+    rank_one = torch.randn(10, 1, generator=g, dtype=torch.float64) @ torch.randn(
+        1, 3, generator=g, dtype=torch.float64
+    )
     out = _run([(rank_one, b)], targets, 5, engine="gram")
     assert torch.isfinite(out[0]).all()
 
 
 @SKIP_WARNING
 def test_auto_engine_is_qr_for_every_dtype():
-    """``engine="auto"`` is the QR engine in every dtype (the Gram engine is opt-in); the state keys say which engine built them."""
+    """``engine="auto"`` is the QR engine in every dtype (the Gram engine is opt-in); the state keys say
+    which engine built them."""
     from lowrank_geom.strategies.lora_rite import resolve_engine
 
     for dtype in (torch.float64, torch.float32, torch.bfloat16):
         assert resolve_engine("auto", dtype) == "qr"
     assert resolve_engine("gram", torch.float64) == "gram" and resolve_engine("qr", torch.float32) == "qr"
-    for dtype, engine, key in ((torch.float32, "auto", "exp_avg"), (torch.bfloat16, "auto", "exp_avg"),
-                               (torch.float32, "gram", "magnified_exp_avg")):
+    for dtype, engine, key in (
+        (torch.float32, "auto", "exp_avg"),
+        (torch.bfloat16, "auto", "exp_avg"),
+        (torch.float32, "gram", "magnified_exp_avg"),
+    ):
         a = torch.randn(6, 2, dtype=dtype, requires_grad=True)
         b = torch.randn(5, 2, dtype=dtype, requires_grad=True)
         opt = LowRankOptimizer([(a, b)], strategy="lora_rite", lr=1e-2, engine=engine)
@@ -169,8 +198,10 @@ def test_switching_the_engine_of_existing_state_is_refused_naming_the_option(bui
     g = torch.Generator().manual_seed(3)
     # two shapes, two buckets: a pair whose state is created after the switch would join the new
     # engine while the other keeps the old one; the switch is refused before any pair steps
-    pairs = [(torch.randn(m, 2, generator=g).requires_grad_(), torch.randn(5, 2, generator=g).requires_grad_())
-             for m in (6, 7)]
+    pairs = [
+        (torch.randn(m, 2, generator=g).requires_grad_(), torch.randn(5, 2, generator=g).requires_grad_())
+        for m in (6, 7)
+    ]
     opt = LowRankOptimizer(pairs, strategy="lora_rite", lr=1e-2, engine=built, update_skipping=0.0)
     (pairs[0][0] @ pairs[0][1].T).square().sum().backward()
     opt.step()
@@ -187,11 +218,14 @@ def test_switching_the_engine_of_existing_state_is_refused_naming_the_option(bui
     assert not torch.equal(before[0], pairs[0][0])
 
 
-@pytest.mark.parametrize("hp, reads_rows", [
-    ({}, True),  # defaults: row normalization and update skipping
-    (dict(row_normalize=False, update_skipping=0.0, update_capping=0.0), False),
-    (dict(row_normalize=False, update_skipping=0.0, update_capping=0.05), True),
-])
+@pytest.mark.parametrize(
+    "hp, reads_rows",
+    [
+        ({}, True),  # defaults: row normalization and update skipping
+        (dict(row_normalize=False, update_skipping=0.0, update_capping=0.0), False),
+        (dict(row_normalize=False, update_skipping=0.0, update_capping=0.05), True),
+    ],
+)
 def test_global_row_count_is_reduced_only_when_an_option_reads_it(hp, reads_rows):
     # on FSDP2 shards every row_reduce call is an all-reduce: the 0-dim row count is one per side,
     # and worth a collective only for the options that use it
@@ -203,15 +237,23 @@ def test_global_row_count_is_reduced_only_when_an_option_reads_it(hp, reads_rows
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(2, 6, 3, generator=g), torch.randn(2, 5, 3, generator=g)
     sa, sb = strat.init(a[0], b[0], full)
-    stack = lambda s: {k: torch.stack([v, v]) for k, v in s.items()}  # noqa: E731
+    stack = lambda s: {k: torch.stack([v, v]) for k, v in s.items()}
     shapes = []
 
     def row_reduce(t):
         shapes.append(tuple(t.shape))
         return t
 
-    batch = PairBatch(a, b, torch.randn(2, 6, 3, generator=g), torch.randn(2, 5, 3, generator=g),
-                      stack(sa), stack(sb), torch.zeros(2), row_reduce)
+    batch = PairBatch(
+        a,
+        b,
+        torch.randn(2, 6, 3, generator=g),
+        torch.randn(2, 5, 3, generator=g),
+        stack(sa),
+        stack(sb),
+        torch.zeros(2),
+        row_reduce,
+    )
     strat.update([batch], full)
     assert shapes, "the Grams go through row_reduce"
     assert shapes.count(()) == (2 if reads_rows else 0), shapes

@@ -125,18 +125,26 @@ def test_matches_pytorch_optimizer_lora_rite(zero_init):
     shapes = [(10, 8, 3), (10, 8, 3), (7, 12, 2)]
     init = []
     for m, n, r in shapes:
-        a = torch.zeros(m, r, dtype=torch.float64) if zero_init else 0.3 * torch.randn(m, r, generator=g, dtype=torch.float64)
+        a = (
+            torch.zeros(m, r, dtype=torch.float64)
+            if zero_init
+            else 0.3 * torch.randn(m, r, generator=g, dtype=torch.float64)
+        )
         init.append((a, 0.3 * torch.randn(n, r, generator=g, dtype=torch.float64)))
     targets = [0.2 * torch.randn(m, n, generator=g, dtype=torch.float64) for m, n, _ in shapes]
     ours = [(a.clone().requires_grad_(), b.clone().requires_grad_()) for a, b in init]
     theirs = [(a.clone().requires_grad_(), b.clone().requires_grad_()) for a, b in init]
     opt = LoRARITE(ours, lr=2e-2, weight_decay=0.01)
     # alternating order; both factors keep r in the last dim
-    ref = pytorch_optimizer.LoRARite([t for p in theirs for t in p], lr=2e-2, weight_decay=0.01, lora_l_dim=-1, lora_r_dim=-1)
+    ref = pytorch_optimizer.LoRARite(
+        [t for p in theirs for t in p], lr=2e-2, weight_decay=0.01, lora_l_dim=-1, lora_r_dim=-1
+    )
     for _ in range(30):
         for pairs, o in ((ours, opt), (theirs, ref)):
             o.zero_grad()
-            sum(0.5 * (a @ b.T - t).pow(2).sum() + 0.05 * (a @ b.T).sin().sum() for (a, b), t in zip(pairs, targets)).backward()
+            sum(
+                0.5 * (a @ b.T - t).pow(2).sum() + 0.05 * (a @ b.T).sin().sum() for (a, b), t in zip(pairs, targets)
+            ).backward()
             o.step()
     for (a, b), (a2, b2) in zip(ours, theirs):
         torch.testing.assert_close(a @ b.T, a2 @ b2.T, rtol=1e-7, atol=1e-9)
@@ -341,9 +349,13 @@ def test_rebalance_never_acts_where_z_is_not_resolved():
     g = torch.Generator().manual_seed(5)
     b = torch.randn(15, 4, generator=g, dtype=torch.float64)
     target = torch.randn(20, 15, generator=g, dtype=torch.float64)
-    starts = [(torch.zeros(20, 4, dtype=torch.float64), b),
-              (1e-3 * torch.randn(20, 4, generator=g, dtype=torch.float64),
-               torch.cat([1e3 * b[:, :2], torch.zeros(15, 2, dtype=torch.float64)], dim=1))]
+    starts = [
+        (torch.zeros(20, 4, dtype=torch.float64), b),
+        (
+            1e-3 * torch.randn(20, 4, generator=g, dtype=torch.float64),
+            torch.cat([1e3 * b[:, :2], torch.zeros(15, 2, dtype=torch.float64)], dim=1),
+        ),
+    ]
     for a0, b0 in starts:
         for x, y in zip(_one_step(a0, b0, target), _one_step(a0, b0, target, rebalance=0.0)):
             assert torch.equal(x, y)
@@ -385,8 +397,9 @@ def _train_peft(opt_name, dtype, lr, steps=80):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     else:
         pairs = lora_pairs(model)
-        opt = LowRankOptimizer([{"pairs": pairs}, {"params": non_pair_parameters(model, pairs)}],
-                               strategy=opt_name, lr=lr)
+        opt = LowRankOptimizer(
+            [{"pairs": pairs}, {"params": non_pair_parameters(model, pairs)}], strategy=opt_name, lr=lr
+        )
     for _ in range(steps):
         idx = torch.randint(0, 256, (32,), generator=g)
         loss = torch.nn.functional.cross_entropy(model(x[idx]).float(), y[idx])
