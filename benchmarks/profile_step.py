@@ -18,6 +18,41 @@ from typing import Any
 
 import torch
 
+#: operator families of the profile's summary, by aten name (``aten::`` and leading ``_`` dropped,
+#: ``foreach_`` ops by the op they apply, in-place ``_`` dropped); what is in none is ``other`` (views, allocation,
+#: ``item``). The optimizer's own Python is the ``Optimizer.step#…`` record's self time.
+CATEGORIES = {
+    "GEMM": set("bmm mm matmul addmm baddbmm addbmm linear dot".split()),
+    "factorization (QR, SVD, eigh, Cholesky, solve)": set(
+        "linalg_qr linalg_svd linalg_eigh linalg_eigvalsh linalg_cholesky_ex linalg_solve_ex "
+        "linalg_solve_triangular linalg_inv_ex linalg_pinv triangular_solve cholesky_solve".split()
+    ),
+    "copy / stack / cast": set("copy cat stack to_copy clone contiguous fill zero".split()),
+    "reduction (norm, sum, any)": set("linalg_vector_norm norm sum any all amax amin max min".split()),
+    "elementwise": set(
+        "mul add sub div where sqrt rsqrt pow clamp clamp_min clamp_max maximum minimum triu tril neg abs "
+        "addcmul addcdiv lerp reciprocal square isfinite eq ne gt lt ge le logical_and logical_or logical_not "
+        "sign exp log nan_to_num masked_fill".split()
+    ),
+}
+PYTHON = "driver Python (Optimizer.step self time)"
+
+
+def category(op: str) -> str:
+    """The family (:data:`CATEGORIES`) of the profiler key ``op``."""
+    if op.startswith("Optimizer.step"):
+        return PYTHON
+    name = op.removeprefix("aten::").lstrip("_").removeprefix("foreach_").rstrip("_")
+    return next((label for label, names in CATEGORIES.items() if name in names), "other")
+
+
+def by_category(rows: list[tuple[str, int, float]]) -> dict[str, float]:
+    """Self ms per step summed over the operators of each family (every operator, not a top-k)."""
+    out: dict[str, float] = {}
+    for key, _calls, ms in rows:
+        out[category(key)] = out.get(category(key), 0.0) + ms
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
 
 def profile(
     name: str,
@@ -27,8 +62,13 @@ def profile(
     layers: int = 18,
     top: int = 12,
     overrides: dict[str, Any] | None = None,
-) -> tuple[float, list[tuple[str, int, float]]]:
-    """(profiled ms per step, [(operator, calls per step, self ms per step)] for the ``top`` operators)."""
+    hidden: int = 2048,
+    kv: int = 256,
+    categories: bool = False,
+) -> tuple[float, list[tuple[str, int, float]]] | tuple[float, list[tuple[str, int, float]], dict[str, float]]:
+    """(profiled ms per step, [(operator, calls per step, self ms per step)] for the ``top`` operators)
+    on the Gemma-shaped set ``layer_shapes(layers, hidden, kv, r)``; with ``categories`` also the
+    self ms per step of each operator family (:func:`by_category`, over all operators)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -36,7 +76,7 @@ def profile(
     from benchmarks.speed import ParamSet, _device, _sync, layer_shapes
 
     device = _device()
-    ps = ParamSet(layer_shapes(layers, 2048, 256, r), seed=0, device=device)
+    ps = ParamSet(layer_shapes(layers, hidden, kv, r), seed=0, device=device)
     ps.reset()
     opt = make_optimizer(name, ps.model, suite="speed", **(overrides or {}))
     for _ in range(warmup):
@@ -51,6 +91,8 @@ def profile(
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     rows = sorted(((e.key, e.count // steps, getattr(e, attr) / 1e3 / steps) for e in events), key=lambda x: -x[2])
     total = sum(x[2] for x in rows)
+    if categories:
+        return total, rows[:top], by_category(rows)
     return total, rows[:top]
 
 

@@ -83,6 +83,9 @@ BASELINE = "adam"
 #: optimizers whose step rewrites ``.grad`` in place (gradients restored before each timed step)
 MUTATES_GRAD = {"peft_riemannian"}
 
+#: the optimizers profiled per rank (``size["profile"]``): Adam and the strategies with a target there
+PROFILED = {16: ["adam", "lora_rite", "scaled_gd", "scaled_adam"], 64: ["adam", "lora_rite"]}
+
 SIZES: dict[str, dict[str, Any]] = {
     "quick": dict(
         sets={"tiny": dict(layers=4, hidden=128, kv=32, ranks=[8])},
@@ -93,6 +96,7 @@ SIZES: dict[str, dict[str, Any]] = {
         # the targets' interleaved repeats; r = 16 exists only here (tiny: kv 32 allows it), the
         # floor is timed at the largest rank
         targets=dict(ranks=[8, 16], floor_rank=16, repeats=5, min_run_time=0.005),
+        profile=dict(optimizers={8: ["adam", "lora_rite"]}, steps=1, warmup=1, top=5),
     ),
     "default": dict(
         sets={
@@ -107,6 +111,8 @@ SIZES: dict[str, dict[str, Any]] = {
         # ~25 s on the idle 2-core CPU: at r = 64 LoRA-RITE and pytorch_optimizer's LoRARite take
         # ~0.9 s a step, so one step per repeat there; more steps at r = 8 and 16
         targets=dict(ranks=[8, 16, 64], floor_rank=64, repeats=5, min_run_time=0.2),
+        # where the time of the missed targets goes (≈15 s): operator families of one step
+        profile=dict(optimizers=PROFILED, steps=2, warmup=1, top=8),
     ),
     "full": dict(
         sets={
@@ -117,6 +123,7 @@ SIZES: dict[str, dict[str, Any]] = {
         min_run_time=1.0,
         shampoo=dict(layers=1, ranks=[8, 16, 64], max_dim=1024, sets=["gemma-2b"]),
         targets=dict(ranks=[8, 16, 64], floor_rank=64, repeats=9, min_run_time=0.5),
+        profile=dict(optimizers=PROFILED, steps=10, warmup=3, top=12),
         compile=True,
     ),
 }
@@ -541,115 +548,122 @@ def run(ctx: RunContext) -> SuiteResult:
         return _run(ctx)
 
 
-def _run(ctx: RunContext) -> SuiteResult:
-    from benchmarks.optimizers import OPTIMIZERS
-
-    torch.manual_seed(ctx.seed)
-    size = SIZES[ctx.size]
-    device = _device()
-    load_before = os.getloadavg()
-    whole = CpuMonitor().start()
-    mrt = size["min_run_time"]
-    names = list(OPTIMIZERS)
-
-    # ---- the jobs: (set, r) × optimizer, on the main set each rank's interleaved target repeats
-    # (sharing its ParamSet), then the m sweep
+def _jobs(size: dict[str, Any], names: list[str]) -> list[tuple[str, Any, int, str | None]]:
+    """(kind, set name or m, r, optimizer) in timing order: each (set, r) × optimizer, on the main
+    set followed by that rank's interleaved target repeats (sharing its ParamSet), then the m sweep."""
     main_set = next(iter(size["sets"]))
     tcfg = size["targets"]
     jobs: list[tuple[str, Any, int, str | None]] = []
     for set_name, spec in size["sets"].items():
         for r in spec["ranks"]:
-            for name in names:
-                jobs.append(("set", set_name, r, name))
+            jobs += [("set", set_name, r, name) for name in names]
             if set_name == main_set and r in tcfg["ranks"]:
                 jobs.append(("targets", set_name, r, None))
         if set_name == main_set:
             jobs += [("targets", set_name, r, None) for r in tcfg["ranks"] if r not in spec["ranks"]]
     sweep = size["m_sweep"]
-    for m in sweep["ms"]:
-        for name in names:
-            jobs.append(("m", m, sweep["r"], name))
+    jobs += [("m", m, sweep["r"], name) for m in sweep["ms"] for name in names]
+    return jobs
 
-    sets: dict[str, dict[str, dict[str, Any]]] = {}
+
+class _Sets:
+    """The :class:`ParamSet` of the job at hand, rebuilt only when the job's (kind, set, r) changes."""
+
+    def __init__(self, size: dict[str, Any], seed: int, device: torch.device) -> None:
+        self.size, self.seed, self.device = size, seed, device
+        self.key: tuple | None = None
+        self.ps: ParamSet | None = None
+
+    def get(self, kind: str, key: Any, r: int) -> ParamSet:
+        if self.key != (kind, key, r):
+            self.ps = None  # free the previous set first
+            if kind == "m":
+                shapes = [(key, key, r)] * self.size["m_sweep"]["pairs"]
+            else:
+                spec = self.size["sets"][key]
+                shapes = layer_shapes(spec["layers"], spec["hidden"], spec["kv"], r)
+            self.ps, self.key = ParamSet(shapes, self.seed, self.device), (kind, key, r)
+        return self.ps
+
+
+def _shampoo_subset(size: dict[str, Any], ps: ParamSet, spec: dict[str, Any], layers: int, r: int, seed: int):
+    """Shampoo timed on the first ``layers`` layers of ``ps``'s set, extrapolated to the whole set."""
+    mrt = size["min_run_time"]
+    sub = ParamSet(layer_shapes(layers, spec["hidden"], spec["kv"], r), seed, ps.device)
+    res = measure("shampoo", sub, mrt)
+    base = measure(BASELINE, sub, mrt)
+    factor = len(ps.shapes) / len(sub.shapes)
+    return dict(
+        res,
+        subset_pairs=len(sub.shapes),
+        subset_ms=res["ms"],
+        subset_state_bytes=res["state_bytes"],
+        subset_adam_ms=base["ms"],
+        ms=res["ms"] * factor,
+        state_bytes=int(res["state_bytes"] * factor),
+        param_bytes=ps.numel * 4,
+        pairs=len(ps.shapes),
+        extrapolated=factor,
+        ratio_to_adam_subset=res["ms"] / base["ms"],
+        contended=res["contended"] or base["contended"],
+    )
+
+
+def _set_entry(size: dict[str, Any], sets: _Sets, set_name: str, r: int, name: str) -> dict[str, Any]:
+    """One optimizer's row on a parameter set (Shampoo: measured, on a subset, or skipped)."""
+    spec = size["sets"][set_name]
+    ps = sets.get("set", set_name, r)
+    if name == "shampoo":
+        plan, arg = _shampoo_plan(size, set_name, spec, r)
+        if plan == "skipped":
+            return {"skipped": arg}
+        if plan == "subset":
+            return _shampoo_subset(size, ps, spec, arg, r, sets.seed)
+    return measure(name, ps, size["min_run_time"])
+
+
+def _time_jobs(ctx: RunContext, size: dict[str, Any], device: torch.device):
+    """Run :func:`_jobs`: (set tables, m sweep, interleaved target repeats by rank)."""
+    from benchmarks.optimizers import OPTIMIZERS
+
+    names, tcfg, max_dim = list(OPTIMIZERS), size["targets"], size["shampoo"]["max_dim"]
+    sets, jobs = _Sets(size, ctx.seed, device), _jobs(size, names)
+    by_set: dict[str, dict[str, dict[str, Any]]] = {}
     msweep: dict[str, dict[str, Any]] = {name: {} for name in names}
-    current: tuple | None = None
-    ps: ParamSet | None = None
     interleaved: dict[str, dict[str, Any]] = {}
     for kind, key, r, name in progress(jobs, ctx, "speed", total=len(jobs)):
         if kind == "targets":
-            spec = size["sets"][key]
-            if current != ("set", key, r):
-                ps = None
-                ps = ParamSet(layer_shapes(spec["layers"], spec["hidden"], spec["kv"], r), ctx.seed, device)
-                current = ("set", key, r)
+            ps = sets.get("set", key, r)
             interleaved[str(r)] = interleaved_repeats(ps, timed_at(r, tcfg), tcfg["repeats"], tcfg["min_run_time"])
-            continue
-        if kind == "set":
-            spec = size["sets"][key]
-            ident = ("set", key, r)
-            if current != ident:
-                ps = None
-                ps = ParamSet(layer_shapes(spec["layers"], spec["hidden"], spec["kv"], r), ctx.seed, device)
-                current = ident
-            entry = sets.setdefault(key, {}).setdefault(str(r), {})
-            if name == "shampoo":
-                plan, arg = _shampoo_plan(size, key, spec, r)
-                if plan == "skipped":
-                    entry[name] = {"skipped": arg}
-                    continue
-                if plan == "subset":
-                    sub = ParamSet(layer_shapes(arg, spec["hidden"], spec["kv"], r), ctx.seed, device)
-                    res = measure(name, sub, mrt)
-                    base = measure(BASELINE, sub, mrt)
-                    factor = len(ps.shapes) / len(sub.shapes)
-                    entry[name] = dict(
-                        res,
-                        subset_pairs=len(sub.shapes),
-                        subset_ms=res["ms"],
-                        subset_state_bytes=res["state_bytes"],
-                        subset_adam_ms=base["ms"],
-                        ms=res["ms"] * factor,
-                        state_bytes=int(res["state_bytes"] * factor),
-                        param_bytes=ps.numel * 4,
-                        pairs=len(ps.shapes),
-                        extrapolated=factor,
-                        ratio_to_adam_subset=res["ms"] / base["ms"],
-                        contended=res["contended"] or base["contended"],
-                    )
-                    del sub
-                    continue
-            entry[name] = measure(name, ps, mrt)
+        elif kind == "set":
+            by_set.setdefault(key, {}).setdefault(str(r), {})[name] = _set_entry(size, sets, key, r, name)
+        elif name == "shampoo" and key > max_dim:
+            msweep[name][str(key)] = {"skipped": f"m = {key} > shampoo max_dim {max_dim}"}
         else:
-            ident = ("m", key, r)
-            if name == "shampoo" and key > size["shampoo"]["max_dim"]:
-                msweep[name][str(key)] = {"skipped": f"m = {key} > shampoo max_dim {size['shampoo']['max_dim']}"}
-                continue
-            if current != ident:
-                ps = None
-                ps = ParamSet([(key, key, r)] * sweep["pairs"], ctx.seed, device)
-                current = ident
-            msweep[name][str(key)] = measure(name, ps, mrt)
-    ps = None
-    compiled: dict[str, Any] = {}
-    if _compile_option(ctx, size) and COMPILE_RANK in size["sets"][main_set]["ranks"]:
-        spec = size["sets"][main_set]
-        ps = ParamSet(layer_shapes(spec["layers"], spec["hidden"], spec["kv"], COMPILE_RANK), ctx.seed, device)
-        eager = sets[main_set][str(COMPILE_RANK)]
-        for name in progress(COMPILED, ctx, "speed (compile=True)", total=len(COMPILED)):
-            res = measure(name, ps, mrt, {"compile": True})
-            res["ratio_to_eager"] = res["ms"] / eager[name]["ms"]
-            res["ratio_to_adam"] = res["ms"] / eager[BASELINE]["ms"]
-            res["contended"] = res["contended"] or eager[name].get("contended") or eager[BASELINE].get("contended")
-            compiled[name] = res
-        ps = None
-    load = {
-        "before": list(load_before),
-        "after": list(os.getloadavg()),
-        "cpus": os.cpu_count(),
-        "others_cpu_share": whole.share(),
-    }
+            msweep[name][str(key)] = measure(name, sets.get("m", key, r), size["min_run_time"])
+    return by_set, msweep, interleaved
 
-    # ---- ratios, targets
+
+def _time_compiled(ctx: RunContext, size: dict[str, Any], sets: dict[str, Any], device: torch.device):
+    """:data:`COMPILED` with ``compile=True`` on the main set at :data:`COMPILE_RANK`, against the eager rows."""
+    main_set = next(iter(size["sets"]))
+    if not (_compile_option(ctx, size) and COMPILE_RANK in size["sets"][main_set]["ranks"]):
+        return {}
+    spec = size["sets"][main_set]
+    ps = ParamSet(layer_shapes(spec["layers"], spec["hidden"], spec["kv"], COMPILE_RANK), ctx.seed, device)
+    eager = sets[main_set][str(COMPILE_RANK)]
+    compiled = {}
+    for name in progress(COMPILED, ctx, "speed (compile=True)", total=len(COMPILED)):
+        res = measure(name, ps, size["min_run_time"], {"compile": True})
+        res["ratio_to_eager"] = res["ms"] / eager[name]["ms"]
+        res["ratio_to_adam"] = res["ms"] / eager[BASELINE]["ms"]
+        res["contended"] = res["contended"] or eager[name].get("contended") or eager[BASELINE].get("contended")
+        compiled[name] = res
+    return compiled
+
+
+def _add_ratios(sets: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """``ratio_to_adam`` and ``state_ratio_to_adamw`` on every measured row, in place."""
     for by_r in sets.values():
         for by_name in by_r.values():
             adam = by_name[BASELINE]["ms"]
@@ -658,8 +672,51 @@ def _run(ctx: RunContext) -> SuiteResult:
                 if "ms" in res:
                     res["ratio_to_adam"] = res.get("ratio_to_adam_subset", res["ms"] / adam)
                     res["state_ratio_to_adamw"] = res["state_bytes"] / adamw
-    targets = _targets(sets[main_set], interleaved, tcfg)
 
+
+def _profiles(ctx: RunContext, size: dict[str, Any]) -> dict[str, Any]:
+    """``torch.profiler`` self time per operator family of one step (:mod:`benchmarks.profile_step`)
+    for each (rank, optimizer) of ``size["profile"]``, on the main set's shapes: where a missed
+    target's time goes."""
+    from benchmarks.profile_step import profile
+
+    cfg = size["profile"]
+    spec = next(iter(size["sets"].values()))
+    jobs = [(r, name) for r, names in cfg["optimizers"].items() for name in names]
+    out: dict[str, Any] = {"steps": cfg["steps"], "warmup": cfg["warmup"], "by_rank": {}}
+    for r, name in progress(jobs, ctx, "speed (profile)", total=len(jobs)):
+        total, top, families = profile(
+            name, r, cfg["steps"], cfg["warmup"], spec["layers"], cfg["top"],
+            hidden=spec["hidden"], kv=spec["kv"], categories=True,
+        )  # fmt: skip
+        out["by_rank"].setdefault(str(r), {})[name] = {
+            "profiled_ms": total,
+            "families_ms": families,
+            "top_ops": [{"op": k, "calls": c, "ms": ms} for k, c, ms in top],
+        }
+    return out
+
+
+def _run(ctx: RunContext) -> SuiteResult:
+    torch.manual_seed(ctx.seed)
+    size = SIZES[ctx.size]
+    device = _device()
+    load_before = os.getloadavg()
+    whole = CpuMonitor().start()
+    tcfg = size["targets"]
+    main_set = next(iter(size["sets"]))
+    sets, msweep, interleaved = _time_jobs(ctx, size, device)
+    compiled = _time_compiled(ctx, size, sets, device)
+    load = {
+        "before": list(load_before),
+        "after": list(os.getloadavg()),
+        "cpus": os.cpu_count(),
+        "others_cpu_share": whole.share(),
+    }
+    profiles = _profiles(ctx, size)  # after the load record: the profiler's overhead is not a timing
+    _add_ratios(sets)
+    targets = _targets(sets[main_set], interleaved, tcfg)
+    sweep = size["m_sweep"]
     metrics = {
         "sets": sets,
         "m_sweep": {"r": sweep["r"], "pairs": sweep["pairs"], "results": msweep},
@@ -675,6 +732,7 @@ def _run(ctx: RunContext) -> SuiteResult:
             "by_rank": interleaved,
         },
         "compiled": {"set": main_set, "r": COMPILE_RANK, "results": compiled} if compiled else None,
+        "profile": profiles,
         "baseline": "torch.optim.Adam(foreach=True) (config 'adam')",
         "load_average": load,
     }
@@ -683,10 +741,10 @@ def _run(ctx: RunContext) -> SuiteResult:
         **size,
         "device": str(device),
         "dtype": "float32",
-        "timer": f"torch.utils.benchmark.Timer.blocked_autorange(min_run_time={mrt}), median, "
+        "timer": f"torch.utils.benchmark.Timer.blocked_autorange(min_run_time={size['min_run_time']}), median, "
         f"{torch.get_num_threads()} threads",
     }
-    table = _table(sets, msweep, sweep, targets, tcfg, load)
+    table = _table(sets, msweep, sweep, targets, tcfg, load) + "\n\n" + _profile_table(profiles, main_set)
     if compiled:
         table = _compiled_table(compiled, main_set) + "\n\n" + table
     figures = _plots(sets, msweep, sweep, ctx)
@@ -787,11 +845,39 @@ def _fmt_ms(res: dict[str, Any]) -> Any:
     return s + "†" if res.get("contended") else s
 
 
-def _table(sets, msweep, sweep, targets, tcfg, load) -> str:
+def _set_rows(set_name: str, by_r: dict[str, Any], notes: list[str]) -> list[list[Any]]:
+    """Rows of one parameter set's table: per optimizer, ms and ×Adam then state MB and ×AdamW per rank."""
     from benchmarks.optimizers import OPTIMIZERS
 
+    rows = []
+    for name in OPTIMIZERS:
+        row, state = [name], []
+        for r, by_name in by_r.items():
+            res = by_name.get(name, {"skipped": "not run"})
+            if "skipped" in res:
+                row += [_fmt_ms(res), "—"]
+                state += ["—", "—"]
+                continue
+            flag = res.get("contended") or by_name[BASELINE].get("contended")
+            row += [_fmt_ms(res), f"{res['ratio_to_adam']:.4g}" + ("†" if flag else "")]
+            state += [
+                f"{res['state_bytes'] / 2**20:.2f}" + ("*" if res.get("extrapolated") else ""),
+                res["state_ratio_to_adamw"],
+            ]
+            if res.get("extrapolated"):
+                notes.append(
+                    f"`{name}` on {set_name} r={r}: timed on the first {res['subset_pairs']} pairs "
+                    f"({res['subset_ms']:.0f} ms per step; Adam on the same subset "
+                    f"{res['subset_adam_ms']:.2f} ms, ×Adam = {res['ratio_to_adam_subset']:.0f}); ms and state "
+                    f"MB marked * are ×{res['extrapolated']:.0f} extrapolations (identical layers: the state "
+                    "scales exactly, the time per pair is assumed constant)."
+                )
+        rows.append(row + state)
+    return rows
+
+
+def _set_tables(sets: dict[str, Any], notes: list[str]) -> list[str]:
     parts = []
-    notes = []
     for set_name, by_r in sets.items():
         ranks = list(by_r)
         head = (
@@ -799,79 +885,65 @@ def _table(sets, msweep, sweep, targets, tcfg, load) -> str:
             + [h for r in ranks for h in (f"ms r={r}", f"×Adam r={r}")]
             + [h for r in ranks for h in (f"state MB r={r}", f"×AdamW r={r}")]
         )
-        rows = []
-        for name in OPTIMIZERS:
-            row = [name]
-            for r in ranks:
-                res = by_r[r].get(name, {"skipped": "not run"})
-                if "skipped" in res:
-                    row += [_fmt_ms(res), "—"]
-                else:
-                    flag = res.get("contended") or by_r[r][BASELINE].get("contended")
-                    row += [_fmt_ms(res), f"{res['ratio_to_adam']:.4g}" + ("†" if flag else "")]
-            for r in ranks:
-                res = by_r[r].get(name, {"skipped": "not run"})
-                if "skipped" in res:
-                    row += ["—", "—"]
-                else:
-                    mb = f"{res['state_bytes'] / 2**20:.2f}" + ("*" if res.get("extrapolated") else "")
-                    row += [mb, res["state_ratio_to_adamw"]]
-                    if res.get("extrapolated"):
-                        notes.append(
-                            f"`{name}` on {set_name} r={r}: timed on the first {res['subset_pairs']} pairs "
-                            f"({res['subset_ms']:.0f} ms per step; Adam on the same subset "
-                            f"{res['subset_adam_ms']:.2f} ms, ×Adam = {res['ratio_to_adam_subset']:.0f}); ms and state "
-                            f"MB marked * are ×{res['extrapolated']:.0f} extrapolations (identical layers: the state "
-                            "scales exactly, the time per pair is assumed constant)."
-                        )
-            rows.append(row)
+        rows = _set_rows(set_name, by_r, notes)
         pairs = next(iter(by_r.values()))[BASELINE]["pairs"]
         parts.append(f"### {set_name} ({pairs} pairs), step time and optimizer state\n\n" + markdown_table(head, rows))
-        for r in ranks:
-            res = by_r[r].get("shampoo", {})
-            if "skipped" in res:
-                notes.append(f"`shampoo` on {set_name} r={r}: skipped ({res['skipped']}).")
+        notes += [
+            f"`shampoo` on {set_name} r={r}: skipped ({res['shampoo']['skipped']})."
+            for r, res in by_r.items()
+            if "skipped" in res.get("shampoo", {})
+        ]
+    return parts
+
+
+def _sweep_table(msweep: dict[str, Any], sweep: dict[str, Any], notes: list[str]) -> str:
+    from benchmarks.optimizers import OPTIMIZERS
+
     ms = [str(m) for m in sweep["ms"]]
-    head = ["optimizer"] + [f"ms m={m}" for m in ms]
     rows = [[name] + [_fmt_ms(msweep[name][m]) for m in ms] for name in OPTIMIZERS]
-    parts.append(f"### m sweep: {sweep['pairs']} pairs m×m, r={sweep['r']}\n\n" + markdown_table(head, rows))
-    for m in ms:
-        if "skipped" in msweep["shampoo"].get(m, {}):
-            notes.append(f"`shampoo` m={m}: skipped ({msweep['shampoo'][m]['skipped']}).")
-    parts.append(_targets_table(targets, tcfg, next(iter(sets))))
-    n_cont = sum(
-        1 for by_r in sets.values() for res_r in by_r.values() for x in res_r.values() if x.get("contended")
-    ) + sum(1 for by_m in msweep.values() for x in by_m.values() if x.get("contended"))
-    notes.append(
+    notes += [
+        f"`shampoo` m={m}: skipped ({msweep['shampoo'][m]['skipped']})."
+        for m in ms
+        if "skipped" in msweep.get("shampoo", {}).get(m, {})
+    ]
+    head = ["optimizer"] + [f"ms m={m}" for m in ms]
+    return f"### m sweep: {sweep['pairs']} pairs m×m, r={sweep['r']}\n\n" + markdown_table(head, rows)
+
+
+def _method_notes(targets: list[dict[str, Any]], tcfg: dict[str, Any], n_cont: int) -> list[str]:
+    contended = {t["r"]: t["contended_repeats"] for t in targets if "per_repeat" in t}
+    return [
         f"† = other processes used more than the cores left free by our {torch.get_num_threads()} thread(s) "
         f"plus {CONTENDED:.0%} of the machine while this was timed "
-        f"({n_cont} measurement(s)); such numbers are not reliable."
-    )
-    notes.append(
+        f"({n_cont} measurement(s)); such numbers are not reliable.",
         "Step time (set and sweep tables): median of `blocked_autorange`, fixed gradients, float32; ×Adam = ratio to "
         "`torch.optim.Adam(foreach=True)` timed in the same run on the same set. State: exact Σ numel·element_size "
         "over `optimizer.state`. `peft_riemannian` restores its (in-place preconditioned) gradients before every "
-        "step; the separately timed copy is subtracted."
-    )
-    notes.append(
+        "step; the separately timed copy is subtracted.",
         f"Targets: every timed ratio is taken per repeat, both times from the same repeat, over {tcfg['repeats']} "
         f"interleaved repeats (repeat k times each optimizer once, for ≥ {tcfg['min_run_time']:g} s and at least one "
         "step, in an order rotated by k); the table shows the median and the min–max of the per-repeat ratios "
         "(each repeat's values in the JSON, `targets[i].per_repeat`), and the status follows the median. These "
         "medians come from their own steps, not from the set tables above. A status is marked unreliable when at "
         "least half of its repeats were contended (†); contended repeats here: "
-        + ", ".join(
-            f"r={r} {c}/{tcfg['repeats']}"
-            for r, c in sorted({t["r"]: t["contended_repeats"] for t in targets if "per_repeat" in t}.items())
-        )
-        + "."
-    )
-    notes.append(
+        + ", ".join(f"r={r} {c}/{tcfg['repeats']}" for r, c in sorted(contended.items()))
+        + ".",
         f"Floor at r={tcfg['floor_rank']}: the work LoRA-RITE cannot avoid — the Grams AᵀA and BᵀB of every pair "
         "(float32 `torch.bmm` over each bucket of same-shape pairs, stacked once, untimed) and one batched "
         "`torch.linalg.eigh` of the 2 r×r second moments per pair; no update GEMM, transport, elementwise pass "
-        "or driver Python."
-    )
+        "or driver Python.",
+    ]
+
+
+def _table(sets, msweep, sweep, targets, tcfg, load) -> str:
+    notes: list[str] = []
+    parts = _set_tables(sets, notes)
+    parts.append(_sweep_table(msweep, sweep, notes))
+    parts.append(_targets_table(targets, tcfg, next(iter(sets))))
+    measured = [x for by_r in sets.values() for res_r in by_r.values() for x in res_r.values()]
+    measured += [x for by_m in msweep.values() for x in by_m.values()]
+    n_cont = sum(1 for x in measured if x.get("contended"))
+    notes += _method_notes(targets, tcfg, n_cont)
     share = load["others_cpu_share"]
     notes.append(
         f"{torch.get_num_threads()} torch thread(s) on {load['cpus']} CPUs; other processes used "
@@ -881,6 +953,38 @@ def _table(sets, msweep, sweep, targets, tcfg, load) -> str:
         + (f"; **{n_cont} measurement(s) contended (†)**." if n_cont else "; no measurement contended.")
     )
     return "\n\n".join(parts) + "\n\n" + "\n".join(f"- {n}" for n in dict.fromkeys(notes))
+
+
+def _profile_table(profiles: dict[str, Any], set_name: str) -> str:
+    """Per rank: self ms per step of each operator family, per profiled optimizer (share of its total)."""
+    parts = []
+    for r, by_name in profiles["by_rank"].items():
+        names = list(by_name)
+        families = list(dict.fromkeys(f for res in by_name.values() for f in res["families_ms"]))
+        rows = [
+            [fam]
+            + [
+                f"{res['families_ms'].get(fam, 0.0):.3g} ({res['families_ms'].get(fam, 0.0) / res['profiled_ms']:.0%})"
+                for res in by_name.values()
+            ]
+            for fam in families
+        ]
+        rows.append(["**total (profiled)**"] + [f"{res['profiled_ms']:.3g}" for res in by_name.values()])
+        top = "; ".join(
+            f"`{n}`: " + ", ".join(f"{t['op'].removeprefix('aten::')} {t['ms']:.3g}" for t in res["top_ops"][:4])
+            for n, res in by_name.items()
+        )
+        parts.append(
+            f"### Profile: {set_name}, r={r}, self ms per step by operator family\n\n"
+            + markdown_table(["operator family"] + [f"{n} ms (share)" for n in names], rows)
+            + f"\n\nTop operators (self ms per step): {top}."
+        )
+    return (
+        "\n\n".join(parts) + f"\n\n- `torch.profiler` self CPU time per step ({profiles['steps']} profiled steps after "
+        f"{profiles['warmup']} warm-up step(s); `python -m benchmarks.profile_step` prints the full list). "
+        "The profiler's own overhead inflates small calls, so read the shares, not the absolute times; "
+        "the step times are the tables above."
+    )
 
 
 def _spread(t: dict[str, Any], key_min: str = "min", key_max: str = "max") -> str:
@@ -928,80 +1032,90 @@ def _color(i: int):
     return plt.get_cmap("tab10")(i) if i < 10 else extra[(i - 10) % len(extra)]
 
 
+MARKERS = "os^vD<>pPX*hd"
+
+
+def _time_vs_r(ax, by_r: dict[str, Any], set_name: str) -> None:
+    from matplotlib.ticker import NullFormatter
+
+    from benchmarks.optimizers import OPTIMIZERS
+
+    ranks = sorted(int(r) for r in by_r)
+    for i, name in enumerate(OPTIMIZERS):
+        xs = [r for r in ranks if "ms" in by_r[str(r)].get(name, {})]
+        if not xs:
+            continue
+        extrap = any(by_r[str(r)][name].get("extrapolated") for r in xs)
+        ax.loglog(
+            xs,
+            [by_r[str(r)][name]["ms"] for r in xs],
+            marker=MARKERS[i % len(MARKERS)],
+            color=_color(i),
+            linestyle=":" if extrap else ("-" if i < 4 else "--"),
+            label=name + (" (extrapolated)" if extrap else ""),
+            markerfacecolor="none" if extrap else None,
+        )
+    ax.set_xlabel("rank r")
+    ax.set_ylabel("step time (ms)")
+    ax.set_title(f"{set_name}: step time vs r")
+    ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    for r in ranks:
+        res = by_r[str(r)].get("shampoo", {})
+        if res.get("extrapolated"):
+            label = f"shampoo ×{res['extrapolated']:.0f} from {res['subset_pairs']} pairs"
+            ax.annotate(label, (r, res["ms"]), textcoords="offset points", xytext=(6, -4), fontsize=7)
+
+
+def _time_vs_m(ax, msweep: dict[str, Any], sweep: dict[str, Any]) -> None:
+    from matplotlib.ticker import NullFormatter
+
+    from benchmarks.optimizers import OPTIMIZERS
+
+    for i, name in enumerate(OPTIMIZERS):
+        xs = [int(m) for m, res in msweep[name].items() if "ms" in res]
+        ys = [msweep[name][str(m)]["ms"] for m in xs]
+        if xs:
+            style = "-" if i < 4 else "--"
+            ax.loglog(xs, ys, marker=MARKERS[i % len(MARKERS)], color=_color(i), linestyle=style, label=name)
+    ax.set_xticks(sweep["ms"], [str(m) for m in sweep["ms"]])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("m (pairs m×m)")
+    ax.set_title(f"{sweep['pairs']} pairs m×m, r={sweep['r']}: step time vs m")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+
+
+def _ratio_bars(axes, by_r: dict[str, Any], set_name: str) -> None:
+    from benchmarks.optimizers import OPTIMIZERS
+
+    r = "16" if "16" in by_r else str(max(int(k) for k in by_r))
+    names = [n for n in OPTIMIZERS if "ms" in by_r[r].get(n, {})]
+    bars = [("ratio_to_adam", "step time / Adam(foreach)", "tab:blue", "step time")]
+    bars.append(("state_ratio_to_adamw", "state bytes / AdamW", "tab:orange", "optimizer state"))
+    for ax, (key, ylabel, color, title) in zip(axes, bars):
+        ax.bar(names, [by_r[r][n][key] for n in names], color=color)
+        ax.axhline(1.0, color="k", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{set_name} r={r}: {title}")
+        ax.tick_params(axis="x", rotation=60, labelsize=8)
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+
+
 def _plots(sets, msweep, sweep, ctx: RunContext) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from benchmarks.optimizers import OPTIMIZERS
-
-    markers = "os^vD<>pPX*hd"
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     set_name = next(iter(sets))
-    by_r = sets[set_name]
-    ranks = sorted(int(r) for r in by_r)
-    for i, name in enumerate(OPTIMIZERS):
-        xs = [r for r in ranks if "ms" in by_r[str(r)].get(name, {})]
-        ys = [by_r[str(r)][name]["ms"] for r in xs]
-        if xs:
-            extrap = any(by_r[str(r)][name].get("extrapolated") for r in xs)
-            axes[0].loglog(
-                xs,
-                ys,
-                marker=markers[i % len(markers)],
-                color=_color(i),
-                linestyle=":" if extrap else ("-" if i < 4 else "--"),
-                label=name + (" (extrapolated)" if extrap else ""),
-                markerfacecolor="none" if extrap else None,
-            )
-    axes[0].set_xlabel("rank r")
-    axes[0].set_ylabel("step time (ms)")
-    axes[0].set_title(f"{set_name}: step time vs r")
-    from matplotlib.ticker import NullFormatter
-
-    axes[0].set_xticks(ranks, [str(r) for r in ranks])
-    axes[0].xaxis.set_minor_formatter(NullFormatter())
-    for r in ranks:
-        res = by_r[str(r)].get("shampoo", {})
-        if res.get("extrapolated"):
-            axes[0].annotate(
-                f"shampoo ×{res['extrapolated']:.0f} from {res['subset_pairs']} pairs",
-                (r, res["ms"]),
-                textcoords="offset points",
-                xytext=(6, -4),
-                fontsize=7,
-            )
-    for i, name in enumerate(OPTIMIZERS):
-        xs = [int(m) for m, res in msweep[name].items() if "ms" in res]
-        ys = [msweep[name][str(m)]["ms"] for m in xs]
-        if xs:
-            axes[1].loglog(
-                xs, ys, marker=markers[i % len(markers)], color=_color(i), linestyle="-" if i < 4 else "--", label=name
-            )
-    axes[1].set_xticks(sweep["ms"], [str(m) for m in sweep["ms"]])
-    axes[1].xaxis.set_minor_formatter(NullFormatter())
-    axes[1].set_xlabel("m (pairs m×m)")
-    axes[1].set_title(f"{sweep['pairs']} pairs m×m, r={sweep['r']}: step time vs m")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    _time_vs_r(axes[0], sets[set_name], set_name)
+    _time_vs_m(axes[1], msweep, sweep)
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
-    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     figs = [savefig(fig, ctx, "speed_time_vs_r_and_m")]
-
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
-    r = str(16 if "16" in by_r else ranks[-1])
-    names = [n for n in OPTIMIZERS if "ms" in by_r[r].get(n, {})]
-    axes[0].bar(names, [by_r[r][n]["ratio_to_adam"] for n in names], color="tab:blue")
-    axes[0].axhline(1.0, color="k", linewidth=0.8)
-    axes[0].set_yscale("log")
-    axes[0].set_ylabel("step time / Adam(foreach)")
-    axes[1].bar(names, [by_r[r][n]["state_ratio_to_adamw"] for n in names], color="tab:orange")
-    axes[1].axhline(1.0, color="k", linewidth=0.8)
-    axes[1].set_yscale("log")
-    axes[1].set_ylabel("state bytes / AdamW")
-    for ax, title in zip(axes, ["step time", "optimizer state"]):
-        ax.set_title(f"{set_name} r={r}: {title}")
-        ax.tick_params(axis="x", rotation=60, labelsize=8)
-        ax.grid(True, axis="y", which="both", alpha=0.3)
+    _ratio_bars(axes, sets[set_name], set_name)
     figs.append(savefig(fig, ctx, "speed_ratios"))
     return figs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks import profile_step
 
 
@@ -23,3 +25,29 @@ def test_cli_prints_adam_first(capsys):
     )
     out = capsys.readouterr().out
     assert out.index("adam:") < out.index("scaled_gd:")
+
+
+def test_operator_families():
+    cases = {
+        "aten::bmm": "GEMM",
+        "aten::baddbmm": "GEMM",
+        "aten::linalg_qr": "factorization",
+        "aten::_linalg_eigh": "factorization",
+        "aten::linalg_vector_norm": "reduction",
+        "aten::_foreach_addcdiv_": "elementwise",
+        "aten::mul_": "elementwise",
+        "aten::cat": "copy",
+        "Optimizer.step#LoRARITE.step": "driver Python",
+        "aten::as_strided": "other",
+    }
+    for op, family in cases.items():
+        assert profile_step.category(op).startswith(family), op
+
+
+def test_families_cover_every_operator_of_the_step():
+    total, _rows, families = profile_step.profile(
+        "scaled_gd", r=4, steps=1, warmup=1, layers=1, top=2, hidden=32, kv=16, categories=True
+    )
+    # by_category sums over all operators, not the top 2 listed (relative round-off of a sum)
+    assert sum(families.values()) == pytest.approx(total, rel=1e-9)
+    assert families.get("GEMM", 0.0) > 0

@@ -190,3 +190,17 @@ def test_floor_fn_handles_buckets_of_several_ranks():
     before = [p.detach().clone() for p in ps.model.trainable_parameters()]
     speed.floor_fn(ps)()
     assert all(torch.equal(p, b) for p, b in zip(ps.model.trainable_parameters(), before))  # reads only
+
+
+def test_profile_of_each_configured_optimizer_with_families_summing_to_its_total(quick):
+    """The profile section says where a step's time goes: every (rank, optimizer) of the size's
+    ``profile`` config, its operator families adding up to the profiled total, and a table."""
+    prof = quick.metrics["profile"]
+    want = speed.SIZES["quick"]["profile"]["optimizers"]
+    assert {r: list(v) for r, v in prof["by_rank"].items()} == {str(r): names for r, names in want.items()}
+    for by_name in prof["by_rank"].values():
+        for name, res in by_name.items():
+            assert res["profiled_ms"] > 0 and res["top_ops"], name
+            # the families cover every operator, not only the listed top ones (relative round-off of a sum)
+            assert sum(res["families_ms"].values()) == pytest.approx(res["profiled_ms"], rel=1e-9), name
+    assert "### Profile: tiny, r=8" in quick.table
