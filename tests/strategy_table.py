@@ -41,6 +41,19 @@ class StrategyInfo:
         return "betas" in self.strategy.defaults
 
 
+#: LoRA-RITE's Algorithm 1 as the paper states it: summed second moment with the escaped mass,
+#: no bias correction, row normalisation, clipping or update skipping (the package's safeguards on)
+RITE_ALGORITHM_1 = dict(
+    escape=True,
+    second_moment="sum",
+    bias_correction=False,
+    row_normalize=False,
+    clip_unmagnified_grad=0.0,
+    update_skipping=0.0,
+)
+#: ... and with the package's safeguards off too: the update of the paper's equations, step for step
+RITE_ALGORITHM_1_UNGUARDED = dict(RITE_ALGORITHM_1, relative_step_cap=0.0, rebalance=0.0)
+
 COMMON_ERRORS = [
     (dict(lr=-1.0), ValueError, r"Invalid learning rate: -1.0"),
     (dict(not_a_hyperparameter=1), TypeError, r"unexpected hyperparameter"),

@@ -23,6 +23,7 @@ from tests.reference.lora_rite import run_lora_rite
 from tests.reference.one_sided_adagrad import run_one_sided_adagrad
 from tests.reference.problems import linear_problem, quadratic_problem, zero_init_problem
 from tests.reference.scaled import run_scaled_adam, run_scaled_gd
+from tests.strategy_table import RITE_ALGORITHM_1_UNGUARDED
 
 STEPS = 50
 # The gram engine (LoRA-RITE's default for float32/bf16) keeps its moments magnified: M̃ = M̄ R⁻ᵀ and W = R⁻¹ V̄ R⁻ᵀ
@@ -37,16 +38,7 @@ PROBLEMS = {
     "online_linear": lambda: linear_problem(m=8, n=6, r=2, seed=2),
 }
 
-PAPER_RITE = dict(
-    escape=True,
-    second_moment="sum",
-    bias_correction=False,
-    row_normalize=False,
-    clip_unmagnified_grad=0.0,
-    update_skipping=0.0,
-    relative_step_cap=0.0,
-    rebalance=0.0,
-)
+PAPER_RITE = RITE_ALGORITHM_1_UNGUARDED
 
 # (case id, strategy, reference runner, hyperparameters, {package state key: (factor, reference key)})
 RITE_STATE = {"exp_avg": "M", "second_moment": "V"}

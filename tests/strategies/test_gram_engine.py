@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lowrank_geom import LoRAPair, LowRankOptimizer
+from tests.strategy_table import RITE_ALGORITHM_1
 
 # Summed losses here make LoRA-RITE's update skipping (the authors' default) drop whole steps, and
 # the driver warns when it does (tests/test_optim.py tests the warning); these tests compare
@@ -64,14 +65,7 @@ SHAPES = [(12, 9, 3)] * 3 + [(7, 10, 2)] * 2
     "hp",
     [
         {},
-        dict(
-            escape=True,
-            second_moment="sum",
-            bias_correction=False,
-            row_normalize=False,
-            clip_unmagnified_grad=0.0,
-            update_skipping=0.0,
-        ),
+        RITE_ALGORITHM_1,
         dict(weight_decay=0.1, update_capping=0.05, balance=True),
     ],
     ids=["defaults", "paper", "options"],

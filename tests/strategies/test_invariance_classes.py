@@ -25,7 +25,7 @@ from lowrank_geom import (
     scale_gauge,
 )
 from lowrank_geom.strategies import get_strategy
-from tests.strategy_table import shipped_strategies
+from tests.strategy_table import RITE_ALGORITHM_1, shipped_strategies
 
 INVARIANT_TOL = 1e-9
 BROKEN_TOL = 1e-3
@@ -50,14 +50,7 @@ def pair_opt(cls, **kw):
     return lambda a, b: cls([(a, b)], **kw)
 
 
-PAPER_RITE = dict(
-    escape=True,
-    second_moment="sum",
-    bias_correction=False,
-    row_normalize=False,
-    clip_unmagnified_grad=0.0,
-    update_skipping=0.0,
-)
+PAPER_RITE = RITE_ALGORITHM_1
 
 #: learning rates other than 0.05 (elementwise-normalized steps move much further per step)
 LR = {"scaled_adam": 0.01}
