@@ -19,6 +19,7 @@ Sphinx reads any source, :func:`generate` writes ``docs/_generated/`` (git-ignor
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -44,6 +45,9 @@ extensions = [
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
     "sphinx.ext.doctest",
+    # MathJax 3.2.2 copied into _build/html/_static/mathjax: equations render without a network
+    "sphinx-mathjax-offline",
+    "xref",  # docs/xref.py: aliases of documented names, external names as code, viewcode anchors
 ]
 
 # results/ holds the published benchmark files (.rst there are include-only, never documents)
@@ -72,6 +76,8 @@ torch.set_num_threads(1)
 # the PEFT examples need the optional extra and lowrank_geom.peft
 HAVE_PEFT = (importlib.util.find_spec("peft") is not None
              and importlib.util.find_spec("lowrank_geom.peft") is not None)
+# the FSDP2 recipe runs as one gloo process
+HAVE_FSDP2 = HAVE_PEFT and torch.distributed.is_available() and torch.distributed.is_gloo_available()
 """
 doctest_test_doctest_blocks = "default"  # the >>> examples in docstrings run too
 
@@ -112,6 +118,9 @@ def _results_rst(suite: str, folder: str = "results") -> str:
     )
 
 
+_PY_ROLE = re.compile(r":(?:py:)?(?:func|class|data|mod|meth|attr|obj|exc):`([^`]+)`")
+
+
 def _benchdoc_rst(suite: str) -> str:
     module = ROOT / "benchmarks" / f"{suite}.py"
     if not module.exists():
@@ -122,6 +131,8 @@ def _benchdoc_rst(suite: str) -> str:
         doc = None
     if not doc:
         return f"*benchmarks/{suite}.py has no module docstring yet.*\n"
+    # the benchmark modules are not part of the API reference: their cross-references are code
+    doc = _PY_ROLE.sub(lambda m: f"``{m.group(1).lstrip('~')}``", doc)
     return f"From the module docstring of ``benchmarks/{suite}.py``:\n\n{doc.strip()}\n"
 
 
