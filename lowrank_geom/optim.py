@@ -656,7 +656,7 @@ class LoRARITE(LowRankOptimizer):
 
 class ScaledGD(LowRankOptimizer):
     """:class:`LowRankOptimizer` with ``strategy="scaled_gd"``; hyperparameters ``delta``,
-    ``momentum``, ``weight_decay`` (see :class:`~lowrank_geom.strategies.ScaledGDStrategy`)."""
+    ``momentum``, ``weight_decay``, ``relative_step_cap`` (see :class:`~lowrank_geom.strategies.ScaledGDStrategy`)."""
 
     def __init__(self, pairs: Iterable[Any], lr: float | torch.Tensor = 1e-2, **hyperparameters: Any) -> None:
         super().__init__(pairs, strategy="scaled_gd", lr=lr, **hyperparameters)
