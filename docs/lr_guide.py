@@ -71,7 +71,7 @@ def finetune_table(payload: dict) -> str:
         "worst / best loss over the grid",
         "test accuracy at the selected lr, mean ± std over seeds (%)",
     ]
-    return _table(header, rows, "14 9 9 40 12 16")
+    return _table(header, rows, "14 10 9 39 12 16")
 
 
 def robustness_table(payload: dict) -> str:

@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-import importlib
+import pkgutil
 import re
 
 from docutils import nodes
@@ -27,20 +27,11 @@ EXTERNAL = re.compile(r"~?(torch|geoopt|collections\.abc|typing|numpy|peft|trans
 
 
 def _import(dotted: str):
-    """The object ``dotted`` names (longest importable module prefix, then attributes), or None."""
-    parts = dotted.split(".")
-    for cut in range(len(parts), 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:cut]))
-        except ImportError:
-            continue
-        try:
-            for attr in parts[cut:]:
-                obj = getattr(obj, attr)
-        except AttributeError:
-            return None
-        return obj
-    return None
+    """The object ``dotted`` names (modules imported as needed, then attributes), or None."""
+    try:
+        return pkgutil.resolve_name(dotted)
+    except (ImportError, AttributeError, ValueError):
+        return None
 
 
 def _documented_by_object(env) -> dict[int, list[str]]:
