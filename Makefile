@@ -36,8 +36,8 @@ test: setup-test
 	$(PY) -m pytest -n 2 -q
 
 docs: setup-docs
-	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
-	$(PY) -m sphinx -W --keep-going -b doctest docs docs/_build/doctest
+	$(PY) -m sphinx -n -W --keep-going -b html docs docs/_build/html
+	$(PY) -m sphinx -n -W --keep-going -b doctest docs docs/_build/doctest
 
 clean:
 	rm -rf docs/_build results

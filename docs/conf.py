@@ -14,11 +14,14 @@ Sphinx reads any source, :func:`generate` writes ``docs/_generated/`` (git-ignor
 * ``api_peft.rst``: ``automodule`` of :mod:`lowrank_geom.peft` when that module exists.
 * ``strategy_toctree.rst`` and ``docs/strategies/_generated/<name>.rst``: a page, from its
   docstring, for every registered strategy without a hand-written one (``strategy_pages.py``).
+* ``lr_guide.rst``: the learning-rate tables of ``choosing.rst`` from the published fine-tune
+  and robustness JSONs (``lr_guide.py``).
 """
 
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -27,6 +30,7 @@ ROOT = DOCS.parent
 sys.path.insert(0, str(DOCS))  # publish_results (conversion of the benchmark Markdown)
 sys.path.insert(0, str(ROOT))  # the package, also when it is not installed
 
+import lr_guide  # noqa: E402
 import strategy_pages  # noqa: E402
 from publish_results import SUITES, rst_for_suite  # noqa: E402
 
@@ -44,6 +48,9 @@ extensions = [
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
     "sphinx.ext.doctest",
+    # MathJax 3.2.2 copied into _build/html/_static/mathjax: equations render without a network
+    "sphinx-mathjax-offline",
+    "xref",  # docs/xref.py: aliases of documented names, external names as code, viewcode anchors
 ]
 
 # results/ holds the published benchmark files (.rst there are include-only, never documents)
@@ -72,13 +79,18 @@ torch.set_num_threads(1)
 # the PEFT examples need the optional extra and lowrank_geom.peft
 HAVE_PEFT = (importlib.util.find_spec("peft") is not None
              and importlib.util.find_spec("lowrank_geom.peft") is not None)
+# the FSDP2 recipe runs as one gloo process
+HAVE_FSDP2 = HAVE_PEFT and torch.distributed.is_available() and torch.distributed.is_gloo_available()
+# the Trainer how-to needs transformers' Trainer, which needs accelerate
+HAVE_TRAINER = HAVE_PEFT and importlib.util.find_spec("accelerate") is not None
 """
 doctest_test_doctest_blocks = "default"  # the >>> examples in docstrings run too
 
 # -- HTML --------------------------------------------------------------------------------------
 html_theme = "furo"
 html_title = f"lowrank_geom {release}"
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]  # the text column uses a 1280 px window; table cells wrap
 html_show_sourcelink = True
 pygments_style = "sphinx"
 pygments_dark_style = "monokai"
@@ -112,6 +124,9 @@ def _results_rst(suite: str, folder: str = "results") -> str:
     )
 
 
+_PY_ROLE = re.compile(r":(?:py:)?(?:func|class|data|mod|meth|attr|obj|exc):`([^`]+)`")
+
+
 def _benchdoc_rst(suite: str) -> str:
     module = ROOT / "benchmarks" / f"{suite}.py"
     if not module.exists():
@@ -122,6 +137,8 @@ def _benchdoc_rst(suite: str) -> str:
         doc = None
     if not doc:
         return f"*benchmarks/{suite}.py has no module docstring yet.*\n"
+    # the benchmark modules are not part of the API reference: their cross-references are code
+    doc = _PY_ROLE.sub(lambda m: f"``{m.group(1).lstrip('~')}``", doc)
     return f"From the module docstring of ``benchmarks/{suite}.py``:\n\n{doc.strip()}\n"
 
 
@@ -146,6 +163,7 @@ def generate() -> None:
     _write_if_changed(out / "results_finetune_full.rst", _results_rst("finetune", "results/finetune-full"))
     _write_if_changed(out / "api_peft.rst", _api_peft_rst())
     strategy_pages.generate()
+    lr_guide.generate()
 
 
 generate()

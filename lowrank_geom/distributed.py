@@ -9,7 +9,7 @@ quantity a strategy computes is either row-wise (the update of a row depends on 
 ``r×r`` matrices) or a sum over rows. So a factor sharded on any dim *other than its rank dim*
 is stepped on its local shard (``.to_local()``), with every row sum completed by an all-reduce
 (SUM) over the mesh's process group — ``r×r``, ``r`` or scalar tensors, never a factor. The
-driver (:mod:`lowrank_geom.optim`) passes that all-reduce to the strategy as
+driver (:class:`~lowrank_geom.LowRankOptimizer`) passes that all-reduce to the strategy as
 :attr:`PairBatch.row_reduce <lowrank_geom.strategies.PairBatch>`.
 
 Supported: both factors of a pair sharded ``Shard(d)`` with ``d`` not the rank dim, on the same
@@ -29,6 +29,16 @@ import torch
 
 from lowrank_geom.pairs import LoRAPair
 from lowrank_geom.strategies.base import Strategy
+
+# the public interface; the rest serves the driver (lowrank_geom/optim.py) and may change
+__all__ = [
+    "AllReduce",
+    "Layout",
+    "pair_layout",
+    "row_shard_placement",
+    "row_shardable_strategies",
+    "row_sharding_requirements",
+]
 
 
 def row_sharding_requirements(strategy: Any, hp: dict[str, Any], dtype: torch.dtype | None = None) -> list[str] | None:
@@ -97,7 +107,7 @@ class Layout(NamedTuple):
     kind: str
     mesh: Any = None
     placements: tuple = ()
-    #: global stored shapes of A and B: same-layout pairs with these shapes have same-shape
+    #: the global stored shapes of A and B. Same-layout pairs with these shapes have same-shape
     #: local shards on every rank, so each rank forms the same buckets (same collectives).
     shapes: tuple = ()
 

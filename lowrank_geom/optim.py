@@ -647,7 +647,8 @@ class LoRARITE(LowRankOptimizer):
     """:class:`LowRankOptimizer` with ``strategy="lora_rite"``; hyperparameters as in
     :class:`~lowrank_geom.strategies.LoRARITEStrategy` (``betas``, ``eps``, ``weight_decay``,
     ``escape``, ``second_moment``, ``bias_correction``, ``row_normalize``,
-    ``clip_unmagnified_grad``, ``update_skipping``, ``update_capping``, ``balance``, ``basis``)."""
+    ``clip_unmagnified_grad``, ``update_skipping``, ``update_capping``, ``relative_step_cap``,
+    ``rebalance``, ``balance``, ``basis``, ``engine``)."""
 
     def __init__(self, pairs: Iterable[Any], lr: float | torch.Tensor = 1e-3, **hyperparameters: Any) -> None:
         super().__init__(pairs, strategy="lora_rite", lr=lr, **hyperparameters)
@@ -655,7 +656,7 @@ class LoRARITE(LowRankOptimizer):
 
 class ScaledGD(LowRankOptimizer):
     """:class:`LowRankOptimizer` with ``strategy="scaled_gd"``; hyperparameters ``delta``,
-    ``momentum``, ``weight_decay`` (see :class:`~lowrank_geom.strategies.ScaledGDStrategy`)."""
+    ``momentum``, ``weight_decay``, ``relative_step_cap`` (see :class:`~lowrank_geom.strategies.ScaledGDStrategy`)."""
 
     def __init__(self, pairs: Iterable[Any], lr: float | torch.Tensor = 1e-2, **hyperparameters: Any) -> None:
         super().__init__(pairs, strategy="scaled_gd", lr=lr, **hyperparameters)

@@ -22,7 +22,7 @@ In every case the factor PEFT initializes to zero (``lora_B`` for Linear and Con
 ``get_delta_weight(adapter)`` (flattened to 2-D for conv; for ``fan_in_fan_out`` layers such as
 GPT-2's ``Conv1D``, which store the weight ``in×out``, ``Z`` is ``out×in`` and equals its
 transpose). The factors are passed as stored, with their rank dim recorded in the
-:class:`~lowrank_geom.LoRAPair`; :func:`lowrank_geom.pairs.factor_view` reads each as a
+:class:`~lowrank_geom.LoRAPair`; ``lowrank_geom.pairs.factor_view`` reads each as a
 ``(rows, r)`` view of the parameter, without a copy.
 """
 

@@ -5,9 +5,11 @@ The coverage tests parse the reST sources under ``docs/`` (``autofunction`` / ``
 name to its object, so a name counts as documented wherever it is documented (``lowrank_geom.X``
 or ``lowrank_geom.geometry.X``), and a stale directive that no longer resolves fails too.
 
-The build test runs ``sphinx -W --keep-going`` with the html and doctest builders in a subprocess
-(as ``make docs`` does, so every example on the pages runs); it is skipped when Sphinx or furo is
-not installed (they are in the ``docs`` extra, not in ``test``).
+The build test runs ``sphinx -n -W --keep-going`` with the html and doctest builders in a
+subprocess (as ``make docs`` does, so every cross-reference resolves and every example on the pages
+runs), then checks the HTML: MathJax is loaded from the build itself (equations render offline) and
+every source listing's back-link lands on an anchor. It is skipped when Sphinx, furo or
+sphinx-mathjax-offline is not installed (the ``docs`` extra).
 """
 
 from __future__ import annotations
@@ -121,7 +123,9 @@ def _public(module_name: str) -> list[tuple[str, object]]:
     return [(name, getattr(module, name)) for name in module.__all__]
 
 
-@pytest.mark.parametrize("module_name", ["lowrank_geom", "lowrank_geom.geometry", "lowrank_geom.strategies"])
+@pytest.mark.parametrize(
+    "module_name", ["lowrank_geom", "lowrank_geom.geometry", "lowrank_geom.strategies", "lowrank_geom.distributed"]
+)
 def test_every_public_name_is_in_the_api_reference(module_name):
     objects = documented()
     ids = {id(obj) for obj in objects.values()}
@@ -299,6 +303,7 @@ def test_sphinx_build_is_warning_free_and_doctests_pass(tmp_path):
     """``make docs``: html and doctest builders with ``-W --keep-going``, offline (about 15 s)."""
     pytest.importorskip("sphinx", reason="sphinx is not installed (pip install -e '.[docs]')")
     pytest.importorskip("furo", reason="furo is not installed (pip install -e '.[docs]')")
+    pytest.importorskip("sphinx-mathjax-offline", reason="sphinx-mathjax-offline is not installed (the docs extra)")
     doctrees = tmp_path / "doctrees"
     for builder in ("html", "doctest"):
         proc = subprocess.run(
@@ -306,6 +311,7 @@ def test_sphinx_build_is_warning_free_and_doctests_pass(tmp_path):
                 sys.executable,
                 "-m",
                 "sphinx",
+                "-n",
                 "-W",
                 "--keep-going",
                 "-q",
@@ -329,6 +335,106 @@ def test_sphinx_build_is_warning_free_and_doctests_pass(tmp_path):
         )
     assert (tmp_path / "html" / "index.html").exists()
     assert "0 failures in tests" in (tmp_path / "doctest" / "output.txt").read_text()
+    check_mathjax_is_local(tmp_path / "html")
+    assert not broken_viewcode_backlinks(tmp_path / "html")
+
+
+def check_mathjax_is_local(html: Path) -> None:
+    """Every page with math loads MathJax from the build's ``_static``, which holds it: no network."""
+    pages = [p for p in html.rglob("*.html") if "_modules" not in p.parts and 'class="math' in p.read_text()]
+    assert pages, "no page has math: the check no longer sees MathJax output"
+    for page in pages:
+        scripts = re.findall(r'<script[^>]+src="([^"]*mathjax[^"]*)"', page.read_text(), re.I)
+        assert scripts, f"{page.relative_to(html)} has math but loads no MathJax"
+        for src in scripts:
+            assert "://" not in src, f"{page.relative_to(html)} loads MathJax over the network: {src}"
+            assert (page.parent / src.split("?")[0]).is_file(), f"{page.relative_to(html)}: {src} is not in the build"
+
+
+def broken_viewcode_backlinks(html: Path) -> list[str]:
+    """Back-links of the source listings (``_modules/``) whose page has no element with that id."""
+    ids: dict[Path, set[str]] = {}
+    broken = []
+    for listing in (html / "_modules").rglob("*.html"):
+        for href in re.findall(r'<a class="viewcode-back" href="([^"]+)"', listing.read_text()):
+            page, _, anchor = href.replace("&amp;", "&").partition("#")
+            target = (listing.parent / page).resolve()
+            if target not in ids:
+                ids[target] = set(re.findall(r'id="([^"]+)"', target.read_text())) if target.exists() else set()
+            if anchor not in ids[target]:
+                broken.append(f"{listing.relative_to(html)} -> {href}")
+    return broken
+
+
+def test_broken_viewcode_backlinks_are_found(tmp_path):
+    """The checker above fails on a back-link to a missing anchor and passes a present one."""
+    (tmp_path / "_modules").mkdir()
+    (tmp_path / "page.html").write_text('<dt id="pkg.f">f</dt>')
+    link = '<a class="viewcode-back" href="../page.html#{}">[docs]</a>'
+    (tmp_path / "_modules" / "pkg.html").write_text(link.format("pkg.f") + link.format("pkg.g"))
+    assert broken_viewcode_backlinks(tmp_path) == ["_modules/pkg.html -> ../page.html#pkg.g"]
+
+
+_PLAIN_PYTHON = re.compile(r"^\s*\.\.\s+(?:code-block|code|sourcecode)::\s*(?:python|py|pycon|python3)\s*$", re.M)
+
+
+def test_every_python_example_is_doctested():
+    """Python on a page is ``doctest`` / ``testcode``, which ``make docs`` runs, never a plain code block."""
+    plain = [
+        f"{path.relative_to(ROOT)}:{text[: m.start()].count(chr(10)) + 1}"
+        for path in _rst_sources()
+        for text in [path.read_text()]
+        for m in _PLAIN_PYTHON.finditer(text)
+    ]
+    assert not plain, "Python code blocks that no builder runs (make them testcode or doctest):\n" + "\n".join(plain)
+    assert _PLAIN_PYTHON.search(".. code-block:: python\n") and not _PLAIN_PYTHON.search(".. code-block:: bash\n")
+
+
+@pytest.mark.parametrize("name", ["LoRARITE", "ScaledGD", "ScaledAdam", "OneSidedAdagrad"])
+def test_named_optimizer_docstrings_list_every_hyperparameter(name):
+    """``LoRARITE`` and its siblings name every hyperparameter of their strategy in their docstring."""
+    import torch
+
+    import lowrank_geom
+
+    cls = getattr(lowrank_geom, name)
+    pair = (torch.nn.Parameter(torch.randn(6, 2)), torch.nn.Parameter(torch.randn(5, 2)))
+    strategy = lowrank_geom.get_strategy(cls([pair]).param_groups[0]["strategy"])
+    missing = [key for key in strategy.defaults if f"``{key}``" not in (cls.__doc__ or "")]
+    assert not missing, f"{name}'s docstring does not name {missing}"
+
+
+# ------------------------------------------------------------------------------ generated pages
+
+
+def _lr_guide():
+    spec = importlib.util.spec_from_file_location("lr_guide", DOCS / "lr_guide.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lr_guide_tables_come_from_the_published_json():
+    """Every optimizer of the fine-tune JSON is a row with its selected lr and every lr of its grid."""
+    guide = _lr_guide()
+    if not guide.FINETUNE.exists():
+        pytest.skip("no published full fine-tune result")
+    payload = json.loads(guide.FINETUNE.read_text())
+    text = guide.finetune_table(payload)
+    for name, entry in payload["metrics"]["optimizers"].items():
+        row = text.split(f"   * - ``{name}``\n", 1)[1].split("   * - ", 1)[0]
+        assert f"     - {guide._g(entry['lr'])}\n" in row
+        for lr in entry["lr_grid_selection_loss"]:
+            assert f"{guide._g(float(lr))}" in row
+    assert ".. include:: /_generated/lr_guide.rst" in (DOCS / "choosing.rst").read_text()
+
+
+def test_lr_guide_without_results_says_how_to_make_them(tmp_path, monkeypatch):
+    guide = _lr_guide()
+    monkeypatch.setattr(guide, "FINETUNE", tmp_path / "none.json")
+    monkeypatch.setattr(guide, "ROBUSTNESS", tmp_path / "none.json")
+    text = guide.page()
+    assert "python -m benchmarks finetune --full" in text and "python -m benchmarks robustness" in text
 
 
 def test_readme_result_table_is_the_published_one():

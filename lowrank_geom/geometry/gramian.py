@@ -57,11 +57,11 @@ def gram_cutoff(g: torch.Tensor, gram_dtype: torch.dtype) -> torch.Tensor:
     return r * torch.finfo(gram_dtype).eps * torch.diagonal(g, dim1=-2, dim2=-1).amax(dim=-1)
 
 
-#: the filtered pseudo-inverse shifts by this multiple of the cutoff: eigenvalues at the cutoff
+#: The filtered pseudo-inverse shifts by this multiple of the cutoff. Eigenvalues at the cutoff
 #: (round-off of a rank-deficient Gram) are suppressed by (1/1000)⁸, eigenvalues above 1e5× the
-#: cutoff are inverted to 1e-2 relative
+#: cutoff are inverted to 1e-2 relative.
 FILTER_SHIFT = 1e3
-#: the filter is (G (G + sI)⁻¹)^FILTER_POWER: sharp enough to tell round-off from signal
+#: The power of the filter ``(G (G + sI)⁻¹)^FILTER_POWER``, sharp enough to tell round-off from signal.
 FILTER_POWER = 4
 
 

@@ -73,7 +73,7 @@ class FixedRankQuotient(geoopt.Manifold):
     :meth:`egrad2rgrad` and :meth:`transp` raise :class:`RankDeficientError` (a ``ValueError``) on
     a pair with a numerically rank-deficient or non-finite factor (singular values with
     ``σ_min ≤ max(rows, r)·eps·σ_max``, the rule of ``torch.linalg.matrix_rank``) instead of
-    returning inf/NaN. :meth:`check_point_on_manifold` applies the same rule and says which
+    returning inf/NaN. geoopt's ``check_point_on_manifold`` applies the same rule and says which
     factor failed. :meth:`inner` and :meth:`retr` invert nothing and never raise
     :class:`RankDeficientError`.
 
@@ -416,7 +416,7 @@ class FixedRankQuotient(geoopt.Manifold):
         """Projection-based vector transport from ``x`` to ``y``: ``proju(y, v)``.
 
         Shapes ``(..., m+n, r)``; ``x`` is unused (kept for geoopt's signature). The result is
-        horizontal at ``y``. geoopt's default :meth:`retr_transp` (``y = retr(x, u)``, then this)
+        horizontal at ``y``. geoopt's default ``retr_transp`` (``y = retr(x, u)``, then this)
         is used as is. Raises :class:`RankDeficientError` when ``y`` is rank-deficient.
         """
         return self.proju(y, v)

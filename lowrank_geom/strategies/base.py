@@ -86,13 +86,14 @@ class Strategy:
     """Base class of a strategy. Subclasses set ``name`` and ``defaults`` and define ``init``,
     ``update_batch`` (or ``update`` for group-wide reductions) and ``validate``."""
 
+    #: the registry name, ``strategy="<name>"`` in the optimizer and its param groups
     name: ClassVar[str] = ""
     #: hyperparameters (besides ``lr``) and their defaults; they live in param groups.
     defaults: ClassVar[dict[str, Any]] = {}
     #: the values a hyperparameter taking one of a few strings may take (validated; the contract
     #: tests switch each hyperparameter mid-run among them)
     choices: ClassVar[dict[str, tuple]] = {}
-    #: invariance class, for docs and benchmarks: "GL(r)", "O(r)" or "none" (the invariance
+    #: the invariance class, ``"GL(r)"``, ``"O(r)"`` or ``"none"``, for docs and benchmarks (the invariance
     #: tests check every registered strategy for the class it declares here).
     invariance: ClassVar[str] = "none"
 

@@ -682,7 +682,9 @@ class LoRARITEStrategy(Strategy):
     lr-coupled weight decay after magnitude restoration. ``escape=True, second_moment="sum",
     bias_correction=False, row_normalize=False, clip_unmagnified_grad=0, update_skipping=0,
     relative_step_cap=0`` is the paper's Algorithm 1. One departure: eigenvalues of V̄ are clamped at 0, so round-off
-    never turns a step into NaN (the authors' code then zeroes the whole step).
+    never turns the preconditioned direction into NaN (the authors' code then replaces that
+    direction S̄ by zeros with ``nan_to_num``, so the step is only the transported momentum
+    ``β₁ M̄ Pᵀ``: the new gradient is silently dropped while the factor still moves).
     """
 
     name = "lora_rite"
