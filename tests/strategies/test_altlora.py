@@ -19,11 +19,13 @@ fed the same losses, outside this repository.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from lowrank_geom import LowRankOptimizer
 from tests.reference.altlora import run_altlora
 from tests.reference.problems import quadratic_problem
+from tests.strategies.test_scaled_gd import _tiny_direction_pair
 
 
 def test_the_reference_is_gl_invariant():
@@ -55,3 +57,29 @@ def test_first_step_from_peft_init_is_one_scaled_gradient_step_of_a():
     LowRankOptimizer([(a, b)], strategy="altlora", lr=0.1, beta=0.9, relative_step_cap=0.0).step()
     torch.testing.assert_close(a.detach(), expected, rtol=1e-12, atol=1e-12)
     assert torch.equal(b.detach(), b0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_relative_step_cap_bounds_each_factors_relative_change(dtype):
+    """A tiny direction of ``A`` makes ``(AᵀA)⁻¹`` blow up ``B``'s step (PEFT's first steps, or
+    bfloat16 rounding); the cap keeps every factor's relative change at most 1 (ScaledGD's
+    safeguard, the same pair)."""
+    a, b, target = _tiny_direction_pair(dtype)
+
+    def largest_relative_change(cap):
+        x = [a.clone().requires_grad_(), b.clone().requires_grad_()]
+        opt = LowRankOptimizer([tuple(x)], strategy="altlora", lr=1e-2, relative_step_cap=cap)
+        worst = 0.0
+        for _ in range(2):  # the second step realigns a momentum built from a capped first one
+            opt.zero_grad()
+            (x[0] @ x[1].T - target).pow(2).sum().backward()
+            before = [t.detach().double().clone() for t in x]
+            opt.step()
+            for x0, x1 in zip(before, x):
+                change = (x1.detach().double() - x0) @ torch.linalg.pinv(x0)
+                worst = max(worst, torch.linalg.svdvals(change).max().item())
+        return worst
+
+    # 1e-3: float32 rounding of the capped step, measured through pinv of a cond-300 factor
+    assert largest_relative_change(1.0) <= 1.0 + (1e-3 if dtype == torch.float32 else 1e-9)
+    assert largest_relative_change(0.0) > 5.0
