@@ -37,7 +37,7 @@ def inverse_gram(g: torch.Tensor, dtype: torch.dtype, delta: float) -> torch.Ten
 def realigned_momentum(
     grad: torch.Tensor, exp_avg: torch.Tensor, overlap: torch.Tensor, k: torch.Tensor, beta: float
 ) -> torch.Tensor:
-    """``M ← β M (X_oldᵀ X K) + (1 − β) ∇ K`` = ``(β M X_oldᵀX + (1 − β) ∇) K`` (paper Alg. 1, ``overlap = X_oldᵀ X``).
+    """``M ← β M (X_oldᵀ X K) + (1 − β) ∇ K`` = ``(β M X_oldᵀX + (1 − β) ∇) K`` (Algorithm 1; ``overlap = X_oldᵀ X``).
 
     ``X_oldᵀ X K`` is the least-squares map of the partner's previous column space onto its
     current one: momentum accumulated in the old coordinates is re-expressed in the new ones
