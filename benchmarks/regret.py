@@ -117,9 +117,11 @@ METHODS: dict[str, tuple[str, dict[str, Any], str]] = {
     "one_sided_adagrad": ("one_sided_adagrad", {}, "constant"),
     "sgd": ("sgd", {"momentum": 0.0}, "inv_sqrt"),
     "scaled_gd": ("scaled_gd", {}, "inv_sqrt"),
+    # a momentum of ScaledGD steps: the same η/√t schedule
+    "altlora": ("altlora", {}, "inv_sqrt"),
     "adam": ("adam", {}, "constant"),
 }
-INVARIANT = ("lora_rite", "scaled_gd")
+INVARIANT = ("lora_rite", "scaled_gd", "altlora")
 #: spread tolerance of the invariant methods in the imbalance sweep
 INVARIANCE_TOL = 1e-6
 #: a pair whose ‖Z‖_F exceeds this (or goes non-finite) counts as diverged
@@ -130,6 +132,7 @@ LABELS = {
     "one_sided_adagrad": "one-sided Adagrad",
     "sgd": "OGD η/√t",
     "scaled_gd": "ScaledGD η/√t",
+    "altlora": "AltLoRA η/√t",
     "adam": "Adam",
     "sgd_rescaled": "OGD η/(s²√t)",
 }
@@ -674,6 +677,7 @@ TUNE_GRID = {
     "one_sided_adagrad": (1e-3, 1.0),
     "sgd": (1e-2, 10.0),
     "scaled_gd": (1e-3, 1.0),
+    "altlora": (1e-3, 1.0),
     "adam": (1e-4, 1e-1),
 }
 TUNE_T = 3000

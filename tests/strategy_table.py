@@ -60,6 +60,14 @@ COMMON_ERRORS = [
 ]
 
 EXTRAS: dict[str, dict[str, Any]] = {
+    "altlora": dict(
+        errors=[
+            (dict(beta=1.0), ValueError, r"Invalid beta value: 1.0"),
+            (dict(delta=-1.0), ValueError, r"Invalid delta value: -1.0"),
+            (dict(relative_step_cap=-1.0), ValueError, r"Invalid relative_step_cap value: -1.0"),
+            (dict(bias_correction="yes"), ValueError, r"Invalid bias_correction value"),
+        ],
+    ),
     "lora_rite": dict(
         cls=LoRARITE,
         errors=[

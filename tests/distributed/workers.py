@@ -66,6 +66,8 @@ STRATEGIES = [
     ("scaled_gd", "scaled_gd", dict(lr=5e-2)),
     ("scaled_gd_momentum", "scaled_gd", dict(lr=5e-2, momentum=0.9, delta=1e-3, weight_decay=1e-2)),
     ("scaled_adam", "scaled_adam", dict(lr=1e-2, delta=1e-3)),
+    # realigned momentum: the overlap Grams A_{t-1}ᵀA_t and B_tᵀB_{t+1} are row sums too
+    ("altlora", "altlora", dict(lr=5e-2, weight_decay=1e-2)),
     ("gram_test", "_test_gram_scaled_gd", dict(lr=5e-2)),
 ]
 PEFT_STRATEGIES = [

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from lowrank_geom import LowRankOptimizer
+from tests.reference.altlora import run_altlora
 from tests.reference.lora_rite import run_lora_rite
 from tests.reference.one_sided_adagrad import run_one_sided_adagrad
 from tests.reference.problems import linear_problem, quadratic_problem, zero_init_problem
@@ -43,6 +44,7 @@ PAPER_RITE = RITE_ALGORITHM_1_UNGUARDED
 # (case id, strategy, reference runner, hyperparameters, {package state key: (factor, reference key)})
 RITE_STATE = {"exp_avg": "M", "second_moment": "V"}
 GRAM = dict(engine="gram")
+ALTLORA_STATE = {"exp_avg": "M"}
 CASES = [
     # the default engine ("auto") is the QR engine on these float64 factors
     ("lora_rite", "lora_rite", run_lora_rite, dict(lr=0.05), RITE_STATE),
@@ -118,6 +120,25 @@ CASES = [
         dict(lr=0.05, weight_decay=0.01),
         {"sum_gram": "H"},
     ),
+    ("altlora", "altlora", run_altlora, dict(lr=0.05), ALTLORA_STATE),
+    # the paper's update (no safeguard) with the authors' Tikhonov term and decay
+    (
+        "altlora_paper",
+        "altlora",
+        run_altlora,
+        dict(lr=0.05, relative_step_cap=0.0, delta=1e-3, weight_decay=0.01),
+        ALTLORA_STATE,
+    ),
+    (
+        "altlora_options",
+        "altlora",
+        run_altlora,
+        dict(lr=0.05, beta=0.5, bias_correction=False, weight_decay=0.1),
+        ALTLORA_STATE,
+    ),
+    ("altlora_no_momentum", "altlora", run_altlora, dict(lr=0.05, beta=0.0), ALTLORA_STATE),
+    # a cap that acts on most steps of these problems
+    ("altlora_tight_cap", "altlora", run_altlora, dict(lr=0.05, relative_step_cap=0.02), ALTLORA_STATE),
 ]
 
 

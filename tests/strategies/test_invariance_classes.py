@@ -61,6 +61,11 @@ VARIANTS = {
     "lora_rite_polar": ("GL(r)", pair_opt(LoRARITE, lr=0.05, basis="polar")),
     "scaled_gd_momentum": ("GL(r)", pair_opt(ScaledGD, lr=0.05, momentum=0.9, weight_decay=0.01)),
     "scaled_gd_damped": ("O(r)", pair_opt(ScaledGD, lr=0.05, delta=0.1)),
+    "altlora_paper": (
+        "GL(r)",
+        pair_opt(LowRankOptimizer, strategy="altlora", lr=0.05, relative_step_cap=0.0, weight_decay=0.01),
+    ),
+    "altlora_damped": ("O(r)", pair_opt(LowRankOptimizer, strategy="altlora", lr=0.05, delta=0.1)),
     "torch_adam": ("none", lambda a, b: torch.optim.Adam([a, b], lr=0.01)),
 }
 
