@@ -591,6 +591,19 @@ def clip_scales(sq_norms: list[torch.Tensor | None], hps: list[dict[str, Any]]) 
     return out
 
 
+def update_groups(groups: list[tuple[list[PairBatch], dict[str, Any]]]) -> list[list[PairUpdate]]:
+    """Phase 1 of every param group ``(batches, hp)``, the clipping scales (:func:`clip_scales`),
+    then phases 2–3 of every group; one list of updates per group."""
+    # one engine per group: every pair's state was fitted to the group's engine option
+    engines = [_ENGINES[batch_engine(batches[0])] for batches, _ in groups]
+    prepared = [prepare(batches, hp) for (prepare, _), (batches, hp) in zip(engines, groups)]
+    scales = clip_scales([sq for _, sq in prepared], [hp for _, hp in groups])
+    return [
+        finish(batches, prep, scale, hp)
+        for (_, finish), (batches, hp), (prep, _), scale in zip(engines, groups, prepared, scales)
+    ]
+
+
 def batch_engine(batch: PairBatch) -> str:
     """The engine a batch's state was built by (:meth:`LoRARITEStrategy.reconcile_state` has
     checked it against the ``engine`` option)."""
@@ -828,15 +841,8 @@ class LoRARITEStrategy(Strategy):
 
     def update(self, batches: list[PairBatch], hp: dict[str, Any]) -> list[PairUpdate]:
         # one group alone: its own norm, whatever the scope
-        return self.update_groups([(batches, hp)])[0]
+        return update_groups([(batches, hp)])[0]
 
     def update_groups(self, groups: list[tuple[list[PairBatch], dict[str, Any]]]) -> list[list[PairUpdate]]:
-        """Phase 1 of every group, the clipping scales (:func:`clip_scales`), then phases 2–3 of every group."""
-        # one engine per group: every pair's state was fitted to the group's engine option
-        engines = [_ENGINES[batch_engine(batches[0])] for batches, _ in groups]
-        prepared = [prepare(batches, hp) for (prepare, _), (batches, hp) in zip(engines, groups)]
-        scales = clip_scales([sq for _, sq in prepared], [hp for _, hp in groups])
-        return [
-            finish(batches, prep, scale, hp)
-            for (_, finish), (batches, hp), (prep, _), scale in zip(engines, groups, prepared, scales)
-        ]
+        """:func:`update_groups`: one clipping norm over the groups with ``clip_scope="global"``."""
+        return update_groups(groups)
