@@ -276,32 +276,38 @@ class LowRankOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        coupled: dict[str, list[dict[str, Any]]] = {}
         for group in self.param_groups:
             if group["strategy"] == fallback.NAME:
                 fallback.adamw_step(group["params"], self.state, group)
+            elif self._strategy(group["strategy"]).couples_groups(group):
+                coupled.setdefault(group["strategy"], []).append(group)
             else:
-                self._step_pairs(group)
+                self._step_pairs([group])
+        for groups in coupled.values():  # after the others: groups never share a parameter
+            self._step_pairs(groups)
         return loss
 
-    def _step_pairs(self, group: dict[str, Any]) -> None:
-        """One step of every pair with gradients in ``group``: per bucket (:mod:`lowrank_geom.buckets`)
-        gather a batch, update all batches of the group at once, apply each."""
-        strat = self._strategy(group["strategy"])
-        try:  # the group may have changed since construction (schedulers, user code): a few comparisons
-            strat.validate(group)
-            _check_driver_options(group, "")
-        except ValueError as err:
-            raise ValueError(f"param group {self._group_index(group)} (changed mid-run?): {err}") from None
-        gathered = self._gather(strat, group)
-        if not gathered:
+    def _step_pairs(self, groups: list[dict[str, Any]]) -> None:
+        """One step of every pair with gradients in ``groups`` (one, or those its strategy couples):
+        per bucket (:mod:`lowrank_geom.buckets`) gather a batch, update all batches at once, apply each."""
+        strat = self._strategy(groups[0]["strategy"])
+        for group in groups:
+            try:  # the group may have changed since construction (schedulers, user code): a few comparisons
+                strat.validate(group)
+                _check_driver_options(group, "")
+            except ValueError as err:
+                raise ValueError(f"param group {self._group_index(group)} (changed mid-run?): {err}") from None
+        work = [(group, gathered) for group in groups if (gathered := self._gather(strat, group))]
+        if not work:
             return
-        updates = self._update(strat, group, gathered)
-        report = SkipReport()
-        for g, upd in zip(gathered, updates):
-            g.bucket.apply(g, upd, self.state, report)
-        if not self.__dict__.get("_warned_update_skips") and report.every_pair_skipped():
-            self._warned_update_skips = True
-            warnings.warn(self._all_skipped_message(group), UserWarning, stacklevel=3)
+        for (group, gathered), updates in zip(work, self._update(strat, work)):
+            report = SkipReport()
+            for g, upd in zip(gathered, updates):
+                g.bucket.apply(g, upd, self.state, report)
+            if not self.__dict__.get("_warned_update_skips") and report.every_pair_skipped():
+                self._warned_update_skips = True
+                warnings.warn(self._all_skipped_message(group), UserWarning, stacklevel=3)
 
     def _gather(self, strat: Strategy, group: dict[str, Any]) -> list[Gathered]:
         """Each bucket's batch of the pairs that have gradients (buckets rebuilt once if the model
@@ -356,17 +362,22 @@ class LowRankOptimizer(Optimizer):
             active.append(Active(i, loc))
         return active
 
-    def _update(self, strat: Strategy, group: dict[str, Any], gathered: list[Gathered]) -> list[PairUpdate]:
-        """The strategy's updates of every batch of the group (compiled with ``compile=True``)."""
-        batches = [g.batch for g in gathered]
+    def _update(self, strat: Strategy, work: list[tuple[dict[str, Any], list[Gathered]]]) -> list[list[PairUpdate]]:
+        """The strategy's updates of every batch of the groups in ``work``: :meth:`Strategy.update`
+        for one uncoupled group, :meth:`Strategy.update_groups` for coupled ones (compiled with
+        ``compile=True``, in every coupled group)."""
+        groups = [group for group, _ in work]
+        args = [([g.batch for g in gathered], group) for group, gathered in work]
         try:
-            if group.get("compile", False):
-                return self._compiled_update(strat, group, batches)
-            return strat.update(batches, group)
+            coupled = strat.couples_groups(groups[0])
+            if all(group.get("compile", False) for group in groups):
+                return self._compiled_update(strat, args, coupled)
+            return strat.update_groups(args) if coupled else [strat.update(*args[0])]
         except PSDNumericsError as err:
             # psd.py only knows the matrix; what the driver checked belongs in the message
+            gathered = [g for _, gs in work for g in gs]
             dtypes = {g.bucket.dtype for g in gathered}  # the factors' own dtypes (batches: compute)
-            msg = self._psd_failure(group, batches, [g.finite for g in gathered], dtypes, err)
+            msg = self._psd_failure(groups, [g.batch for g in gathered], [g.finite for g in gathered], dtypes, err)
             raise PSDNumericsError(msg) from err
 
     def _group_index(self, group: dict[str, Any]) -> int:
@@ -391,7 +402,7 @@ class LowRankOptimizer(Optimizer):
 
     def _psd_failure(
         self,
-        group: dict[str, Any],
+        groups: list[dict[str, Any]],
         batches: list[PairBatch],
         masks: list,
         dtypes: set,
@@ -400,6 +411,7 @@ class LowRankOptimizer(Optimizer):
         """The message of a :class:`PSDNumericsError` raised by a strategy: what the driver knows.
 
         Runs only on that error path, so its checks may synchronize with the device."""
+        group = groups[0]  # coupled groups: one strategy; their eps and engine may differ
         name = group["strategy"]
         yes_no = lambda ok: "yes" if ok else "no"
         masked = sum(int((~m).sum()) for m in masks if m is not None)
@@ -417,7 +429,8 @@ class LowRankOptimizer(Optimizer):
         else:
             grads = "The gradients of this param group were finite (the driver checks them first)"
         msg = (
-            f"param group {self._group_index(group)}, strategy {name!r}"
+            f"param group{'s' if len(groups) > 1 else ''} {', '.join(str(self._group_index(g)) for g in groups)}, "
+            f"strategy {name!r}"
             + (f" ({hps})" if hps else "")
             + f": {err}. {grads}. Every factor finite: {yes_no(factors_ok)}; every state tensor "
             f"finite: {yes_no(state_ok)}. "
@@ -442,21 +455,28 @@ class LowRankOptimizer(Optimizer):
         )
         return msg + "Try: " + "; ".join(tries) + "."
 
-    def _compiled_update(self, strat: Strategy, group: dict[str, Any], batches: list[PairBatch]) -> list[PairUpdate]:
-        """``strat.update`` through ``torch.compile`` (one compiled function per strategy and optimizer).
+    def _compiled_update(
+        self, strat: Strategy, work: list[tuple[list[PairBatch], dict[str, Any]]], coupled: bool
+    ) -> list[list[PairUpdate]]:
+        """:meth:`Strategy.update` of one group, or :meth:`Strategy.update_groups` of coupled ones,
+        through ``torch.compile`` (one compiled function per strategy, method and optimizer).
 
         The compiled function sees the hyperparameters only, with ``lr`` as a 0-dim float64 tensor:
         a float would be baked into the graph, and every new value from an lr scheduler would
         recompile it. Batches of new shapes or dtypes compile once each (``dynamic=False``).
         """
+        method = "update_groups" if coupled else "update"
         fns = self.__dict__.setdefault("_compiled", {})
-        fn = fns.get(strat.name)
+        fn = fns.get((strat.name, method))
         if fn is None:
-            fn = fns[strat.name] = torch.compile(strat.update, dynamic=False)
-        hp = {k: v for k, v in group.items() if k not in _NOT_HYPERPARAMETERS}
-        device = batches[0].a.device
-        hp["lr"] = torch.as_tensor(group["lr"], dtype=torch.float64, device=device).detach().clone()
-        return fn(batches, hp)
+            fn = fns[(strat.name, method)] = torch.compile(getattr(strat, method), dynamic=False)
+        args = []
+        for batches, group in work:
+            hp = {k: v for k, v in group.items() if k not in _NOT_HYPERPARAMETERS}
+            device = batches[0].a.device
+            hp["lr"] = torch.as_tensor(group["lr"], dtype=torch.float64, device=device).detach().clone()
+            args.append((batches, hp))
+        return fn(args) if coupled else [fn(*args[0])]
 
     # ------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -78,6 +78,7 @@ EXTRAS: dict[str, dict[str, Any]] = {
             (dict(basis="svd"), ValueError, r"Invalid basis"),
             (dict(update_skipping=-1.0), ValueError, r"Invalid update_skipping value"),
             (dict(clip_unmagnified_grad=-1.0), ValueError, r"Invalid clip_unmagnified_grad value"),
+            (dict(clip_scope="all"), ValueError, r"Invalid clip_scope: 'all'"),
         ],
         independent=dict(clip_unmagnified_grad=0.0, update_skipping=0.0),
     ),
@@ -93,6 +94,7 @@ EXTRAS: dict[str, dict[str, Any]] = {
         errors=[
             (dict(eps=-1.0), ValueError, r"Invalid epsilon value: -1.0"),
             (dict(betas=(0.9, 1.5)), ValueError, r"Invalid beta parameter at index 1: 1.5"),
+            (dict(reference="authors"), ValueError, r"Invalid reference: 'authors'"),
         ],
     ),
     "one_sided_adagrad": dict(

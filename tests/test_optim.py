@@ -578,3 +578,53 @@ def test_psd_failure_message_with_masked_pairs_and_bf16_factors(monkeypatch):
     assert "passed the 1 pair(s) with a non-finite gradient as zeros" in msg
     assert "failed to converge in float32 and again in float64" in msg
     assert "float32 factors instead of bfloat16" in msg
+
+
+# ---------------------------------------------------------------------------- coupled param groups
+
+
+class _CoupledSGD(Strategy):
+    """SGD whose step is ``−lr·g·s`` with ``s`` the number of pairs it sees at once: those of one
+    group, or of every group with ``coupled=True`` (``update_groups``), so the coupling shows in
+    the factors."""
+
+    name = "_test_coupled_sgd"
+    defaults = dict(coupled=False)
+    calls: list = []
+
+    def init(self, a, b, hp):
+        return {}, {}
+
+    def couples_groups(self, hp):
+        return hp["coupled"]
+
+    def _step(self, groups):
+        count = sum(b.a.shape[0] for batches, _ in groups for b in batches)
+        return [
+            [PairUpdate(b.grad_a, b.grad_b, {}, {}, scale=-hp["lr"] * count) for b in batches] for batches, hp in groups
+        ]
+
+    def update(self, batches, hp):
+        self.calls.append(("update", 1))
+        return self._step([(batches, hp)])[0]
+
+    def update_groups(self, groups):
+        self.calls.append(("update_groups", len(groups)))
+        return self._step(groups)
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_coupled_param_groups_step_together_and_the_others_alone(monkeypatch, compile_):
+    monkeypatch.setitem(base._REGISTRY, _CoupledSGD.name, _CoupledSGD)
+    monkeypatch.setattr(_CoupledSGD, "calls", [])
+    pairs = make_pairs(shapes=((7, 5, 2), (6, 4, 3), (5, 3, 2)))
+    groups = [{"pairs": [p], "coupled": c} for p, c in zip(pairs, (True, False, True))]
+    opt = LowRankOptimizer(groups, strategy=_CoupledSGD.name, lr=0.1, compile=compile_)
+    before = snapshot(pairs)
+    set_grads(pairs, [(1.0, 1.0)] * 3)
+    opt.step()
+    # one update_groups for groups 0 and 2 (two pairs seen: a step of 0.2), update for group 1 (0.1)
+    if not compile_:  # compiled, the calls are those of tracing
+        assert sorted(_CoupledSGD.calls) == [("update", 1), ("update_groups", 2)]
+    for (a, _), a0, step in zip(pairs, before[::2], (0.2, 0.1, 0.2)):
+        torch.testing.assert_close(a.detach(), a0 - step, rtol=0, atol=1e-12)

@@ -317,9 +317,14 @@ def test_foreach_false_steps_each_pair_alone_with_the_same_result(info, monkeypa
     real = LowRankOptimizer._strategy
 
     def recording(name):
+        # the driver calls update for a group alone, update_groups for groups the strategy couples
         strat = real(name)
-        update = strat.update
+        update, update_groups = strat.update, strat.update_groups
         strat.update = lambda batches, hp: (sizes.append([b.a.shape[0] for b in batches]), update(batches, hp))[1]
+        strat.update_groups = lambda groups: (
+            sizes.extend([b.a.shape[0] for b in batches] for batches, _ in groups),
+            update_groups(groups),
+        )[1]
         return strat
 
     monkeypatch.setattr(LowRankOptimizer, "_strategy", staticmethod(recording))

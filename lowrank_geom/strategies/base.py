@@ -5,8 +5,9 @@ A strategy sees a *batch* of same-shape pairs stacked along a leading dim: facto
 stacked tensors. It returns the additive updates of both factors and the new state; it never
 touches parameters or ``torch.optim`` machinery (the driver in :mod:`lowrank_geom.optim` owns
 groups, validation, batching, dtype promotion, the NaN policy and checkpoints). Several batches
-of one param group are passed together so a strategy can reduce over all pairs of a group
-(LoRA-RITE's global clipping does).
+of one param group are passed together so a strategy can reduce over all pairs of a group, and
+the groups a strategy couples (:meth:`Strategy.couples_groups`) together, so it can reduce over
+several groups (LoRA-RITE's clipping does, per group or over all groups).
 """
 
 from __future__ import annotations
@@ -158,6 +159,20 @@ class Strategy:
     def update(self, batches: list[PairBatch], hp: dict[str, Any]) -> list[PairUpdate]:
         """Updates of every batch of a param group (override to reduce across the group)."""
         return [self.update_batch(batch, hp) for batch in batches]
+
+    def couples_groups(self, hp: dict[str, Any]) -> bool:
+        """Whether a param group with hyperparameters ``hp`` steps together with the other param
+        groups of its optimizer that use this strategy and are coupled too (:meth:`update_groups`).
+        Default: never; each group steps alone through :meth:`update`."""
+        return False
+
+    def update_groups(self, groups: list[tuple[list[PairBatch], dict[str, Any]]]) -> list[list[PairUpdate]]:
+        """Updates of several param groups at once, ``[(batches, hp), ...]`` → one list per group.
+
+        The driver calls it, once per step, with every param group of an optimizer that uses this
+        strategy and for which :meth:`couples_groups` is true (override to reduce across groups,
+        as LoRA-RITE's ``clip_scope="global"`` does). Default: :meth:`update` per group."""
+        return [self.update(batches, hp) for batches, hp in groups]
 
 
 def _init_keys(cls: type[Strategy], hp: dict[str, Any], dtype: torch.dtype) -> tuple[frozenset[str], frozenset[str]]:

@@ -93,7 +93,8 @@ def skip_mask(rms_gbar: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def clip_scale(sq_norm: torch.Tensor, clip: float) -> torch.Tensor:
-    """Global clipping (authors' code): ``min(1, clip/‖∇̄‖)`` from ``‖∇̄‖²`` summed over the param group's factors."""
+    """Global clipping (authors' code): ``min(1, clip/‖∇̄‖)`` from ``‖∇̄‖²`` summed over the factors that share it
+    (every param group with ``clip_scope="global"``, or one group: :func:`clip_scales`)."""
     norm = sq_norm.sqrt()
     return torch.where(norm > clip, clip / norm, torch.ones_like(norm))
 
@@ -306,16 +307,23 @@ def qr_side(
     return new, (cap_update(m, hp["update_capping"]) if hp["update_capping"] > 0 else m)
 
 
-def qr_engine(batches: list[PairBatch], hp: dict[str, Any]) -> list[PairUpdate]:
-    """The QR engine: phase 1 for every batch first, since clipping reduces ``‖∇̄‖`` over the whole param group."""
+def qr_prepare(batches: list[PairBatch], hp: dict[str, Any]) -> tuple[list[QRPair], torch.Tensor | None]:
+    """Phase 1 of the QR engine for every batch of a param group, and ``Σ‖∇̄‖²`` over them for
+    clipping (None when nothing reads it: ``clip_unmagnified_grad = 0`` in group scope)."""
     prepared = [qr_pair(batch, hp) for batch in batches]
-    scale = None
-    if hp["clip_unmagnified_grad"] > 0 and prepared:
-        sq_norm = None
-        for p in prepared:
-            part = torch.linalg.vector_norm(p.gbar_a).square() + torch.linalg.vector_norm(p.gbar_b).square()
-            sq_norm = part if sq_norm is None else sq_norm + part.to(sq_norm)
-        scale = clip_scale(sq_norm, hp["clip_unmagnified_grad"])
+    if not (hp["clip_unmagnified_grad"] > 0 or hp["clip_scope"] == "global") or not prepared:
+        return prepared, None
+    sq_norm = None
+    for p in prepared:
+        part = torch.linalg.vector_norm(p.gbar_a).square() + torch.linalg.vector_norm(p.gbar_b).square()
+        sq_norm = part if sq_norm is None else sq_norm + part.to(sq_norm)
+    return prepared, sq_norm
+
+
+def qr_finish(
+    batches: list[PairBatch], prepared: list[QRPair], scale: torch.Tensor | None, hp: dict[str, Any]
+) -> list[PairUpdate]:
+    """Phases 2–3 of the QR engine: the moments and updates of every batch, ``∇̄`` times the clipping ``scale``."""
     out = []
     for batch, p in zip(batches, prepared):
         gbar_a, gbar_b = p.gbar_a, p.gbar_b
@@ -513,9 +521,16 @@ def gram_pair_update(
     return _pair_update(batch, deltas, states, skipped, hp)
 
 
-def gram_engine(batches: list[PairBatch], hp: dict[str, Any]) -> list[PairUpdate]:
-    """The Gram engine: Grams (m×r), then every side of every batch of one rank as one stack of r×r
-    matrices (one Cholesky, one ``eigh``; the global clipping norm is one sum), then the m×r products."""
+class GramPrepared(NamedTuple):
+    """Phase 1 of the Gram engine for a param group: every side's Grams, grouped by rank, and ``R_B⁻¹``, ``∇̄ᵀ∇̄``."""
+
+    pairs: list  #: ``(GramSide, GramSide)`` per batch
+    by_rank: dict  #: rank → indices into the flattened sides
+    unmag: dict  #: rank → :class:`Unmagnified`
+
+
+def gram_prepare(batches: list[PairBatch], hp: dict[str, Any]) -> tuple[GramPrepared, torch.Tensor]:
+    """Phase 1 of the Gram engine (Grams, m×r; ``R_B⁻¹`` and ``∇̄ᵀ∇̄``, r×r) and ``Σ‖∇̄‖²`` of the kept factors."""
     needs_rows = hp["row_normalize"] or hp["update_skipping"] > 0 or hp["update_capping"] > 0
     pairs = [gram_sides(batch, needs_rows) for batch in batches]
     sides = [sd for pair in pairs for sd in pair]
@@ -523,13 +538,20 @@ def gram_engine(batches: list[PairBatch], hp: dict[str, Any]) -> list[PairUpdate
     for i, sd in enumerate(sides):
         by_rank.setdefault(sd.g.shape[-1], []).append(i)
     unmag = {r: gram_unmagnified([sides[i] for i in idx], hp) for r, idx in by_rank.items()}
-    clip = hp["clip_unmagnified_grad"]
-    scale = clip_scale(sum(u.sq_norm for u in unmag.values()), clip) if clip > 0 else None
+    return GramPrepared(pairs, by_rank, unmag), sum(u.sq_norm for u in unmag.values())
+
+
+def gram_finish(
+    batches: list[PairBatch], prep: GramPrepared, scale: torch.Tensor | None, hp: dict[str, Any]
+) -> list[PairUpdate]:
+    """Phases 2–3 of the Gram engine: every side of one rank as one stack of r×r matrices (one
+    Cholesky, one ``eigh``), ``∇̄`` times the clipping ``scale``; then the m×r products."""
+    sides = [sd for pair in prep.pairs for sd in pair]
     steps: list[GramStep] = [None] * len(sides)  # type: ignore[list-item]
-    for r, idx in by_rank.items():
-        for i, step in zip(idx, gram_moments([sides[i] for i in idx], unmag[r], scale, hp)):
+    for r, idx in prep.by_rank.items():
+        for i, step in zip(idx, gram_moments([sides[i] for i in idx], prep.unmag[r], scale, hp)):
             steps[i] = step
-    return [gram_pair_update(batch, pairs[i], steps[2 * i : 2 * i + 2], hp) for i, batch in enumerate(batches)]
+    return [gram_pair_update(batch, prep.pairs[i], steps[2 * i : 2 * i + 2], hp) for i, batch in enumerate(batches)]
 
 
 # ------------------------------------------------------------------------------- engines
@@ -547,6 +569,39 @@ def resolve_engine(engine: str, dtype: torch.dtype) -> str:
     ``dtype`` is kept for callers that ask per dtype.
     """
     return "qr" if engine == "auto" else engine
+
+
+#: each engine's phase 1 (which yields the group's ``Σ‖∇̄‖²``) and phases 2–3 (which take the clipping scale)
+_ENGINES = {"gram": (gram_prepare, gram_finish), "qr": (qr_prepare, qr_finish)}
+
+
+def clip_scales(sq_norms: list[torch.Tensor | None], hps: list[dict[str, Any]]) -> list[torch.Tensor | None]:
+    """Each param group's clipping scale ``min(1, c/‖∇̄‖)`` (:func:`clip_scale`; None where ``c =
+    clip_unmagnified_grad`` is 0) from ``Σ‖∇̄‖²`` of its own pairs (``clip_scope="group"``) or of the
+    pairs of every group with ``clip_scope="global"`` (each still clipped at its own ``c``)."""
+    shared = [sq for sq, hp in zip(sq_norms, hps) if hp["clip_scope"] == "global" and sq is not None]
+    total = None
+    if shared:  # one group alone: its own norm, bit for bit
+        dtype = functools.reduce(torch.promote_types, (sq.dtype for sq in shared))
+        total = functools.reduce(torch.add, (sq.to(device=shared[0].device, dtype=dtype) for sq in shared))
+    out = []
+    for sq, hp in zip(sq_norms, hps):
+        clip = hp["clip_unmagnified_grad"]
+        out.append(clip_scale(total if hp["clip_scope"] == "global" else sq, clip) if clip > 0 else None)
+    return out
+
+
+def update_groups(groups: list[tuple[list[PairBatch], dict[str, Any]]]) -> list[list[PairUpdate]]:
+    """Phase 1 of every param group ``(batches, hp)``, the clipping scales (:func:`clip_scales`),
+    then phases 2–3 of every group; one list of updates per group."""
+    # one engine per group: every pair's state was fitted to the group's engine option
+    engines = [_ENGINES[batch_engine(batches[0])] for batches, _ in groups]
+    prepared = [prepare(batches, hp) for (prepare, _), (batches, hp) in zip(engines, groups)]
+    scales = clip_scales([sq for _, sq in prepared], [hp for _, hp in groups])
+    return [
+        finish(batches, prep, scale, hp)
+        for (_, finish), (batches, hp), (prep, _), scale in zip(engines, groups, prepared, scales)
+    ]
 
 
 def batch_engine(batch: PairBatch) -> str:
@@ -658,8 +713,9 @@ class LoRARITEStrategy(Strategy):
     only through ``RᵀR``); ``basis`` only selects the QR engine's state coordinates.
 
     ``engine="auto"`` (default) runs the QR engine in every dtype (:func:`resolve_engine`); each
-    pair keeps the engine its state was built by, and a param group may not mix engines (the
-    global clipping norm couples its pairs). FSDP2 row shards need ``engine="gram"``.
+    pair keeps the engine its state was built by, and a param group runs one engine (its
+    ``engine`` option), which param groups coupled by the clipping norm need not share. FSDP2 row
+    shards need ``engine="gram"``.
 
     Safeguards (:doc:`/numerics`): eigenvalues of ``V̄`` below ``r·eps·λ_max`` (unresolved by
     ``eigh``) are floored there in ``(V̄ + ρI)^{-1/2}``, and get the factor 0 where the gradient
@@ -678,8 +734,12 @@ class LoRARITEStrategy(Strategy):
     Defaults reproduce the authors' published PyTorch code: ``second_moment="ema"`` with
     ``bias_correction`` (decay ``β(1−β^k)/(1−β^{k+1})`` for both moments and ρ), ``row_normalize``
     (``∇̄ᵀ∇̄ / rows``), ``eps`` outside the root, ``escape=False``, update skipping at RMS 1 and
-    global clipping of the unmagnified gradients at norm 1 over the pairs of a param group,
-    lr-coupled weight decay after magnitude restoration. ``escape=True, second_moment="sum",
+    global clipping of the unmagnified gradients at norm 1, lr-coupled weight decay after
+    magnitude restoration. The clipping norm is one over every pair of every param group with
+    ``clip_scope="global"`` (the default, as the authors' code and pytorch-optimizer's
+    ``LoRARite`` compute it: one norm over all groups, which each group compares with its own
+    ``clip_unmagnified_grad``); ``clip_scope="group"`` clips each group by the norm of its own
+    pairs, so that one group's gradients never shrink another's steps. ``escape=True, second_moment="sum",
     bias_correction=False, row_normalize=False, clip_unmagnified_grad=0, update_skipping=0,
     relative_step_cap=0`` is the paper's Algorithm 1. One departure: eigenvalues of V̄ are clamped at 0, so round-off
     never turns the preconditioned direction into NaN (the authors' code then replaces that
@@ -705,9 +765,15 @@ class LoRARITEStrategy(Strategy):
         balance=False,
         basis="qr",
         engine="auto",
+        clip_scope="global",
     )
 
-    choices = dict(second_moment=("ema", "sum"), basis=("qr", "polar"), engine=("auto", "gram", "qr"))
+    choices = dict(
+        second_moment=("ema", "sum"),
+        basis=("qr", "polar"),
+        engine=("auto", "gram", "qr"),
+        clip_scope=("global", "group"),
+    )
 
     def row_sharding_requirements(self, hp: dict[str, Any], dtype: torch.dtype | None = None) -> list[str] | None:
         # the Gram engine routes every Gram, norm and row count through row_reduce; the QR
@@ -771,7 +837,14 @@ class LoRARITEStrategy(Strategy):
             )
         return super().reconcile_state(a, b, state_a, state_b, hp)
 
+    def couples_groups(self, hp: dict[str, Any]) -> bool:
+        # clip_scope="global": one clipping norm over every such group of the optimizer
+        return hp.get("clip_scope") == "global"
+
     def update(self, batches: list[PairBatch], hp: dict[str, Any]) -> list[PairUpdate]:
-        # one engine per group: every pair's state was fitted to the group's engine option
-        engine = gram_engine if batch_engine(batches[0]) == "gram" else qr_engine
-        return engine(batches, hp)
+        # one group alone: its own norm, whatever the scope
+        return update_groups([(batches, hp)])[0]
+
+    def update_groups(self, groups: list[tuple[list[PairBatch], dict[str, Any]]]) -> list[list[PairUpdate]]:
+        """:func:`update_groups`: one clipping norm over the groups with ``clip_scope="global"``."""
+        return update_groups(groups)

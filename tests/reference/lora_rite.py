@@ -14,7 +14,8 @@ library's specification layered on top.  For the A factor (B is symmetric with t
 * first moment              ``M_A,t = b1 M_A,t-1 P^T + (1 - b1) Sbar_A``
 * update                    ``A_{t+1} = A_t - lr (M_A,t (R_B^+)^T + wd A_t)``
 
-plus update skipping, global clipping of the unmagnified gradients over the group, update
+plus update skipping, clipping of the unmagnified gradients by their norm over all param groups
+(the authors' code) or over each group, update
 capping and a post-step factor balancing, and the library's two safeguards (both inactive on
 full-rank, well-conditioned problems): eigenvalues of ``V`` below eigh's resolution
 (``r * eps * lam_max``) are floored there, and get no step where the gradient holds at most its
@@ -154,6 +155,20 @@ def _escaped_mass(v_prev: np.ndarray, v_transported: np.ndarray) -> float:
 # ----------------------------------------------------------------------------------------------
 # LoRA-RITE
 # ----------------------------------------------------------------------------------------------
+def _clip(work, groups, clip, scope):
+    """Scale the ``gbar_A, gbar_B`` of each group's pairs in ``work`` by ``c / norm`` where ``norm > c``."""
+    thresholds = list(clip) if np.ndim(clip) else [float(clip)] * len(groups)
+    if len(thresholds) != len(groups):
+        raise ValueError("clip_unmagnified_grad: one threshold per group")
+    sq = [sum(float(np.sum(work[i]["gbar_A"] ** 2)) + float(np.sum(work[i]["gbar_B"] ** 2)) for i in g) for g in groups]
+    for g, c, own in zip(groups, thresholds, sq):
+        norm = float(np.sqrt(sum(sq) if scope == "global" else own))
+        if c > 0 and norm > c:
+            for i in g:
+                work[i]["gbar_A"] = work[i]["gbar_A"] * (c / norm)
+                work[i]["gbar_B"] = work[i]["gbar_B"] * (c / norm)
+
+
 def run_lora_rite(
     As,
     Bs,
@@ -174,8 +189,18 @@ def run_lora_rite(
     basis="qr",
     relative_step_cap=1.0,
     rebalance=4.0,
+    clip_scope="global",
+    groups=None,
 ):
     """Run ``steps`` LoRA-RITE steps on a group of pairs; return one record (list of per-pair dicts) per step.
+
+    ``groups``: the pairs split into param groups (lists of pair indices; None: one group of all).
+    Clipping of the unmagnified gradients: a group's ``gbar`` are scaled by ``c / norm`` when its
+    norm exceeds its threshold ``c`` (``clip_unmagnified_grad``, one number or one per group; 0:
+    never), where the norm is that of the ``gbar`` of every pair of every group
+    (``clip_scope="global"``: the authors' code, which sums over all its param groups, and
+    pytorch-optimizer's ``LoRARite``, which compares that one norm with each group's own
+    threshold) or of the group's own pairs (``clip_scope="group"``).
 
     ``grad_fn(As, Bs) -> (gAs, gBs)`` is called exactly once per step at the factors before the step.
     Each per-pair dict holds ``U_A, R_A, U_B, R_B`` (split of the factors used in the step) and
@@ -184,6 +209,11 @@ def run_lora_rite(
     """
     if second_moment not in ("ema", "sum"):
         raise ValueError(f"unknown second_moment {second_moment!r}")
+    if clip_scope not in ("global", "group"):
+        raise ValueError(f"unknown clip_scope {clip_scope!r}")
+    groups = [list(range(len(As)))] if groups is None else [list(g) for g in groups]
+    if sorted(i for g in groups for i in g) != list(range(len(As))):
+        raise ValueError("groups must split the pairs: every index exactly once")
     beta1, beta2 = float(betas[0]), float(betas[1])
     A = [np.array(a, dtype=np.float64, copy=True) for a in As]
     B = [np.array(b, dtype=np.float64, copy=True) for b in Bs]
@@ -230,16 +260,8 @@ def run_lora_rite(
                 gbar_B = np.zeros_like(gbar_B)
             work.append(dict(U_A=U_A, R_A=R_A, Rp_A=Rp_A, U_B=U_B, R_B=R_B, Rp_B=Rp_B, gbar_A=gbar_A, gbar_B=gbar_B))
 
-        # 4: global clipping over the whole group
-        total = 0.0
-        for w in work:
-            total += float(np.sum(w["gbar_A"] ** 2)) + float(np.sum(w["gbar_B"] ** 2))
-        norm = float(np.sqrt(total))
-        if clip_unmagnified_grad > 0 and norm > clip_unmagnified_grad:
-            c = clip_unmagnified_grad / norm
-            for w in work:
-                w["gbar_A"] = w["gbar_A"] * c
-                w["gbar_B"] = w["gbar_B"] * c
+        # 4: clipping by the norm over all groups (global) or over each group
+        _clip(work, groups, clip_unmagnified_grad, clip_scope)
 
         # 5-14: per-side state update, all from the old factors
         step_rec = []

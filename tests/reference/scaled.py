@@ -9,6 +9,9 @@ Orientation ``Z = A B^T`` (``A`` m x r, ``B`` n x r, ``dA = dZ B``, ``dB = dZ^T 
   plus coupled weight decay and torch.optim.SGD-style heavy-ball momentum.
 * ScaledAdam: Zhang & Pilanci 2024, Alg. "scaled AdamW": Adam's first/second moments computed on the
   scaled gradient ``dA (B^T B + delta I)^{-1}``, bias correction, and AdamW's decoupled weight decay.
+* ScaledAdam as the authors' code runs it (``reference=True``): their ``AdamWr`` class
+  (pilancilab/Riemannian_Preconditioned_LoRA, ``custom_optimizer.py``), transcribed in PEFT's
+  layout, see :func:`run_adamwr`.
 
 For ``delta == 0`` the inverse Gram is the pseudo-inverse ``R^+ R^{+T}`` of ``B^T B = R^T R`` (QR of B,
 same singular-value cutoff as the LoRA-RITE reference), so a zero factor yields a zero direction.
@@ -20,7 +23,7 @@ import numpy as np
 
 from .lora_rite import _cap_relative_change, basis_and_magnitude, pinv_cutoff, qr_canonical, resolve_lr
 
-__all__ = ["inv_gram", "run_scaled_adam", "run_scaled_gd", "scaled_direction"]
+__all__ = ["inv_gram", "run_adamwr", "run_scaled_adam", "run_scaled_gd", "scaled_direction"]
 
 
 def inv_gram(x: np.ndarray, delta: float) -> np.ndarray:
@@ -111,14 +114,31 @@ def run_scaled_gd(As, Bs, grad_fn, steps, lr, delta=0.0, momentum=0.0, weight_de
     return records
 
 
-def run_scaled_adam(As, Bs, grad_fn, steps, lr, betas=(0.9, 0.999), eps=1e-8, delta=0.0, weight_decay=0.0):
+def run_scaled_adam(
+    As,
+    Bs,
+    grad_fn,
+    steps,
+    lr,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    delta=0.0,
+    weight_decay=0.0,
+    bias_correction=True,
+    reference=False,
+):
     """ScaledAdam: Adam moments over the scaled gradient, AdamW decoupled weight decay.
+
+    ``reference=True``: the authors' ``AdamWr`` instead (:func:`run_adamwr`, same records).
+    ``bias_correction=False``: ``mhat = m``, ``vhat = v``.
 
     ``D_A = dA (B^T B + delta I)^{-1}``; ``m = b1 m + (1-b1) D``; ``v = b2 v + (1-b2) D**2``;
     ``A <- A (1 - lr_t wd) - lr_t mhat / (sqrt(vhat) + eps)`` with ``mhat = m/(1-b1^t)``,
     ``vhat = v/(1-b2^t)``, ``t = k + 1``; all from the old factors.
     Record keys: ``D_A, D_B, m_A, m_B, v_A, v_B, A, B, Z``.
     """
+    if reference:
+        return run_adamwr(As, Bs, grad_fn, steps, lr, betas, eps, delta, weight_decay, bias_correction)
     beta1, beta2 = float(betas[0]), float(betas[1])
     A, B = _init(As, Bs)
     n = len(A)
@@ -130,8 +150,8 @@ def run_scaled_adam(As, Bs, grad_fn, steps, lr, betas=(0.9, 0.999), eps=1e-8, de
     for k in range(steps):
         t = k + 1
         lr_t = resolve_lr(lr, k)
-        bc1 = 1.0 - beta1**t
-        bc2 = 1.0 - beta2**t
+        bc1 = 1.0 - beta1**t if bias_correction else 1.0
+        bc2 = 1.0 - beta2**t if bias_correction else 1.0
         gA, gB = _grads(grad_fn, A, B)
         step_rec = []
         new_A, new_B = [], []
@@ -159,5 +179,73 @@ def run_scaled_adam(As, Bs, grad_fn, steps, lr, betas=(0.9, 0.999), eps=1e-8, de
         A, B = new_A, new_B
         for i in range(n):
             step_rec[i].update(A=A[i].copy(), B=B[i].copy(), Z=A[i] @ B[i].T)
+        records.append(step_rec)
+    return records
+
+
+def _adamwr_moments(state, grad_scaled, beta1, beta2):
+    state["m"] = beta1 * state["m"] + (1.0 - beta1) * grad_scaled
+    state["v"] = beta2 * state["v"] + (1.0 - beta2) * grad_scaled * grad_scaled
+    return state["m"], state["v"]
+
+
+def run_adamwr(As, Bs, grad_fn, steps, lr, betas, eps, reg, weight_decay, correct_bias):
+    """The authors' ``AdamWr.step`` (Zhang & Pilanci's code), line by line, on PEFT's parameters.
+
+    PEFT stores ``lora_A`` (r x n, ``= B^T``) and ``lora_B`` (m x r, ``= A``), and their optimizer
+    walks the pairs ``(p1, p2) = (lora_A, lora_B)``. Per pair and step ``t`` (from 1)::
+
+        grad1_scaled = inv(lora_B^T lora_B + reg I) @ grad(lora_A)      # with lora_B at step t
+        m1, v1 = Adam moments of grad1_scaled
+        step_size = lr * sqrt(1 - b2^t) / (1 - b1^t)    if correct_bias else lr
+        lora_A <- lora_A - step_size * m1 / (sqrt(v1) + eps);  lora_A <- lora_A (1 - lr wd)
+        grad2_scaled = grad(lora_B) @ inv(lora_A lora_A^T + reg I)      # the lora_A just written
+        m2, v2 = Adam moments of grad2_scaled
+        lora_B <- lora_B - step_size * m2 / (sqrt(v2) + eps);  lora_B <- lora_B (1 - lr wd)
+
+    Both gradients are taken at step ``t``'s factors (one backward per step). Records as
+    :func:`run_scaled_adam`'s, in this package's orientation (``D_A`` = ``grad2_scaled``,
+    ``m_A`` = ``m2``, ...), with ``A, B, Z`` after the step.
+    """
+    beta1, beta2 = float(betas[0]), float(betas[1])
+    A, B = _init(As, Bs)
+    lora_A = [b.T.copy() for b in B]
+    lora_B = [a.copy() for a in A]
+    st = [
+        {"A": {"m": np.zeros_like(la), "v": np.zeros_like(la)}, "B": {"m": np.zeros_like(lb), "v": np.zeros_like(lb)}}
+        for la, lb in zip(lora_A, lora_B)
+    ]
+    records = []
+    for k in range(steps):
+        t = k + 1
+        lr_t = resolve_lr(lr, k)
+        step_size = lr_t * np.sqrt(1.0 - beta2**t) / (1.0 - beta1**t) if correct_bias else lr_t
+        gA, gB = _grads(grad_fn, [lb.copy() for lb in lora_B], [la.T.copy() for la in lora_A])
+        step_rec = []
+        for i in range(len(lora_A)):
+            r = lora_A[i].shape[0]
+            grad1 = gB[i].T  # d/d(lora_A) = (dB)^T
+            grad1_scaled = np.linalg.inv(lora_B[i].T @ lora_B[i] + reg * np.eye(r)) @ grad1
+            m1, v1 = _adamwr_moments(st[i]["A"], grad1_scaled, beta1, beta2)
+            lora_A[i] = lora_A[i] - step_size * m1 / (np.sqrt(v1) + eps)
+            lora_A[i] = lora_A[i] * (1.0 - lr_t * weight_decay)
+            grad2_scaled = gA[i] @ np.linalg.inv(lora_A[i] @ lora_A[i].T + reg * np.eye(r))
+            m2, v2 = _adamwr_moments(st[i]["B"], grad2_scaled, beta1, beta2)
+            lora_B[i] = lora_B[i] - step_size * m2 / (np.sqrt(v2) + eps)
+            lora_B[i] = lora_B[i] * (1.0 - lr_t * weight_decay)
+            a, b = lora_B[i].copy(), lora_A[i].T.copy()
+            step_rec.append(
+                {
+                    "D_A": grad2_scaled,
+                    "D_B": grad1_scaled.T,
+                    "m_A": m2.copy(),
+                    "m_B": m1.T.copy(),
+                    "v_A": v2.copy(),
+                    "v_B": v1.T.copy(),
+                    "A": a,
+                    "B": b,
+                    "Z": a @ b.T,
+                }
+            )
         records.append(step_rec)
     return records

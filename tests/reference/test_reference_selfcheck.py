@@ -295,3 +295,44 @@ def test_linear_problem_reset_and_determinism():
     As2, Bs2, _ = linear_problem(6, 5, 2, seed=16)
     assert all(np.array_equal(x, y) for x, y in zip(As, As2))
     assert all(np.array_equal(x, y) for x, y in zip(Bs, Bs2))
+
+
+@pytest.mark.parametrize("scope", ["global", "group"])
+def test_lora_rite_clipping_scope_over_groups(scope):
+    """One step, pairs in two groups: the clipped norm is ``c`` over both groups (global) or per group."""
+    As, Bs, grad_fn = quadratic_problem(8, 6, 2, seed=5, target_scale=3.0)
+    clips = [0.3, 0.2]
+    rec = run_lora_rite(
+        As, Bs, grad_fn, 1, 0.1, clip_unmagnified_grad=clips, update_skipping=0.0, clip_scope=scope, groups=[[1], [0]]
+    )[0]
+    sq = [float(np.sum(p["gbar_A"] ** 2) + np.sum(p["gbar_B"] ** 2)) for p in rec]
+    if scope == "group":  # pair 1 in group 0 (c = 0.3), pair 0 in group 1 (c = 0.2): each at its own c
+        assert abs(np.sqrt(sq[1]) - 0.3) < 1e-12 and abs(np.sqrt(sq[0]) - 0.2) < 1e-12
+    else:  # one norm: pair 1's share of it clipped at 0.3, pair 0's at 0.2, in the unclipped ratio
+        unclipped = run_lora_rite(As, Bs, grad_fn, 1, 0.1, clip_unmagnified_grad=0.0, update_skipping=0.0)[0]
+        sq0 = [float(np.sum(p["gbar_A"] ** 2) + np.sum(p["gbar_B"] ** 2)) for p in unclipped]
+        norm = np.sqrt(sum(sq0))
+        assert abs(np.sqrt(sq[1]) - 0.3 * np.sqrt(sq0[1]) / norm) < 1e-12
+        assert abs(np.sqrt(sq[0]) - 0.2 * np.sqrt(sq0[0]) / norm) < 1e-12
+
+
+@pytest.mark.parametrize("correct_bias", [False, True])
+def test_adamwr_first_step(correct_bias):
+    """The authors' AdamWr, first step by hand: ``B`` (``lora_A``) from ``A_0``'s Gram, then ``A``
+    from the Gram of the ``B_1`` just written (linear solves here, ``inv`` there)."""
+    As, Bs, grad_fn = quadratic_problem(8, 6, 2, seed=14)
+    lr, wd, eps, reg, b1, b2 = 0.01, 0.1, 1e-6, 1e-3, 0.9, 0.98
+    rec = run_scaled_adam(As, Bs, grad_fn, 1, lr, (b1, b2), eps, reg, wd, bias_correction=correct_bias, reference=True)[
+        0
+    ]
+    gA, gB = grad_fn(As, Bs)
+    size = lr * np.sqrt(1 - b2) / (1 - b1) if correct_bias else lr
+    for p, a, b, ga, gb in zip(rec, As, Bs, gA, gB):
+        r = a.shape[1]
+        d_b = np.linalg.solve(a.T @ a + reg * np.eye(r), gb.T).T
+        u = (1 - b1) * d_b / (np.sqrt(1 - b2) * np.abs(d_b) + eps)
+        b_new = (b - size * u) * (1 - lr * wd)
+        d_a = np.linalg.solve(b_new.T @ b_new + reg * np.eye(r), ga.T).T
+        a_new = (a - size * (1 - b1) * d_a / (np.sqrt(1 - b2) * np.abs(d_a) + eps)) * (1 - lr * wd)
+        assert _rel(p["D_B"], d_b) < 1e-12 and _rel(p["D_A"], d_a) < 1e-12
+        assert _rel(p["B"], b_new) < 1e-12 and _rel(p["A"], a_new) < 1e-12

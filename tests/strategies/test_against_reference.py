@@ -114,6 +114,29 @@ CASES = [
         {"exp_avg": "m", "exp_avg_sq": "v"},
     ),
     (
+        "scaled_adam_uncorrected",
+        "scaled_adam",
+        run_scaled_adam,
+        dict(lr=0.01, delta=0.1, bias_correction=False),
+        {"exp_avg": "m", "exp_avg_sq": "v"},
+    ),
+    # the authors' AdamWr at its own defaults (reg = eps = 1e-6, correct_bias=False) ...
+    (
+        "scaled_adam_reference",
+        "scaled_adam",
+        run_scaled_adam,
+        dict(lr=0.01, reference=True, bias_correction=False, delta=1e-6, eps=1e-6, weight_decay=0.1),
+        {"exp_avg": "m", "exp_avg_sq": "v"},
+    ),
+    # ... and with correct_bias=True (the correction in the step size)
+    (
+        "scaled_adam_reference_corrected",
+        "scaled_adam",
+        run_scaled_adam,
+        dict(lr=0.01, reference=True, delta=0.1, weight_decay=0.1),
+        {"exp_avg": "m", "exp_avg_sq": "v"},
+    ),
+    (
         "one_sided_adagrad",
         "one_sided_adagrad",
         run_one_sided_adagrad,

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from lowrank_geom import LoRARITE, eigenvalue_distance
+from lowrank_geom import LoRARITE, LowRankOptimizer, eigenvalue_distance
 from lowrank_geom.strategies.lora_rite import (
     accumulate_second_moment,
     escaped_mass,
     preconditioned_direction,
     skip_large,
 )
+from tests.reference.lora_rite import run_lora_rite
+from tests.reference.problems import quadratic_problem
 
 
 def test_escaped_mass_follows_the_sorted_eigenvalue_drop():
@@ -418,3 +421,142 @@ def test_peft_default_init_with_a_two_class_head_trains_like_adamw(dtype, lr):
     ours, adamw = _train_peft("lora_rite", dtype, lr), _train_peft("adamw", dtype, lr)
     assert adamw < 0.69  # AdamW trains this cell (ln 2 is chance)
     assert ours <= 1.5 * adamw, (ours, adamw)
+
+
+# ------------------------------------------------------------------ clipping scope over param groups
+def _two_problems():
+    """Four pairs (two quadratic problems of two pairs each) and their joint gradient."""
+    (as1, bs1, g1), (as2, bs2, g2) = quadratic_problem(seed=0), quadratic_problem(m=9, n=7, r=3, seed=4)
+
+    def grad_fn(As, Bs):
+        ga1, gb1 = g1(As[:2], Bs[:2])
+        ga2, gb2 = g2(As[2:], Bs[2:])
+        return ga1 + ga2, gb1 + gb2
+
+    return as1 + as2, bs1 + bs2, grad_fn
+
+
+# pairs 0, 2 in one param group and 1, 3 in the other, each with its own threshold: small enough
+# that both clip on most steps, far enough apart that the scopes give different trajectories
+GROUPS, CLIPS = [[0, 2], [1, 3]], [0.05, 0.2]
+
+
+def _run_groups(scope, engine, steps):
+    As, Bs, grad_fn = _two_problems()
+    pairs = [(torch.tensor(a).requires_grad_(), torch.tensor(b).requires_grad_()) for a, b in zip(As, Bs)]
+    groups = [{"pairs": [pairs[i] for i in g], "clip_unmagnified_grad": c} for g, c in zip(GROUPS, CLIPS)]
+    opt = LowRankOptimizer(groups, strategy="lora_rite", lr=0.05, clip_scope=scope, engine=engine)
+    out = []
+    for _ in range(steps):
+        ga, gb = grad_fn([a.detach().numpy() for a, _ in pairs], [b.detach().numpy() for _, b in pairs])
+        for (a, b), g1, g2 in zip(pairs, ga, gb):
+            a.grad, b.grad = torch.tensor(g1), torch.tensor(g2)
+        opt.step()
+        out.append([(a.detach().clone(), b.detach().clone()) for a, b in pairs])
+    return out
+
+
+@pytest.mark.parametrize("engine", ["qr", "gram"])
+@pytest.mark.parametrize("scope", ["global", "group"])
+def test_clipping_scope_over_param_groups_matches_the_reference(scope, engine):
+    """Two param groups with different thresholds against the float64 reference (its ``groups``).
+
+    Tolerance as in test_against_reference.py (1e-10 relative, float64 on both sides, different
+    LAPACK routes); the other scope's reference trajectory differs from this one by more than
+    1e-3, so a norm taken over the wrong pairs cannot pass."""
+    steps = 20
+    records = run_lora_rite(*_two_problems(), steps, 0.05, clip_unmagnified_grad=CLIPS, clip_scope=scope, groups=GROUPS)
+    for t, (record, pairs) in enumerate(zip(records, _run_groups(scope, engine, steps))):
+        for i, (rec, (a, b)) in enumerate(zip(record, pairs)):
+            for x, key in ((a, "A"), (b, "B")):
+                where = f"step {t}, pair {i}, {key}"
+                torch.testing.assert_close(
+                    x, torch.as_tensor(rec[key]), rtol=1e-10, atol=1e-12, msg=lambda m, where=where: f"{where}: {m}"
+                )
+    other = "group" if scope == "global" else "global"
+    records_other = run_lora_rite(
+        *_two_problems(), steps, 0.05, clip_unmagnified_grad=CLIPS, clip_scope=other, groups=GROUPS
+    )
+    gap = max(np.abs(r1["Z"] - r2["Z"]).max() for r1, r2 in zip(records[-1], records_other[-1]))
+    assert gap > 1e-3
+
+
+@pytest.mark.parametrize("engine", ["qr", "gram"])
+def test_global_scope_of_one_param_group_is_the_group_scope_bit_for_bit(engine):
+    runs = []
+    for scope in ("global", "group"):
+        As, Bs, grad_fn = _two_problems()
+        pairs = [
+            (torch.tensor(a).float().requires_grad_(), torch.tensor(b).float().requires_grad_()) for a, b in zip(As, Bs)
+        ]
+        opt = LoRARITE(pairs, lr=0.05, clip_unmagnified_grad=0.05, clip_scope=scope, engine=engine)
+        for _ in range(5):
+            ga, gb = grad_fn(
+                [a.detach().double().numpy() for a, _ in pairs], [b.detach().double().numpy() for _, b in pairs]
+            )
+            for (a, b), g1, g2 in zip(pairs, ga, gb):
+                a.grad, b.grad = torch.tensor(g1).float(), torch.tensor(g2).float()
+            opt.step()
+        runs.append([t.detach().clone() for p in pairs for t in p])
+    assert all(torch.equal(x, y) for x, y in zip(*runs))
+
+
+def test_a_group_scope_param_group_steps_as_if_alone_beside_global_ones():
+    """Groups 0 and 1 share one norm (``clip_scope="global"``); group 2 (``"group"``) keeps its own:
+    its trajectory is that of an optimizer holding it alone, bit for bit, while group 0's is not."""
+    As, Bs, grad_fn = _two_problems()
+
+    def run(group_ids):
+        pairs = [(torch.tensor(a).requires_grad_(), torch.tensor(b).requires_grad_()) for a, b in zip(As, Bs)]
+        spec = {0: ([0], "global"), 1: ([1, 2], "global"), 2: ([3], "group")}
+        groups = [
+            {"pairs": [pairs[i] for i in spec[k][0]], "clip_scope": spec[k][1], "clip_unmagnified_grad": 0.05}
+            for k in group_ids
+        ]
+        opt = LowRankOptimizer(groups, strategy="lora_rite", lr=0.05)
+        for _ in range(5):
+            ga, gb = grad_fn([a.detach().numpy() for a, _ in pairs], [b.detach().numpy() for _, b in pairs])
+            for (a, b), g1, g2 in zip(pairs, ga, gb):
+                a.grad, b.grad = torch.tensor(g1), torch.tensor(g2)
+            opt.step()
+        return pairs
+
+    together, alone2, alone0 = run([0, 1, 2]), run([2]), run([0])
+    assert torch.equal(together[3][0], alone2[3][0]) and torch.equal(together[3][1], alone2[3][1])
+    assert not torch.allclose(together[0][0], alone0[0][0], rtol=1e-6, atol=0)
+
+
+def test_matches_pytorch_optimizer_lora_rite_over_param_groups():
+    """pytorch-optimizer's ``LoRARite`` clips every group by one norm over all groups, each at its
+    own threshold: so does the default ``clip_scope="global"``. Tolerance and its reasons as in
+    :func:`test_matches_pytorch_optimizer_lora_rite`; the thresholds 0.5 and 2 clip both groups
+    (``clip_scope="group"`` ends 1e-1 away) while the gradients stay large enough that its eps²
+    inside the root changes no digit that 1e-7 compares (0.05 would: 2e-6)."""
+    clips = [0.5, 2.0]
+    pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
+    As, Bs, _ = _two_problems()
+    init = [(torch.tensor(a), torch.tensor(b)) for a, b in zip(As, Bs)]
+    g = torch.Generator().manual_seed(7)
+    targets = [0.3 * torch.randn(a.shape[0], b.shape[0], generator=g, dtype=torch.float64) for a, b in init]
+    ours = [(a.clone().requires_grad_(), b.clone().requires_grad_()) for a, b in init]
+    theirs = [(a.clone().requires_grad_(), b.clone().requires_grad_()) for a, b in init]
+    opt = LowRankOptimizer(
+        [{"pairs": [ours[i] for i in grp], "clip_unmagnified_grad": c} for grp, c in zip(GROUPS, clips)],
+        strategy="lora_rite",
+        lr=2e-2,
+    )
+    ref = pytorch_optimizer.LoRARite(
+        [{"params": [t for i in grp for t in theirs[i]], "clip_unmagnified_grad": c} for grp, c in zip(GROUPS, clips)],
+        lr=2e-2,
+        lora_l_dim=-1,
+        lora_r_dim=-1,
+    )
+    for _ in range(30):
+        for pairs, o in ((ours, opt), (theirs, ref)):
+            o.zero_grad()
+            sum(0.5 * (a @ b.T - t).pow(2).sum() for (a, b), t in zip(pairs, targets)).backward()
+            o.step()
+    for (a, b), (a2, b2) in zip(ours, theirs):
+        torch.testing.assert_close(a @ b.T, a2 @ b2.T, rtol=1e-7, atol=1e-9)
+    moved = sum((a @ b.T - a0 @ b0.T).norm() for (a, b), (a0, b0) in zip(ours, init))
+    assert moved > 1e-2
