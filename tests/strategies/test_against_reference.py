@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from lowrank_geom import LowRankOptimizer
+from tests.reference.loft import run_loft
 from tests.reference.lora_rite import run_lora_rite
 from tests.reference.one_sided_adagrad import run_one_sided_adagrad
 from tests.reference.problems import linear_problem, quadratic_problem, zero_init_problem
@@ -48,6 +49,7 @@ PAPER_RITE = dict(
     rebalance=0.0,
 )
 
+LOFT_STATE = {"exp_avg": "m", "row_second_moment": "p"}
 # (case id, strategy, reference runner, hyperparameters, {package state key: (factor, reference key)})
 RITE_STATE = {"exp_avg": "M", "second_moment": "V"}
 GRAM = dict(engine="gram")
@@ -126,6 +128,9 @@ CASES = [
         dict(lr=0.05, weight_decay=0.01),
         {"sum_gram": "H"},
     ),
+    ("loft", "loft", run_loft, dict(lr=0.01), LOFT_STATE),
+    ("loft_simultaneous", "loft", run_loft, dict(lr=0.01, alternate=False, weight_decay=0.1), LOFT_STATE),
+    ("loft_reference", "loft", run_loft, dict(lr=0.01, weight_decay=0.01, reference=True), LOFT_STATE),
 ]
 
 
