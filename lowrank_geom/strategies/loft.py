@@ -59,14 +59,34 @@ def accumulate(m: torch.Tensor, p: torch.Tensor, g: torch.Tensor, betas: tuple[f
     return torch.lerp(m, g, 1.0 - beta1), torch.add(p * beta2, outer, alpha=1.0 - beta2)
 
 
+def adam_ratio_bound(betas: tuple[float, float], step: torch.Tensor) -> torch.Tensor:
+    """The largest ``|m̂|/√v̂`` that Adam's moments of one sequence can have after ``t = step + 1`` steps. ``(P,)``.
+
+    Cauchy–Schwarz on ``m = Σ_k (1−β₁)β₁^{t−k} g_k`` against ``v = Σ_k (1−β₂)β₂^{t−k} g_k²`` gives
+    ``m² ≤ v · (1−β₁)²/(1−β₂) · Σ_{j<t} q^j`` with ``q = β₁²/β₂``; bias-corrected, times
+    ``√(1−β₂^t)/(1−β₁^t)``. ``inf`` when ``β₂ = 0 < β₁`` (no bound). float64.
+    """
+    beta1, beta2 = betas
+    t = step.to(torch.float64) + 1.0
+    if beta2 == 0:
+        return torch.full_like(t, 1.0 if beta1 == 0 else float("inf"))
+    q = beta1**2 / beta2
+    geometric = t if q == 1 else (1.0 - q**t) / (1.0 - q)
+    bound_sq = (1.0 - beta1) ** 2 / (1.0 - beta2) * geometric
+    return bound_sq.sqrt() * (1.0 - beta2**t).sqrt() / (1.0 - beta1**t)
+
+
 def full_direction(
     m: torch.Tensor, p: torch.Tensor, y: torch.Tensor, step: torch.Tensor, betas: tuple[float, float], eps: float
 ) -> torch.Tensor:
     """AdamW's full-space direction ``D = M̂ / (√V̂ + ε)``, ``M = m Yᵀ``, ``V_ij = y_j p_i y_jᵀ``. ``(P, m, n)``.
 
     ``V`` is the exact second moment of the full-space gradients ``g_i y_jᵀ`` while ``Y`` stays
-    fixed; it is one GEMM over the ``r²`` entries of ``p_i`` and ``y_j y_jᵀ`` (clamped at 0 against
-    round-off, as the authors do).
+    fixed; it is one GEMM over the ``r²`` entries of ``p_i`` and ``y_j y_jᵀ`` (clamped at 0, as the
+    authors do). Safeguard: ``|D|`` is clamped at :func:`adam_ratio_bound`, which consistent
+    moments never exceed (a no-op in exact arithmetic). A calibration with a large ``C`` (a
+    partner with a weak direction that moved) leaves ``V_ij`` as a float32 difference of large
+    terms; where it cancels to ~0 while ``M_ij`` does not, ``M/ε`` would step by ``1/ε``.
     """
     P, rows, r = m.shape
     t = step.to(torch.float64) + 1.0
@@ -74,7 +94,9 @@ def full_direction(
     c2 = expand((1.0 - betas[1] ** t).rsqrt(), m)
     yy = (y[..., :, None] * y[..., None, :]).reshape(P, y.shape[-2], r * r)
     v = (p.reshape(P, rows, r * r) @ yy.mT).clamp_min_(0.0)
-    return (m @ y.mT).div_(c1).div_(v.sqrt_().mul_(c2).add_(eps))
+    d = (m @ y.mT).div_(c1).div_(v.sqrt_().mul_(c2).add_(eps))
+    bound = expand(adam_ratio_bound(betas, step), d)
+    return torch.minimum(torch.maximum(d, -bound), bound, out=d)
 
 
 def side_update(
@@ -95,8 +117,7 @@ def side_update(
     new = {"exp_avg": m, "row_second_moment": p}
     if active is None:
         return None, new
-    d = full_direction(m, p, y, step, hp["betas"], hp["eps"])
-    return right_multiply(d @ y, s), new
+    return right_multiply(full_direction(m, p, y, step, hp["betas"], hp["eps"]) @ y, s), new
 
 
 def _lr_like(lr: Any, like: torch.Tensor) -> Any:
@@ -157,12 +178,15 @@ class LoFTStrategy(Strategy):
     AdamW on :math:`Z` step for step. State per factor: ``exp_avg`` (m×r), ``row_second_moment``
     (m×r×r), ``previous_factor`` (m×r). Cost per step: an m×n direction (one m×r²×n GEMM).
 
+    Safeguard: ``|D|`` is clamped at Adam's own bound (:func:`adam_ratio_bound`; a no-op in exact
+    arithmetic, it stops float32 cancellation in ``V`` from stepping by ``M/ε``).
+
     Invariant to every :math:`G \in GL(r)` (the scaled gradients, moments and calibration transform
     as :math:`X G`, :math:`G^\top p G`, :math:`G^{-1} C G`; :math:`D` is gauge-free).
     ``reference=True`` reproduces the authors' code (``tnurbek/loft`` 148998d): Tikhonov terms
     1e-8/1e-6 in :math:`S`, :math:`p_i \leftarrow C p_i C^\top`, weight decay :math:`\lambda` per
     step (not :math:`\eta\lambda`), and A's side reading B after B's update on B's steps; only
-    :math:`O(r)`-invariant then.
+    invariant to orthogonal gauges only then.
     """
 
     name = "loft"
