@@ -88,15 +88,42 @@ def full_direction(
     partner with a weak direction that moved) leaves ``V_ij`` as a float32 difference of large
     terms; where it cancels to ~0 while ``M_ij`` does not, ``M/ε`` would step by ``1/ε``.
     """
-    P, rows, r = m.shape
+    r = m.shape[-1]
     t = step.to(torch.float64) + 1.0
     c1 = expand(1.0 - betas[0] ** t, m)
     c2 = expand((1.0 - betas[1] ** t).rsqrt(), m)
-    yy = (y[..., :, None] * y[..., None, :]).reshape(P, y.shape[-2], r * r)
-    v = (p.reshape(P, rows, r * r) @ yy.mT).clamp_min_(0.0)
+    # p_i symmetric: its upper triangle (off-diagonal doubled) against y_j's, r(r+1)/2 terms
+    i, j = torch.triu_indices(r, r, device=m.device)
+    w = torch.where(i == j, 1.0, 2.0).to(m.dtype)
+    v = ((p[..., i, j] * w) @ (y[..., i] * y[..., j]).mT).clamp_min_(0.0)
     d = (m @ y.mT).div_(c1).div_(v.sqrt_().mul_(c2).add_(eps))
     bound = expand(adam_ratio_bound(betas, step), d)
     return torch.minimum(torch.maximum(d, -bound), bound, out=d)
+
+
+#: most elements of one m×n temporary: a batch's pairs are taken in chunks below it (a batch of
+#: 128 pairs 4096×4096 would otherwise hold 128·4096² floats per temporary)
+CHUNK_ELEMENTS = 2**24
+
+
+def projected_direction(
+    m: torch.Tensor,
+    p: torch.Tensor,
+    y: torch.Tensor,
+    s: torch.Tensor,
+    step: torch.Tensor,
+    betas: tuple[float, float],
+    eps: float,
+) -> torch.Tensor:
+    """``D Y S`` (:func:`full_direction`) over chunks of pairs, at most :data:`CHUNK_ELEMENTS` in ``D``. ``(P, m, r)``."""
+    rows, n = m.shape[-2], y.shape[-2]
+    size = max(1, CHUNK_ELEMENTS // max(1, rows * n))
+    parts = [
+        full_direction(m[k : k + size], p[k : k + size], y[k : k + size], step[k : k + size], betas, eps)
+        @ y[k : k + size]
+        for k in range(0, m.shape[0], size)
+    ]
+    return right_multiply(parts[0] if len(parts) == 1 else torch.cat(parts), s)
 
 
 def side_update(
@@ -117,7 +144,7 @@ def side_update(
     new = {"exp_avg": m, "row_second_moment": p}
     if active is None:
         return None, new
-    return right_multiply(full_direction(m, p, y, step, hp["betas"], hp["eps"]) @ y, s), new
+    return projected_direction(m, p, y, s, step, hp["betas"], hp["eps"]), new
 
 
 def _lr_like(lr: Any, like: torch.Tensor) -> Any:

@@ -176,3 +176,21 @@ def test_bf16_peft_batch_of_one_trains_like_adamw_only_with_the_bound(bounded, m
         assert final <= 1.5 * reference, (final, reference)
     else:
         assert not final <= 2.0 * reference, (final, reference)  # the failure the bound removes
+
+
+def test_chunked_directions_equal_one_batch(monkeypatch):
+    # a batch's m×n directions are taken in chunks of pairs (memory); the chunks must not change a bit
+    def run():
+        pairs = [_problem(7, 5, 2, seed=s) for s in (6, 7, 8)]
+        ps = [(a.clone().requires_grad_(), b.clone().requires_grad_()) for a, b, _ in pairs]
+        opt = LowRankOptimizer(ps, strategy="loft", lr=0.01)
+        for _ in range(4):
+            opt.zero_grad()
+            for (x, y), (_, _, t) in zip(ps, pairs):
+                _loss(x @ y.T, t).backward()
+            opt.step()
+        return [t.detach() for pair in ps for t in pair]
+
+    whole = run()
+    monkeypatch.setattr(loft, "CHUNK_ELEMENTS", 7 * 5)  # one pair per chunk
+    assert all(torch.equal(x, y) for x, y in zip(whole, run()))
