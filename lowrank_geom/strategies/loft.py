@@ -115,7 +115,7 @@ def projected_direction(
     betas: tuple[float, float],
     eps: float,
 ) -> torch.Tensor:
-    """``D Y S`` (:func:`full_direction`) over chunks of pairs, at most :data:`CHUNK_ELEMENTS` in ``D``. ``(P, m, r)``."""
+    """``D Y S`` (:func:`full_direction`) over chunks of pairs of at most :data:`CHUNK_ELEMENTS` in ``D``."""
     rows, n = m.shape[-2], y.shape[-2]
     size = max(1, CHUNK_ELEMENTS // max(1, rows * n))
     parts = [
