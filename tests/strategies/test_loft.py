@@ -27,6 +27,7 @@ import torch
 from lowrank_geom import LowRankOptimizer
 from lowrank_geom.strategies import loft
 from lowrank_geom.strategies.loft import adam_ratio_bound
+from tests.strategies.peft_runs import batch_of_one_final_loss
 
 
 def _loss(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -150,28 +151,10 @@ def test_bf16_peft_batch_of_one_trains_like_adamw_only_with_the_bound(bounded, m
     ``V_ij`` as float32 differences that cancel to ~0 where ``M_ij`` does not, and without the
     bound the loss went from 2.1 to ~5e4 (AdamW 1.9). With it LoFT ends within 1.5× of AdamW."""
     pytest.importorskip("peft")
-    from benchmarks import robustness as rb
-
     if not bounded:
         monkeypatch.setattr(loft, "adam_ratio_bound", lambda betas, step: torch.full_like(step, float("inf")))
-
-    def run(name):
-        model = rb.PeftMLP("peft_default", "batch1", torch.bfloat16, 0)
-        x, y = rb.make_data("batch1", 0, torch.bfloat16)
-        head = {"params": model.other_parameters(), "lr": 1e-3, "weight_decay": 0.0}
-        if name == "adamw":
-            opt = torch.optim.AdamW([{"params": model.trainable_parameters()}, head], lr=1e-3, weight_decay=0.0)
-        else:
-            opt = LowRankOptimizer([{"pairs": model.pairs()}, head], strategy="loft", lr=1e-3)
-        g = torch.Generator().manual_seed(0)
-        for _ in range(100):
-            idx = torch.randint(0, rb.N_SAMPLES, (1,), generator=g)
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model.peft_model(x[idx]).float(), y[idx]).backward()
-            opt.step()
-        return rb.full_loss(model.peft_model, x, y)
-
-    final, reference = run("loft"), run("adamw")
+    final = batch_of_one_final_loss("peft_default", "loft", 1e-3)
+    reference = batch_of_one_final_loss("peft_default", None, 1e-3)
     if bounded:
         assert final <= 1.5 * reference, (final, reference)
     else:
