@@ -77,7 +77,13 @@ def adam_ratio_bound(betas: tuple[float, float], step: torch.Tensor) -> torch.Te
 
 
 def full_direction(
-    m: torch.Tensor, p: torch.Tensor, y: torch.Tensor, step: torch.Tensor, betas: tuple[float, float], eps: float
+    m: torch.Tensor,
+    p: torch.Tensor,
+    y: torch.Tensor,
+    step: torch.Tensor,
+    betas: tuple[float, float],
+    eps: float,
+    clamp: bool = True,
 ) -> torch.Tensor:
     """AdamW's full-space direction ``D = M̂ / (√V̂ + ε)``, ``M = m Yᵀ``, ``V_ij = y_j p_i y_jᵀ``. ``(P, m, n)``.
 
@@ -87,6 +93,8 @@ def full_direction(
     moments never exceed (a no-op in exact arithmetic). A calibration with a large ``C`` (a
     partner with a weak direction that moved) leaves ``V_ij`` as a float32 difference of large
     terms; where it cancels to ~0 while ``M_ij`` does not, ``M/ε`` would step by ``1/ε``.
+    ``clamp=False`` for the authors' calibration ``C p Cᵀ``, whose moments are not those of one
+    sequence (the bound does not hold for them).
     """
     r = m.shape[-1]
     t = step.to(torch.float64) + 1.0
@@ -97,6 +105,8 @@ def full_direction(
     w = torch.where(i == j, 1.0, 2.0).to(m.dtype)
     v = ((p[..., i, j] * w) @ (y[..., i] * y[..., j]).mT).clamp_min_(0.0)
     d = (m @ y.mT).div_(c1).div_(v.sqrt_().mul_(c2).add_(eps))
+    if not clamp:
+        return d
     bound = expand(adam_ratio_bound(betas, step), d)
     return torch.minimum(torch.maximum(d, -bound), bound, out=d)
 
@@ -114,12 +124,13 @@ def projected_direction(
     step: torch.Tensor,
     betas: tuple[float, float],
     eps: float,
+    clamp: bool = True,
 ) -> torch.Tensor:
     """``D Y S`` (:func:`full_direction`) over chunks of pairs of at most :data:`CHUNK_ELEMENTS` in ``D``."""
     rows, n = m.shape[-2], y.shape[-2]
     size = max(1, CHUNK_ELEMENTS // max(1, rows * n))
     parts = [
-        full_direction(m[k : k + size], p[k : k + size], y[k : k + size], step[k : k + size], betas, eps)
+        full_direction(m[k : k + size], p[k : k + size], y[k : k + size], step[k : k + size], betas, eps, clamp)
         @ y[k : k + size]
         for k in range(0, m.shape[0], size)
     ]
@@ -144,7 +155,7 @@ def side_update(
     new = {"exp_avg": m, "row_second_moment": p}
     if active is None:
         return None, new
-    return projected_direction(m, p, y, s, step, hp["betas"], hp["eps"]), new
+    return projected_direction(m, p, y, s, step, hp["betas"], hp["eps"], clamp=not hp["reference"]), new
 
 
 def _lr_like(lr: Any, like: torch.Tensor) -> Any:
@@ -206,7 +217,8 @@ class LoFTStrategy(Strategy):
     (m×r×r), ``previous_factor`` (m×r). Cost per step: an m×n direction (one m×r²×n GEMM).
 
     Safeguard: ``|D|`` is clamped at Adam's own bound (:func:`adam_ratio_bound`; a no-op in exact
-    arithmetic, it stops float32 cancellation in ``V`` from stepping by ``M/ε``).
+    arithmetic, it stops float32 cancellation in ``V`` from stepping by ``M/ε``; not with
+    ``reference``, whose moments it does not bound).
 
     Invariant to every :math:`G \in GL(r)` (the scaled gradients, moments and calibration transform
     as :math:`X G`, :math:`G^\top p G`, :math:`G^{-1} C G`; :math:`D` is gauge-free).
