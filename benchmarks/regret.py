@@ -44,8 +44,10 @@ Methods: LoRA-RITE in the paper's Algorithm-1 form (``second_moment="sum"``, ``e
 ``bias_correction=False``, ``row_normalize=False``, ``betas=(0, 0.999)``, no clipping, no update
 skipping) and one-sided matrix Adagrad with constant step; online gradient descent (``torch.optim.SGD``,
 no momentum) and ScaledGD with ``η_t = η/√t`` (``LambdaLR``); Adam with constant step (no regret
-guarantee; for reference). Learning rates: the ``"regret"`` entry of each optimizer's config (tuned by
-``--tune``: log-grid sweep on (a, biased) and (b), see :func:`tune`).
+guarantee; for reference) and LoFT with constant step (AdamW on ``Z`` projected onto the
+factors' subspaces; no regret guarantee either; GL(r)-invariant, so checked flat in (c)).
+Learning rates: the ``"regret"`` entry of each optimizer's config (tuned by ``--tune``: log-grid
+sweep on (a, biased) and (b), see :func:`tune`).
 
 Gradients ``∇_Z f_t`` are computed in closed form (``G_t`` and ``Z_t − Z⋆ − ξ_t``) and chained to
 the factors (``∇A = ∇_Z B``, ``∇B = ∇_Zᵀ A``); updates are always the optimizers' own. The factors
@@ -120,8 +122,9 @@ METHODS: dict[str, tuple[str, dict[str, Any], str]] = {
     # a momentum of ScaledGD steps: the same η/√t schedule
     "altlora": ("altlora", {}, "inv_sqrt"),
     "adam": ("adam", {}, "constant"),
+    "loft": ("loft", {}, "constant"),
 }
-INVARIANT = ("lora_rite", "scaled_gd", "altlora")
+INVARIANT = ("lora_rite", "scaled_gd", "altlora", "loft")
 #: spread tolerance of the invariant methods in the imbalance sweep
 INVARIANCE_TOL = 1e-6
 #: a pair whose ‖Z‖_F exceeds this (or goes non-finite) counts as diverged
@@ -134,6 +137,7 @@ LABELS = {
     "scaled_gd": "ScaledGD η/√t",
     "altlora": "AltLoRA η/√t",
     "adam": "Adam",
+    "loft": "LoFT",
     "sgd_rescaled": "OGD η/(s²√t)",
 }
 

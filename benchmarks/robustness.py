@@ -66,7 +66,7 @@ cell.
 Sizes (2-core CPU, one torch thread per run; a run of 100 steps takes about 1 s): ``quick`` one
 cell (float32, lr 1e-2), every optimizer, 30 steps (a few seconds plus importing PEFT);
 ``default`` PEFT's default init with the 2-class head, every dtype and lr, 100 steps, for
-LoRA-RITE, ScaledGD and the baselines (54 runs, about a minute); ``full`` the whole grid with 2
+LoRA-RITE, ScaledGD, LoFT and the baselines (63 runs, about a minute); ``full`` the whole grid with 2
 seeds, 100 steps, every optimizer (2880 runs in two worker processes, about half an hour on two
 idle cores).
 """
@@ -138,7 +138,7 @@ SIZES: dict[str, dict[str, Any]] = {
         seeds=1,
         steps=100,
         workers=1,
-        optimizers=["lora_rite", "scaled_gd", *BASELINES],
+        optimizers=["lora_rite", "scaled_gd", "loft", *BASELINES],
     ),
     # the whole grid: 360 cells x 8 optimizers, in two worker processes
     "full": dict(

@@ -97,6 +97,14 @@ EXTRAS: dict[str, dict[str, Any]] = {
             (dict(reference="authors"), ValueError, r"Invalid reference: 'authors'"),
         ],
     ),
+    "loft": dict(
+        errors=[
+            (dict(betas=(0.9, 1.0)), ValueError, r"Invalid beta parameter at index 1: 1.0"),
+            (dict(eps=-1e-8), ValueError, r"Invalid epsilon value"),
+            (dict(alternate="yes"), ValueError, r"Invalid alternate"),
+            (dict(reference=1), ValueError, r"Invalid reference"),
+        ],
+    ),
     "one_sided_adagrad": dict(
         cls=OneSidedAdagrad, errors=[(dict(eps=-1.0), ValueError, r"Invalid epsilon value: -1.0")]
     ),

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
+from .loft import run_loft
 from .lora_rite import run_lora_rite
 from .one_sided_adagrad import run_one_sided_adagrad
 from .problems import linear_problem, quadratic_problem, zero_init_problem
@@ -279,6 +280,63 @@ def test_one_sided_adagrad_first_step_sqrtm():
         for p, h in zip(rec, H):
             assert _rel(p["H_A"], h) < 1e-12
         A, B = [p["A"] for p in rec], [p["B"] for p in rec]
+
+
+def _adamw_on_z(Z0, grad_z, steps, lr, betas, eps, wd):
+    """Plain AdamW (Loshchilov & Hutter, Alg. 2) on the full matrix, for the LoFT checks."""
+    b1, b2 = betas
+    Z, m, v, out = Z0.copy(), np.zeros_like(Z0), np.zeros_like(Z0), []
+    for k in range(steps):
+        g = grad_z(Z)
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g**2
+        Z = Z * (1 - lr * wd) - lr * (m / (1 - b1 ** (k + 1))) / (np.sqrt(v / (1 - b2 ** (k + 1))) + eps)
+        out.append(Z)
+    return out
+
+
+@pytest.mark.parametrize("alternate", [True, False])
+def test_loft_at_full_rank_is_adamw_on_z(alternate):
+    # r = m = n: the projections are the identity, so LoFT's Z is AdamW's W step for step (the paper's
+    # claim); with alternate=False both factors move by the full update and the claim does not hold
+    As, Bs, grad_fn = quadratic_problem(5, 5, 5, seed=17)
+    As, Bs, targets = As[:1], Bs[:1], grad_fn.targets[:1]
+    As[0] = As[0] + 2 * np.eye(5)  # well-conditioned factors (cond < 10)
+    kw = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    recs = run_loft(As, Bs, grad_fn, 30, alternate=alternate, **kw)
+    adamw = _adamw_on_z(
+        As[0] @ Bs[0].T, lambda z: z - targets[0], 30, kw["lr"], kw["betas"], kw["eps"], kw["weight_decay"]
+    )
+    gaps = [_rel(rec[0]["Z"], z) for rec, z in zip(recs, adamw)]
+    if alternate:
+        assert max(gaps) < 1e-11
+    else:
+        assert max(gaps) > 1e-3
+
+
+def test_loft_first_step_closed_form_and_alternation():
+    As, Bs, grad_fn = quadratic_problem(8, 6, 3, seed=18)
+    lr, eps = 0.01, 1e-8
+    recs = run_loft(As, Bs, grad_fn, 2, lr, eps=eps)
+    for p, a, b, zt in zip(recs[0], As, Bs, grad_fn.targets):
+        P = b @ np.linalg.solve(b.T @ b, b.T)  # projector onto the columns of B
+        GP = (a @ b.T - zt) @ P
+        # first step: m̂ = GP, √v̂ = |GP| entrywise, then projected onto B's columns; B does not move
+        assert _rel(p["Z"], a @ b.T - lr * (GP / (np.abs(GP) + eps)) @ P) < 1e-12
+        assert np.array_equal(p["B"], b)
+    for p0, p1 in zip(recs[0], recs[1]):
+        assert np.array_equal(p1["A"], p0["A"]) and not np.array_equal(p1["B"], p0["B"])
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_loft_transformation_invariance(reference):
+    # the paper's equations are GL(r)-invariant; the authors' code (absolute Tikhonov terms, the
+    # transposed calibration C p Cᵀ) is not, so the same check must fail for it
+    As, Bs, grad_fn = quadratic_problem(8, 6, 2, seed=19)
+    A2, B2 = _transform(As, Bs, seed=20)
+    r1 = run_loft(As, Bs, grad_fn, 10, 0.01, reference=reference)
+    r2 = run_loft(A2, B2, grad_fn, 10, 0.01, reference=reference)
+    gap = max(_rel(p2["Z"], p1["Z"]) for rec1, rec2 in zip(r1, r2) for p1, p2 in zip(rec1, rec2))
+    assert (gap > 1e-4) if reference else (gap < 1e-10)
 
 
 def test_linear_problem_reset_and_determinism():

@@ -20,6 +20,7 @@ import torch
 
 from lowrank_geom import LowRankOptimizer
 from tests.reference.altlora import run_altlora
+from tests.reference.loft import run_loft
 from tests.reference.lora_rite import run_lora_rite
 from tests.reference.one_sided_adagrad import run_one_sided_adagrad
 from tests.reference.problems import linear_problem, quadratic_problem, zero_init_problem
@@ -41,6 +42,7 @@ PROBLEMS = {
 
 PAPER_RITE = RITE_ALGORITHM_1_UNGUARDED
 
+LOFT_STATE = {"exp_avg": "m", "row_second_moment": "p"}
 # (case id, strategy, reference runner, hyperparameters, {package state key: (factor, reference key)})
 RITE_STATE = {"exp_avg": "M", "second_moment": "V"}
 GRAM = dict(engine="gram")
@@ -162,6 +164,9 @@ CASES = [
     ("altlora_no_momentum", "altlora", run_altlora, dict(lr=0.05, beta=0.0), ALTLORA_STATE),
     # a cap that acts on most steps of these problems
     ("altlora_tight_cap", "altlora", run_altlora, dict(lr=0.05, relative_step_cap=0.02), ALTLORA_STATE),
+    ("loft", "loft", run_loft, dict(lr=0.01), LOFT_STATE),
+    ("loft_simultaneous", "loft", run_loft, dict(lr=0.01, alternate=False, weight_decay=0.1), LOFT_STATE),
+    ("loft_reference", "loft", run_loft, dict(lr=0.01, weight_decay=0.01, reference=True), LOFT_STATE),
 ]
 
 
@@ -195,6 +200,12 @@ def test_every_step_and_state_variable_matches_the_reference(case, problem):
         # lr·sign(D_A), whose columns coincide here (cond(A) ≈ 7e7), so the undamped (AᵀA)⁺ of the
         # next step amplifies round-off by ~1e8 on both sides. The damped variant covers zero init.
         pytest.skip("undamped ScaledAdam from a zero factor is ill-conditioned by construction")
+    if name == "loft_reference" and problem == "zero_init":
+        # The authors' B-side scaling (AᵀA + 1e-6 I)⁻¹ of the A left nearly rank-deficient by its
+        # first step from 0 amplifies round-off ~1e6× on both sides (observed 1e-9 relative, the
+        # summation order of V differing); their code itself is matched from a zero factor to 3e-12
+        # (tests/strategies/test_loft.py docstring), the default equations on this problem to 1e-10.
+        pytest.skip("the authors' Tikhonov-damped inverse of a near-zero factor amplifies round-off by ~1e6")
     As, Bs, grad_fn = PROBLEMS[problem]()
     # the engine is how the package computes, not an option of the algorithm
     records = reference(As, Bs, grad_fn, STEPS, **{k: v for k, v in hp.items() if k != "engine"})

@@ -53,7 +53,7 @@ def pair_opt(cls, **kw):
 PAPER_RITE = RITE_ALGORITHM_1
 
 #: learning rates other than 0.05 (elementwise-normalized steps move much further per step)
-LR = {"scaled_adam": 0.01}
+LR = {"scaled_adam": 0.01, "loft": 0.01}
 #: variants with options that change (or must keep) the class, and references outside the package
 VARIANTS = {
     "lora_rite_paper": ("GL(r)", pair_opt(LoRARITE, lr=0.05, **PAPER_RITE)),
