@@ -22,6 +22,9 @@ ratio to ``torch.optim.Adam(foreach=True)`` (config ``adam``) measured in the sa
   full-set time and state are **extrapolated ×18** (layers are identical, so the state bytes
   scale exactly), marked ``*`` in the table; sets with a larger factor dimension than
   ``shampoo_max_dim`` are ``skipped``.
+* **LoFT** forms each pair's ``m×n`` direction (``m·n·r(r+1)/2`` multiply-adds a step, :data:`HEAVY`);
+  where that exceeds the size's ``max_madds`` (default: Gemma r = 64 and the 7B set) it is
+  ``skipped`` with the estimate as the reason, and timed with ``--full``.
 * ``peft_riemannian`` rewrites ``.grad`` in place every step (the preconditioned gradient), so
   repeated steps on fixed gradients would shrink them towards denormals; its timed function first
   restores the gradients (``torch._foreach_copy_``), and the separately timed copy is subtracted.
@@ -82,6 +85,11 @@ SUITE = "speed"
 BASELINE = "adam"
 #: optimizers whose step rewrites ``.grad`` in place (gradients restored before each timed step)
 MUTATES_GRAD = {"peft_riemannian"}
+#: optimizers whose step work grows like ``m·n`` rather than ``(m + n)``, with their multiply-adds per
+#: step on a set of ``(m, n, r)`` pairs: LoFT forms each pair's ``m×n`` direction through an ``r×r``
+#: block per row (:mod:`lowrank_geom.strategies.loft`). Sets above the size's ``max_madds`` are
+#: skipped, with the estimate as the reason.
+HEAVY = {"loft": lambda shapes: sum(m * n * r * (r + 1) // 2 for m, n, r in shapes)}
 
 #: the optimizers profiled per rank (``size["profile"]``): Adam and the strategies with a target there
 PROFILED = {16: ["adam", "lora_rite", "scaled_gd", "scaled_adam"], 64: ["adam", "lora_rite"]}
@@ -92,6 +100,7 @@ SIZES: dict[str, dict[str, Any]] = {
         m_sweep=dict(ms=[32, 64], r=8, pairs=4),
         min_run_time=0.02,
         shampoo=dict(layers=None, max_dim=128),
+        max_madds=float("inf"),
         threads=1,  # a smoke test of tiny sets: one thread keeps it fast on a busy CI machine
         # the targets' interleaved repeats; r = 16 exists only here (tiny: kv 32 allows it), the
         # floor is timed at the largest rank
@@ -108,6 +117,8 @@ SIZES: dict[str, dict[str, Any]] = {
         # no Gemma-shaped Shampoo: its one-layer subset alone takes ~20 s (~10 s a step), a fifth
         # of the suite, for an extrapolated number; --full times it at every r
         shampoo=dict(layers=1, ranks=[], max_dim=512, sets=["gemma-2b"]),
+        # LoFT on Gemma r ∈ {8, 16} and the m sweep; not at r = 64 or on the 7B set (~1e11 madds a step)
+        max_madds=3e10,
         # ~25 s on the idle 2-core CPU: at r = 64 LoRA-RITE and pytorch_optimizer's LoRARite take
         # ~0.9 s a step, so one step per repeat there; more steps at r = 8 and 16
         targets=dict(ranks=[8, 16, 64], floor_rank=64, repeats=5, min_run_time=0.2),
@@ -122,6 +133,7 @@ SIZES: dict[str, dict[str, Any]] = {
         m_sweep=dict(ms=[256, 512, 1024, 2048, 4096], r=16, pairs=8),
         min_run_time=1.0,
         shampoo=dict(layers=1, ranks=[8, 16, 64], max_dim=1024, sets=["gemma-2b"]),
+        max_madds=float("inf"),
         targets=dict(ranks=[8, 16, 64], floor_rank=64, repeats=9, min_run_time=0.5),
         profile=dict(optimizers=PROFILED, steps=10, warmup=3, top=12),
         compile=True,
@@ -609,10 +621,23 @@ def _shampoo_subset(size: dict[str, Any], ps: ParamSet, spec: dict[str, Any], la
     )
 
 
+def _heavy_skip(size: dict[str, Any], name: str, shapes: list[tuple[int, int, int]]) -> dict[str, Any] | None:
+    """``{"skipped": reason}`` for a :data:`HEAVY` optimizer whose step on ``shapes`` exceeds ``max_madds``."""
+    if name not in HEAVY:
+        return None
+    madds = HEAVY[name](shapes)
+    if madds <= size["max_madds"]:
+        return None
+    return {"skipped": f"≈{madds:.1e} multiply-adds a step (m·n·r(r+1)/2 per pair) > {size['max_madds']:.0e}; --full"}
+
+
 def _set_entry(size: dict[str, Any], sets: _Sets, set_name: str, r: int, name: str) -> dict[str, Any]:
     """One optimizer's row on a parameter set (Shampoo: measured, on a subset, or skipped)."""
     spec = size["sets"][set_name]
     ps = sets.get("set", set_name, r)
+    skip = _heavy_skip(size, name, ps.shapes)
+    if skip:
+        return skip
     if name == "shampoo":
         plan, arg = _shampoo_plan(size, set_name, spec, r)
         if plan == "skipped":
@@ -640,7 +665,8 @@ def _time_jobs(ctx: RunContext, size: dict[str, Any], device: torch.device):
         elif name == "shampoo" and key > max_dim:
             msweep[name][str(key)] = {"skipped": f"m = {key} > shampoo max_dim {max_dim}"}
         else:
-            msweep[name][str(key)] = measure(name, sets.get("m", key, r), size["min_run_time"])
+            ps = sets.get("m", key, r)
+            msweep[name][str(key)] = _heavy_skip(size, name, ps.shapes) or measure(name, ps, size["min_run_time"])
     return by_set, msweep, interleaved
 
 
@@ -889,9 +915,10 @@ def _set_tables(sets: dict[str, Any], notes: list[str]) -> list[str]:
         pairs = next(iter(by_r.values()))[BASELINE]["pairs"]
         parts.append(f"### {set_name} ({pairs} pairs), step time and optimizer state\n\n" + markdown_table(head, rows))
         notes += [
-            f"`shampoo` on {set_name} r={r}: skipped ({res['shampoo']['skipped']})."
+            f"`{name}` on {set_name} r={r}: skipped ({x['skipped']})."
             for r, res in by_r.items()
-            if "skipped" in res.get("shampoo", {})
+            for name, x in res.items()
+            if "skipped" in x
         ]
     return parts
 
@@ -902,9 +929,10 @@ def _sweep_table(msweep: dict[str, Any], sweep: dict[str, Any], notes: list[str]
     ms = [str(m) for m in sweep["ms"]]
     rows = [[name] + [_fmt_ms(msweep[name][m]) for m in ms] for name in OPTIMIZERS]
     notes += [
-        f"`shampoo` m={m}: skipped ({msweep['shampoo'][m]['skipped']})."
+        f"`{name}` m={m}: skipped ({by_m[m]['skipped']})."
+        for name, by_m in msweep.items()
         for m in ms
-        if "skipped" in msweep.get("shampoo", {}).get(m, {})
+        if "skipped" in by_m.get(m, {})
     ]
     head = ["optimizer"] + [f"ms m={m}" for m in ms]
     return f"### m sweep: {sweep['pairs']} pairs m×m, r={sweep['r']}\n\n" + markdown_table(head, rows)

@@ -204,3 +204,13 @@ def test_profile_of_each_configured_optimizer_with_families_summing_to_its_total
             # the families cover every operator, not only the listed top ones (relative round-off of a sum)
             assert sum(res["families_ms"].values()) == pytest.approx(res["profiled_ms"], rel=1e-9), name
     assert "### Profile: tiny, r=8" in quick.table
+
+
+def test_heavy_optimizers_are_skipped_above_the_size_budget_with_the_estimate():
+    gemma64 = speed.layer_shapes(18, 2048, 256, 64)
+    skip = speed._heavy_skip(speed.SIZES["default"], "loft", gemma64)
+    assert skip and "multiply-adds" in skip["skipped"]
+    # within the budget, and any optimizer not listed as heavy, is timed
+    assert speed._heavy_skip(speed.SIZES["default"], "loft", speed.layer_shapes(18, 2048, 256, 8)) is None
+    assert speed._heavy_skip(speed.SIZES["default"], "lora_rite", gemma64) is None
+    assert speed._heavy_skip(speed.SIZES["full"], "loft", gemma64) is None
