@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from lowrank_geom import LowRankOptimizer
+from tests.reference.lora_one import run_lora_one, run_lora_one_authors
 from tests.reference.lora_rite import run_lora_rite
 from tests.reference.one_sided_adagrad import run_one_sided_adagrad
 from tests.reference.problems import linear_problem, quadratic_problem, zero_init_problem
@@ -50,6 +51,7 @@ PAPER_RITE = dict(
 
 # (case id, strategy, reference runner, hyperparameters, {package state key: (factor, reference key)})
 RITE_STATE = {"exp_avg": "M", "second_moment": "V"}
+ADAM_STATE = {"exp_avg": "m", "exp_avg_sq": "v"}
 GRAM = dict(engine="gram")
 CASES = [
     # the default engine ("auto") is the QR engine on these float64 factors
@@ -119,6 +121,22 @@ CASES = [
         dict(lr=0.01, delta=0.1, weight_decay=0.1),
         {"exp_avg": "m", "exp_avg_sq": "v"},
     ),
+    ("lora_one", "lora_one", run_lora_one, dict(lr=0.05), {}),
+    (
+        "lora_one_paper",
+        "lora_one",
+        run_lora_one,
+        dict(lr=0.05, damping=0.1, weight_decay=0.01, relative_step_cap=0.0),
+        {},
+    ),
+    ("lora_one_reference", "lora_one", run_lora_one_authors, dict(lr=0.01, reference=True), ADAM_STATE),
+    (
+        "lora_one_reference_options",
+        "lora_one",
+        run_lora_one_authors,
+        dict(lr=0.01, reference=True, damping=0.1, weight_decay=0.1, betas=(0.8, 0.99), relative_step_cap=0.0),
+        ADAM_STATE,
+    ),
     (
         "one_sided_adagrad",
         "one_sided_adagrad",
@@ -154,14 +172,15 @@ def _close_up_to_rotation(a: torch.Tensor, b: torch.Tensor, rec: dict, where: st
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_every_step_and_state_variable_matches_the_reference(case, problem):
     name, strategy, reference, hp, state_keys = case
-    if name == "scaled_adam" and problem == "zero_init":
+    if name in ("scaled_adam", "lora_one_reference") and problem == "zero_init":
         # Not a tolerance question but a property of the method: Adam's first step from A = 0 is
-        # lr·sign(D_A), whose columns coincide here (cond(A) ≈ 7e7), so the undamped (AᵀA)⁺ of the
-        # next step amplifies round-off by ~1e8 on both sides. The damped variant covers zero init.
+        # lr·sign(D_A), whose columns coincide here (cond(A) ≈ 7e7), so the undamped (or λ = 1e-6)
+        # (AᵀA + λI)⁻¹ of the next step amplifies round-off by ~1e8 on both sides. The damped
+        # variants (λ = 0.1) cover zero init.
         pytest.skip("undamped ScaledAdam from a zero factor is ill-conditioned by construction")
     As, Bs, grad_fn = PROBLEMS[problem]()
-    # the engine is how the package computes, not an option of the algorithm
-    records = reference(As, Bs, grad_fn, STEPS, **{k: v for k, v in hp.items() if k != "engine"})
+    # the engine is how the package computes, not an option of the algorithm; ``reference`` picks the runner
+    records = reference(As, Bs, grad_fn, STEPS, **{k: v for k, v in hp.items() if k not in ("engine", "reference")})
 
     As, Bs, grad_fn = PROBLEMS[problem]()  # a fresh problem: the online one counts its calls
     pairs = [(torch.tensor(a).requires_grad_(), torch.tensor(b).requires_grad_()) for a, b in zip(As, Bs)]
