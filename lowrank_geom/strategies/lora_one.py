@@ -69,11 +69,12 @@ class LoRAOneStrategy(Strategy):
     ``B``, and the decay ``X ← X_{new}(1 − ηw)`` after the step. State ``exp_avg``,
     ``exp_avg_sq`` (m×r, n×r).
 
-    Safeguard (``relative_step_cap = c > 0``, default 1; 0 is the paper's and the authors'
-    update): each factor's step has its relative change ``η D R_X⁺`` capped at ``c``
-    (:func:`~lowrank_geom.strategies.scaled_gd.capped_direction`). Needed from PEFT's default
-    init: the zero factor's first step is tiny and rank-deficient, and ``(AᵀA + λI)⁻¹`` then
-    multiplies the partner's gradient by up to ``1/λ = 10⁶``.
+    Option ``relative_step_cap = c > 0`` (default 0, the paper's and the authors' update): each
+    factor's step has its relative change ``η D R_X⁺`` capped at ``c``
+    (:func:`~lowrank_geom.strategies.scaled_gd.capped_direction`), as ScaledGD's safeguard. Off by
+    default: the damping already keeps a bfloat16 PEFT run from its zero init with batches of one
+    within AdamW's loss, where undamped ScaledGD needs the cap; it matters for a factor with a
+    direction above ``√λ`` but far below its step.
 
     Invariance: :math:`O(r)` for ``λ > 0`` (:math:`GL(r)` when ``λ = 0`` and
     ``reference=False``); ``reference=True`` is not invariant (elementwise moments).
@@ -82,7 +83,7 @@ class LoRAOneStrategy(Strategy):
     name = "lora_one"
     invariance = "O(r)"
     defaults = dict(
-        damping=1e-6, weight_decay=0.0, relative_step_cap=1.0, reference=False, betas=(0.9, 0.999), eps=1e-8
+        damping=1e-6, weight_decay=0.0, relative_step_cap=0.0, reference=False, betas=(0.9, 0.999), eps=1e-8
     )
 
     def row_sharding_requirements(self, hp: dict[str, Any], dtype: torch.dtype | None = None) -> list[str]:
