@@ -22,6 +22,7 @@ import torch
 
 from lowrank_geom import LowRankOptimizer
 from lowrank_geom.strategies.lora_one import damped_direction
+from tests.strategies.peft_batch_of_one import final_loss
 
 
 def test_damped_direction_solves_the_damped_system():
@@ -64,23 +65,5 @@ def test_bf16_peft_batch_of_one_trains_like_adamw():
     lr 1e-2 at the defaults: the loss ends within 1.5× of AdamW's at 1e-3 (measured: 1.85 vs 1.98;
     undamped ScaledGD without its cap ends at ~14, ``tests/strategies/test_scaled_gd.py``)."""
     pytest.importorskip("peft")
-    from benchmarks import robustness as rb
-
-    def run(name):
-        model = rb.PeftMLP("gaussian", "batch1", torch.bfloat16, 0)
-        x, y = rb.make_data("batch1", 0, torch.bfloat16)
-        head = {"params": model.other_parameters(), "lr": 1e-3, "weight_decay": 0.0}
-        if name == "adamw":
-            opt = torch.optim.AdamW([{"params": model.trainable_parameters()}, head], lr=1e-3, weight_decay=0.0)
-        else:
-            opt = LowRankOptimizer([{"pairs": model.pairs()}, head], strategy="lora_one", lr=1e-2)
-        g = torch.Generator().manual_seed(0)
-        for _ in range(100):
-            idx = torch.randint(0, rb.N_SAMPLES, (1,), generator=g)
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model.peft_model(x[idx]).float(), y[idx]).backward()
-            opt.step()
-        return rb.full_loss(model.peft_model, x, y)
-
-    final, reference = run("lora_one"), run("adamw")
+    final, reference = final_loss("lora_one"), final_loss("adamw")
     assert final <= 1.5 * reference, (final, reference)

@@ -7,6 +7,7 @@ import torch
 
 from lowrank_geom import FixedRankQuotient, LoRARITE, ScaledGD
 from lowrank_geom.strategies.scaled_gd import scaled_gradient
+from tests.strategies.peft_batch_of_one import final_loss
 
 
 @pytest.mark.parametrize("m, n, r", [(8, 6, 2), (12, 5, 5), (30, 20, 4)])
@@ -130,28 +131,7 @@ def test_bf16_peft_batch_of_one_trains_like_adamw_only_with_the_cap(cap):
     directions, ``(AᵀA)⁻¹`` turned them into jumps of the partner, and the loss went from 2.1 to
     ~14 (1.98 for AdamW at 1e-3). With the cap it ends within 1.5× of AdamW."""
     pytest.importorskip("peft")
-    from benchmarks import robustness as rb
-    from lowrank_geom import LowRankOptimizer
-
-    def run(name):
-        model = rb.PeftMLP("gaussian", "batch1", torch.bfloat16, 0)
-        x, y = rb.make_data("batch1", 0, torch.bfloat16)
-        head = {"params": model.other_parameters(), "lr": 1e-3, "weight_decay": 0.0}
-        if name == "adamw":
-            opt = torch.optim.AdamW([{"params": model.trainable_parameters()}, head], lr=1e-3, weight_decay=0.0)
-        else:
-            opt = LowRankOptimizer(
-                [{"pairs": model.pairs()}, head], strategy="scaled_gd", lr=1e-2, relative_step_cap=cap
-            )
-        g = torch.Generator().manual_seed(0)
-        for _ in range(100):
-            idx = torch.randint(0, rb.N_SAMPLES, (1,), generator=g)
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model.peft_model(x[idx]).float(), y[idx]).backward()
-            opt.step()
-        return rb.full_loss(model.peft_model, x, y)
-
-    final, reference = run("scaled_gd"), run("adamw")
+    final, reference = final_loss("scaled_gd", relative_step_cap=cap), final_loss("adamw")
     if cap:
         assert final <= 1.5 * reference, (final, reference)
     else:
