@@ -46,7 +46,7 @@ def _cap(step: np.ndarray, x: np.ndarray, cap: float) -> np.ndarray:
     return _cap_relative_change(step, r, r_pinv, cap)
 
 
-def run_lora_one(As, Bs, grad_fn, steps, lr, damping=1e-6, weight_decay=0.0, relative_step_cap=0.0):
+def run_lora_one(As, Bs, grad_fn, steps, lr, damping=1e-6, weight_decay=0.0, relative_step_cap=1.0):
     """Algorithm 1's update; records ``A, B, Z`` per pair and step (package orientation)."""
     A = [np.array(a, dtype=np.float64) for a in As]
     B = [np.array(b, dtype=np.float64) for b in Bs]
@@ -82,7 +82,7 @@ def _adamwr_param(p, g, precond_inv, left, state, lr, betas, eps, wd, cap, x_pkg
 
 
 def run_lora_one_authors(
-    As, Bs, grad_fn, steps, lr, damping=1e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, relative_step_cap=0.0
+    As, Bs, grad_fn, steps, lr, damping=1e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, relative_step_cap=1.0
 ):
     """The released ``AdamWr``; records ``A, B, Z`` and the moments ``m_A, v_A, m_B, v_B`` (package orientation)."""
     lora_a = [np.array(b, dtype=np.float64).T for b in Bs]  # r x in

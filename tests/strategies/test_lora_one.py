@@ -17,10 +17,12 @@ descent) has no released implementation to compare with.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from lowrank_geom import LowRankOptimizer
+from lowrank_geom import LowRankOptimizer, random_gauge
 from lowrank_geom.strategies.lora_one import damped_direction
 from tests.strategies.peft_batch_of_one import final_loss
 
@@ -59,11 +61,46 @@ def test_relative_step_cap_bounds_a_tiny_direction_jump():
     assert relative_change(0.0) > 5.0  # measured 8.1
 
 
+def _unbalanced_float32_pair(seed=0):
+    """A float32 pair gauged by ``G`` with cond(G) = 10⁴ (factors of size ~10² and ~10⁻²)."""
+    g = torch.Generator().manual_seed(seed)
+    a = 0.3 * torch.randn(12, 3, generator=g, dtype=torch.float64)
+    b = 0.3 * torch.randn(10, 3, generator=g, dtype=torch.float64)
+    target = 0.2 * torch.randn(12, 10, generator=g, dtype=torch.float64)
+    gauge = random_gauge(3, 1e4, generator=g)
+    return (a @ gauge).float(), (b @ torch.linalg.inv(gauge).T).float(), target.float()
+
+
+def _losses(a0, b0, target, steps=5, **hp):
+    a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+    opt = LowRankOptimizer([(a, b)], strategy="lora_one", lr=1e-2, **hp)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = 0.5 * (a @ b.T - target).pow(2).sum()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_unbalanced_float32_pair_trains_only_with_the_cap():
+    """float32 Gram round-off (eps₃₂·‖AᵀA‖) far above λ = 1e-6: the damped Gram is indefinite
+    (its Cholesky failed before the eigh-based inverse) and ``(AᵀA + λI)⁻¹`` amplifies the
+    round-off into jumps of the partner; measured 3.7 → 151 in 5 steps without the cap."""
+    a, b, target = _unbalanced_float32_pair()
+    capped = _losses(a, b, target)
+    assert all(map(math.isfinite, capped)) and capped[-1] < capped[0]
+    plain = _losses(a, b, target, relative_step_cap=0.0)
+    assert plain[-1] > 10 * plain[0]  # the failure the cap removes
+
+
 @pytest.mark.slow
 def test_bf16_peft_batch_of_one_trains_like_adamw():
     """PEFT gaussian init (lora_B = 0), batches of one example (rank-one gradients), bfloat16,
-    lr 1e-2 at the defaults: the loss ends within 1.5× of AdamW's at 1e-3 (measured: 1.85 vs 1.98;
-    undamped ScaledGD without its cap ends at ~14, ``tests/strategies/test_scaled_gd.py``)."""
+    lr 1e-2 at the defaults: the loss ends within 1.5× of AdamW's at 1e-3 (measured with and
+    without the cap; 1.85 vs 1.98 without; undamped ScaledGD without its cap ends at ~14,
+    ``tests/strategies/test_scaled_gd.py``)."""
     pytest.importorskip("peft")
     final, reference = final_loss("lora_one"), final_loss("adamw")
     assert final <= 1.5 * reference, (final, reference)
