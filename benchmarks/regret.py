@@ -117,6 +117,8 @@ METHODS: dict[str, tuple[str, dict[str, Any], str]] = {
     "one_sided_adagrad": ("one_sided_adagrad", {}, "constant"),
     "sgd": ("sgd", {"momentum": 0.0}, "inv_sqrt"),
     "scaled_gd": ("scaled_gd", {}, "inv_sqrt"),
+    # preconditioned GD like ScaledGD, damped (only O(r)-invariant): not in INVARIANT
+    "lora_one": ("lora_one", {}, "inv_sqrt"),
     "adam": ("adam", {}, "constant"),
 }
 INVARIANT = ("lora_rite", "scaled_gd")
@@ -130,6 +132,7 @@ LABELS = {
     "one_sided_adagrad": "one-sided Adagrad",
     "sgd": "OGD η/√t",
     "scaled_gd": "ScaledGD η/√t",
+    "lora_one": "LoRA-One η/√t",
     "adam": "Adam",
     "sgd_rescaled": "OGD η/(s²√t)",
 }
@@ -674,6 +677,7 @@ TUNE_GRID = {
     "one_sided_adagrad": (1e-3, 1.0),
     "sgd": (1e-2, 10.0),
     "scaled_gd": (1e-3, 1.0),
+    "lora_one": (1e-3, 1.0),
     "adam": (1e-4, 1e-1),
 }
 TUNE_T = 3000
