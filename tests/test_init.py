@@ -110,8 +110,6 @@ def test_unnormalized_init_is_one_projected_gradient_step():
 
 def test_state_is_restored_and_training_proceeds_with_every_strategy():
     base, batches = net(), data()
-    reference = wrap(base)
-    lowrank_geom.init.lora_one(reference, batches, loss_fn, gamma=GAMMA)
     for strategy in available_strategies():
         model = wrap(base)
         flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -121,7 +119,7 @@ def test_state_is_restored_and_training_proceeds_with_every_strategy():
         assert not any(m.disable_adapters for m in model.modules() if hasattr(m, "lora_A"))
         opt = LowRankOptimizer(lora_pairs(model), strategy=strategy, lr=1e-2)
         start = sum(loss_fn(model, b).item() for b in batches)
-        for _ in range(30):
+        for _ in range(5):  # 15 steps: enough to lower the loss, cheap enough for every strategy
             for b in batches:
                 opt.zero_grad()
                 loss_fn(model, b).backward()
