@@ -121,6 +121,8 @@ METHODS: dict[str, tuple[str, dict[str, Any], str]] = {
     "scaled_gd": ("scaled_gd", {}, "inv_sqrt"),
     # a momentum of ScaledGD steps: the same η/√t schedule
     "altlora": ("altlora", {}, "inv_sqrt"),
+    # preconditioned GD like ScaledGD, damped (only O(r)-invariant): not in INVARIANT
+    "lora_one": ("lora_one", {}, "inv_sqrt"),
     "adam": ("adam", {}, "constant"),
     "loft": ("loft", {}, "constant"),
 }
@@ -136,6 +138,7 @@ LABELS = {
     "sgd": "OGD η/√t",
     "scaled_gd": "ScaledGD η/√t",
     "altlora": "AltLoRA η/√t",
+    "lora_one": "LoRA-One η/√t",
     "adam": "Adam",
     "loft": "LoFT",
     "sgd_rescaled": "OGD η/(s²√t)",
@@ -682,6 +685,7 @@ TUNE_GRID = {
     "sgd": (1e-2, 10.0),
     "scaled_gd": (1e-3, 1.0),
     "altlora": (1e-3, 1.0),
+    "lora_one": (1e-3, 1.0),
     "adam": (1e-4, 1e-1),
 }
 TUNE_T = 3000

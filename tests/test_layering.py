@@ -1,6 +1,7 @@
 """The layering rule, checked on the source with ``ast``: nothing below imports from above.
 
     benchmarks/                 (CLI on top; may import the package)
+    lowrank_geom.init (adapter) data-driven initializations of PEFT models; may use the driver and peft.py
     lowrank_geom  (driver)      optim.py, pairs.py, fallback.py, peft.py, __init__.py
     lowrank_geom.strategies     pure update functions + strategy objects
     lowrank_geom.geometry       pure functions over (..., m, r) tensors
@@ -26,13 +27,17 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "lowrank_geom.geometry": ("lowrank_geom.geometry",),
     "lowrank_geom.strategies": ("lowrank_geom.geometry", "lowrank_geom.strategies"),
     "lowrank_geom": ("lowrank_geom",),  # the driver level may use every layer below it
+    "lowrank_geom.init": ("lowrank_geom",),  # the adapter level: the driver and everything below
 }
+# Modules of a layer above the driver: a module outside them may not import them (the driver's
+# prefix "lowrank_geom" would otherwise allow it).
+ABOVE_DRIVER = ("lowrank_geom.init",)
 
 # Third-party packages only some modules may import; lazy = only inside a function body (or an
 # ``if TYPE_CHECKING:`` block), so ``import lowrank_geom`` does not need the optional extra.
 RESTRICTED: dict[str, tuple[tuple[str, ...], bool]] = {
     "geoopt": (("lowrank_geom.geometry.manifold",), False),
-    "peft": (("lowrank_geom.peft",), True),
+    "peft": (("lowrank_geom.peft", "lowrank_geom.init"), True),
     "transformers": (("lowrank_geom.peft",), True),
 }
 
@@ -121,6 +126,8 @@ def check_module(
         if top == PACKAGE:
             if not any(_within(name, a) for a in allowed):
                 errors.append(f"{where}, but layer {_layer(module)} may import only {allowed}")
+            elif any(_within(name, a) and not _within(module, a) for a in ABOVE_DRIVER):
+                errors.append(f"{where}, but {name} is above the driver: only it may import itself")
         elif top in FORBIDDEN:
             errors.append(f"{where}: the library never imports {top}")
         elif top in RESTRICTED:
@@ -171,6 +178,7 @@ KNOWN = {
     "lowrank_geom.geometry.manifold",
     "lowrank_geom.strategies",
     "lowrank_geom.strategies.base",
+    "lowrank_geom.init",
 }
 
 VIOLATIONS = [
@@ -188,6 +196,9 @@ VIOLATIONS = [
     ("lowrank_geom.peft", "import peft\n", "lazily"),
     ("lowrank_geom.peft", "from transformers import PreTrainedModel\n", "lazily"),
     ("lowrank_geom.optim", "def f():\n    import peft\n", "peft may be imported only"),
+    ("lowrank_geom.peft", "from lowrank_geom.init import lora_one\n", "above the driver"),
+    ("lowrank_geom.strategies.base", "import lowrank_geom.init\n", "may import only"),
+    ("lowrank_geom.init", "import peft\n", "lazily"),
 ]
 
 
@@ -206,6 +217,7 @@ ALLOWED = [
     ("lowrank_geom.optim", "from lowrank_geom.strategies import Strategy\nfrom lowrank_geom import pairs\n"),
     ("lowrank_geom.peft", "def lora_pairs(model):\n    import peft\n    from transformers import PreTrainedModel\n"),
     ("lowrank_geom.peft", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import peft\n"),
+    ("lowrank_geom.init", "from lowrank_geom.peft import lora_pairs\ndef f():\n    import peft\n"),
 ]
 
 

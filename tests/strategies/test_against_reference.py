@@ -21,6 +21,7 @@ import torch
 from lowrank_geom import LowRankOptimizer
 from tests.reference.altlora import run_altlora
 from tests.reference.loft import run_loft
+from tests.reference.lora_one import run_lora_one, run_lora_one_authors
 from tests.reference.lora_rite import run_lora_rite
 from tests.reference.one_sided_adagrad import run_one_sided_adagrad
 from tests.reference.problems import linear_problem, quadratic_problem, zero_init_problem
@@ -45,6 +46,7 @@ PAPER_RITE = RITE_ALGORITHM_1_UNGUARDED
 LOFT_STATE = {"exp_avg": "m", "row_second_moment": "p"}
 # (case id, strategy, reference runner, hyperparameters, {package state key: (factor, reference key)})
 RITE_STATE = {"exp_avg": "M", "second_moment": "V"}
+ADAM_STATE = {"exp_avg": "m", "exp_avg_sq": "v"}
 GRAM = dict(engine="gram")
 ALTLORA_STATE = {"exp_avg": "M"}
 CASES = [
@@ -114,6 +116,22 @@ CASES = [
         run_scaled_adam,
         dict(lr=0.01, delta=0.1, weight_decay=0.1),
         {"exp_avg": "m", "exp_avg_sq": "v"},
+    ),
+    ("lora_one", "lora_one", run_lora_one, dict(lr=0.05), {}),
+    (
+        "lora_one_options",
+        "lora_one",
+        run_lora_one,
+        dict(lr=0.05, damping=0.1, weight_decay=0.01, relative_step_cap=0.0),
+        {},
+    ),
+    ("lora_one_reference", "lora_one", run_lora_one_authors, dict(lr=0.01, reference=True), ADAM_STATE),
+    (
+        "lora_one_reference_options",
+        "lora_one",
+        run_lora_one_authors,
+        dict(lr=0.01, reference=True, damping=0.1, weight_decay=0.1, betas=(0.8, 0.99), relative_step_cap=0.0),
+        ADAM_STATE,
     ),
     (
         "scaled_adam_uncorrected",
@@ -195,11 +213,12 @@ def _close_up_to_rotation(a: torch.Tensor, b: torch.Tensor, rec: dict, where: st
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_every_step_and_state_variable_matches_the_reference(case, problem):
     name, strategy, reference, hp, state_keys = case
-    if name == "scaled_adam" and problem == "zero_init":
+    if name in ("scaled_adam", "lora_one_reference") and problem == "zero_init":
         # Not a tolerance question but a property of the method: Adam's first step from A = 0 is
-        # lr·sign(D_A), whose columns coincide here (cond(A) ≈ 7e7), so the undamped (AᵀA)⁺ of the
-        # next step amplifies round-off by ~1e8 on both sides. The damped variant covers zero init.
-        pytest.skip("undamped ScaledAdam from a zero factor is ill-conditioned by construction")
+        # lr·sign(D_A), whose columns coincide here (cond(A) ≈ 7e7), so the undamped (or λ = 1e-6)
+        # (AᵀA + λI)⁻¹ of the next step amplifies round-off by ~1e8 on both sides. The damped
+        # variants (λ = 0.1) cover zero init.
+        pytest.skip("Adam over an undamped (or λ = 1e-6) preconditioner from a zero factor is ill-conditioned")
     if name == "loft_reference" and problem == "zero_init":
         # The authors' B-side scaling (AᵀA + 1e-6 I)⁻¹ of the A left nearly rank-deficient by its
         # first step from 0 amplifies round-off ~1e6× on both sides (observed 1e-9 relative, the
@@ -207,8 +226,8 @@ def test_every_step_and_state_variable_matches_the_reference(case, problem):
         # (tests/strategies/test_loft.py docstring), the default equations on this problem to 1e-10.
         pytest.skip("the authors' Tikhonov-damped inverse of a near-zero factor amplifies round-off by ~1e6")
     As, Bs, grad_fn = PROBLEMS[problem]()
-    # the engine is how the package computes, not an option of the algorithm
-    records = reference(As, Bs, grad_fn, STEPS, **{k: v for k, v in hp.items() if k != "engine"})
+    # the engine is how the package computes, not an option of the algorithm; ``reference`` picks the runner
+    records = reference(As, Bs, grad_fn, STEPS, **{k: v for k, v in hp.items() if k not in ("engine", "reference")})
 
     As, Bs, grad_fn = PROBLEMS[problem]()  # a fresh problem: the online one counts its calls
     pairs = [(torch.tensor(a).requires_grad_(), torch.tensor(b).requires_grad_()) for a, b in zip(As, Bs)]

@@ -29,6 +29,10 @@ from tests.strategy_table import RITE_ALGORITHM_1, shipped_strategies
 
 INVARIANT_TOL = 1e-9
 BROKEN_TOL = 1e-3
+#: a smaller "fails" threshold where the breaking term is small by design: LoRA-One's default damping
+#: λ = 1e-6 (the authors' value) against Grams of 1e-2 … 1e2 under these gauges breaks GL(r) by
+#: 7e-5 … 5e-4 over 20 steps, still 1e10 times an invariant gap
+BROKEN_TOL_OF = {"lora_one": 1e-6}
 STEPS = 20
 CLASSES = ("GL(r)", "O(r)", "none")
 
@@ -67,6 +71,8 @@ VARIANTS = {
     ),
     "altlora_damped": ("O(r)", pair_opt(LowRankOptimizer, strategy="altlora", lr=0.05, delta=0.1)),
     "torch_adam": ("none", lambda a, b: torch.optim.Adam([a, b], lr=0.01)),
+    "lora_one_undamped": ("GL(r)", pair_opt(LowRankOptimizer, strategy="lora_one", lr=0.05, damping=0.0)),
+    "lora_one_reference": ("none", pair_opt(LowRankOptimizer, strategy="lora_one", lr=0.01, reference=True)),
 }
 
 
@@ -118,10 +124,10 @@ def test_gl_invariant_strategies_pass_scalar_gauges(name, seed, s):
 @given(seed=seeds)
 def test_orthogonal_only_strategies(name, seed):
     g = torch.Generator().manual_seed(seed + 1)
-    opt = ORTHOGONAL_ONLY[name]
+    opt, broken = ORTHOGONAL_ONLY[name], BROKEN_TOL_OF.get(name, BROKEN_TOL)
     assert gap(opt, seed, random_gauge(3, 1.0, g)) < INVARIANT_TOL
-    assert gap(opt, seed, scale_gauge(10.0, 3, dtype=torch.float64)) > BROKEN_TOL
-    assert gap(opt, seed, random_gauge(3, 100.0, g)) > BROKEN_TOL
+    assert gap(opt, seed, scale_gauge(10.0, 3, dtype=torch.float64)) > broken
+    assert gap(opt, seed, random_gauge(3, 100.0, g)) > broken
 
 
 @pytest.mark.parametrize("name", sorted(NOT_INVARIANT))
