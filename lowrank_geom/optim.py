@@ -668,7 +668,7 @@ class LoRARITE(LowRankOptimizer):
     :class:`~lowrank_geom.strategies.LoRARITEStrategy` (``betas``, ``eps``, ``weight_decay``,
     ``escape``, ``second_moment``, ``bias_correction``, ``row_normalize``,
     ``clip_unmagnified_grad``, ``update_skipping``, ``update_capping``, ``relative_step_cap``,
-    ``rebalance``, ``balance``, ``basis``, ``engine``)."""
+    ``rebalance``, ``balance``, ``basis``, ``engine``, ``clip_scope``)."""
 
     def __init__(self, pairs: Iterable[Any], lr: float | torch.Tensor = 1e-3, **hyperparameters: Any) -> None:
         super().__init__(pairs, strategy="lora_rite", lr=lr, **hyperparameters)
@@ -684,7 +684,8 @@ class ScaledGD(LowRankOptimizer):
 
 class ScaledAdam(LowRankOptimizer):
     """:class:`LowRankOptimizer` with ``strategy="scaled_adam"``; hyperparameters ``betas``,
-    ``eps``, ``delta``, ``weight_decay`` (see :class:`~lowrank_geom.strategies.ScaledAdamStrategy`)."""
+    ``eps``, ``delta``, ``weight_decay``, ``bias_correction``, ``reference`` (see
+    :class:`~lowrank_geom.strategies.ScaledAdamStrategy`)."""
 
     def __init__(self, pairs: Iterable[Any], lr: float | torch.Tensor = 1e-3, **hyperparameters: Any) -> None:
         super().__init__(pairs, strategy="scaled_adam", lr=lr, **hyperparameters)
