@@ -207,7 +207,8 @@ class Segment:
     ``kind`` ``"linear"`` (a) or ``"quadratic"`` (b, c); ``constrained``: projected onto the
     Frobenius balls and compared over 𝒦 (else over all rank-``r`` matrices); ``scales``: the
     imbalance start ``(s A₀, B₀/s)`` with balanced ``‖A₀‖_F = ‖B₀‖_F`` (unconstrained only);
-    ``bias``: the sign bias β of (a). Every scale of a seed sees the same loss stream.
+    ``bias``: the sign bias β of (a); ``radii``: ``(D_A, D_B)`` if not the problem's. Every
+    scale of a seed sees the same loss stream.
     """
 
     name: str
@@ -216,6 +217,11 @@ class Segment:
     seeds: list[int]
     scales: list[float] = field(default_factory=lambda: [1.0])
     bias: float = 0.0
+    radii: tuple[float, float] | None = None
+
+    def ball(self, p: dict[str, Any] = PROBLEM) -> tuple[float, float]:
+        """``(D_A, D_B)`` of the constraint set: ``radii``, else the problem's."""
+        return self.radii if self.radii is not None else (p["d_a"], p["d_b"])
 
     @property
     def pair_seeds(self) -> list[int]:
@@ -271,119 +277,35 @@ def _online_run(
     ``lr_scale_power = k`` divides the step of a pair started at scale ``s`` by ``s^k`` (one
     optimizer per scale then). Returns, per segment name: horizons ``T``, ``Regret_T/T`` and the
     first-order term ``/T`` of every pair (``(P, K)``), the max gradient and factor norms per pair,
-    the divergence step per pair (None if it did not), pair seeds and scales, and the run's seconds.
+    the divergence step per pair (None if it did not), pair seeds and scales, the segment's
+    radii, the final factors' shape (:func:`_final_shape`) and the run's seconds.
     """
-    opt_name, overrides, schedule = METHODS[method]
-    m, n, r = p["m"], p["n"], p["r"]
-    a_parts, b_parts, slices = [], [], []
-    start = 0
-    for seg in segments:
-        if seg.constrained:
-            if seg.scales != [1.0]:
-                raise ValueError("the imbalance start is for unconstrained segments only")
-            a0, b0 = _initial_factors(seg.pair_seeds, m, n, r, p["init_frac"] * p["d_a"], p["init_frac"] * p["d_b"])
-        else:
-            a0, b0 = _initial_factors(seg.pair_seeds, m, n, r, p["imbalance_norm"], p["imbalance_norm"])
-            sc = torch.tensor(seg.pair_scales, dtype=lp.DTYPE).view(-1, 1, 1)
-            a0, b0 = a0 * sc, b0 / sc
-        a_parts.append(a0)
-        b_parts.append(b0)
-        slices.append(slice(start, start + a0.shape[0]))
-        start += a0.shape[0]
-    npairs = start
-    bank = _Bank(torch.cat(a_parts), torch.cat(b_parts))
+    bank, slices = _start(segments, p)
     all_scales = [c for seg in segments for c in seg.pair_scales]
-
-    if lr_scale_power:
-        groups: dict[float, list[int]] = {}
-        for i, c in enumerate(all_scales):
-            groups.setdefault(c, []).append(i)
-        opts = [
-            build_optimizer(opt_name, [bank.pairs[i] for i in idx], lr / c**lr_scale_power, overrides)
-            for c, idx in groups.items()
-        ]
-    else:
-        opts = [build_optimizer(opt_name, bank.pairs, lr, overrides)]
-    scheds = []
-    if schedule == "inv_sqrt":
-        scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1.0 / math.sqrt(t + 1.0)) for o in opts]
-
-    zs = z_star(p)
-    streams, books = [], []
-    for seg in segments:
-        k = len(seg.pair_seeds)
-        if seg.kind == "linear":
-            if not seg.constrained:
-                raise ValueError("linear losses need the constraint set (they are unbounded below otherwise)")
-            streams.append(lp.LinearStream(seg.pair_seeds, m, n, p["g"], bias=seg.bias))
-            books.append(lp.LinearRegret(k, m, n, r, p["d_a"], p["d_b"]))
-        else:
-            streams.append(lp.QuadraticStream(seg.pair_seeds, zs, p["noise_fro"] / math.sqrt(m * n)))
-            da, db = (p["d_a"], p["d_b"]) if seg.constrained else (None, None)
-            books.append(lp.QuadraticRegret(k, m, n, r, da, db))
-    constrained = torch.tensor([seg.constrained for seg in segments for _ in seg.pair_seeds])
-    any_constrained = bool(constrained.any())
-    radius_a = torch.where(constrained, p["d_a"], math.inf).to(lp.DTYPE)
-    radius_b = torch.where(constrained, p["d_b"], math.inf).to(lp.DTYPE)
-
+    opts, scheds = _optimizers(method, bank, all_scales, lr, lr_scale_power)
+    streams, books = _losses(segments, p)
+    guard = _Guard(segments, p)
     cps = lp.checkpoints(t_max)
     reg: list[list[torch.Tensor]] = [[] for _ in segments]
     fo: list[list[torch.Tensor]] = [[] for _ in segments]
-    alive = torch.ones(npairs, dtype=torch.bool)
-    max_norm_a = torch.zeros(npairs, dtype=lp.DTYPE)
-    max_norm_b = torch.zeros(npairs, dtype=lp.DTYPE)
-    diverged_at: list[int | None] = [None] * npairs
-    alive_list = alive.tolist()
-    ga_all = torch.zeros_like(bank.a)
-    gb_all = torch.zeros_like(bank.b)
+    ga_all, gb_all = torch.zeros_like(bank.a), torch.zeros_like(bank.b)
     k = 0
     t0 = time.perf_counter()
     steps = range(1, t_max + 1)
     if ctx is not None:
         steps = progress(steps, ctx, desc or f"regret {method}", total=t_max)
     for t in steps:
-        with torch.no_grad():
-            for seg, sl, stream, book in zip(segments, slices, streams, books):
-                a, b = bank.a[sl], bank.b[sl]
-                c = stream.next()
-                gz = c if seg.kind == "linear" else a @ b.mT - c
-                ga, gb = gz @ b, gz.mT @ a
-                if seg.kind == "linear":
-                    book.observe(c, a, b, ga, gb)
-                else:
-                    book.observe(c, a, b, ga, gb, gz)
-                ga_all[sl] = ga
-                gb_all[sl] = gb
-        bank.set_grads(ga_all, gb_all, alive_list)
+        _feed(segments, slices, streams, books, bank, ga_all, gb_all)
+        bank.set_grads(ga_all, gb_all, guard.alive_list)
         for o in opts:
             o.step()
         for sch in scheds:
             sch.step()
-        with torch.no_grad():
-            na, nb = lp.frob(bank.a), lp.frob(bank.b)
-            if any_constrained:
-                fa = torch.clamp(radius_a / torch.clamp(na, min=1e-300), max=1.0)
-                fb = torch.clamp(radius_b / torch.clamp(nb, min=1e-300), max=1.0)
-                bank.a.mul_(fa.view(-1, 1, 1))
-                bank.b.mul_(fb.view(-1, 1, 1))
-                na, nb = na * fa, nb * fb
-                max_norm_a = torch.maximum(max_norm_a, torch.where(constrained, na, 0.0))
-                max_norm_b = torch.maximum(max_norm_b, torch.where(constrained, nb, 0.0))
-            # ‖A Bᵀ‖_F ≤ ‖A‖_F‖B‖_F: a cheap divergence test
-            bound = na * nb
-            bad = alive & ~(torch.isfinite(bound) & (bound < DIVERGED))
-            if bool(bad.any()):
-                # freeze a diverged pair at zero (finite bookkeeping); its regret is reported as inf
-                for i in torch.nonzero(bad).flatten().tolist():
-                    diverged_at[i] = t
-                alive &= ~bad
-                alive_list = alive.tolist()
-                bank.a[~alive] = 0.0
-                bank.b[~alive] = 0.0
+        guard.after_step(bank, t)
         if t == cps[k]:
             for j, (sl, book) in enumerate(zip(slices, books)):
                 inf = torch.full((sl.stop - sl.start,), math.inf, dtype=lp.DTYPE)
-                ok = alive[sl]
+                ok = guard.alive[sl]
                 reg[j].append(torch.where(ok, book.regret() / t, inf))
                 fo[j].append(torch.where(ok, book.first_order() / t, inf))
             k += 1
@@ -395,14 +317,149 @@ def _online_run(
             regret_over_T=torch.stack(reg[j], 1).numpy(),
             first_order_over_T=torch.stack(fo[j], 1).numpy(),
             max_grad=book.max_grad.numpy(),
-            max_norm_a=max_norm_a[sl].numpy(),
-            max_norm_b=max_norm_b[sl].numpy(),
-            diverged_at=diverged_at[sl],
+            max_norm_a=guard.max_norm_a[sl].numpy(),
+            max_norm_b=guard.max_norm_b[sl].numpy(),
+            diverged_at=guard.diverged_at[sl],
             pair_seeds=seg.pair_seeds,
             pair_scales=seg.pair_scales,
+            radii=seg.ball(p),
+            final_shape=_final_shape(bank.a[sl], bank.b[sl], *seg.ball(p)),
             seconds=seconds,
         )
     return out
+
+
+def _start(segments: list[Segment], p: dict[str, Any]) -> tuple[_Bank, list[slice]]:
+    """The pairs of all segments in one :class:`_Bank`, and each segment's slice of it."""
+    m, n, r = p["m"], p["n"], p["r"]
+    a_parts, b_parts, slices = [], [], []
+    start = 0
+    for seg in segments:
+        if seg.constrained:
+            if seg.scales != [1.0]:
+                raise ValueError("the imbalance start is for unconstrained segments only")
+            d_a, d_b = seg.ball(p)
+            a0, b0 = _initial_factors(seg.pair_seeds, m, n, r, p["init_frac"] * d_a, p["init_frac"] * d_b)
+        else:
+            a0, b0 = _initial_factors(seg.pair_seeds, m, n, r, p["imbalance_norm"], p["imbalance_norm"])
+            sc = torch.tensor(seg.pair_scales, dtype=lp.DTYPE).view(-1, 1, 1)
+            a0, b0 = a0 * sc, b0 / sc
+        a_parts.append(a0)
+        b_parts.append(b0)
+        slices.append(slice(start, start + a0.shape[0]))
+        start += a0.shape[0]
+    return _Bank(torch.cat(a_parts), torch.cat(b_parts)), slices
+
+
+def _optimizers(method: str, bank: _Bank, scales: list[float], lr: float, lr_scale_power: float):
+    """The optimizer(s) of ``method`` over the bank's pairs (one per scale with ``lr_scale_power``)
+    and their ``η/√t`` schedulers where the method has that schedule."""
+    opt_name, overrides, schedule = METHODS[method]
+    if lr_scale_power:
+        groups: dict[float, list[int]] = {}
+        for i, c in enumerate(scales):
+            groups.setdefault(c, []).append(i)
+        opts = [
+            build_optimizer(opt_name, [bank.pairs[i] for i in idx], lr / c**lr_scale_power, overrides)
+            for c, idx in groups.items()
+        ]
+    else:
+        opts = [build_optimizer(opt_name, bank.pairs, lr, overrides)]
+    scheds = []
+    if schedule == "inv_sqrt":
+        scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1.0 / math.sqrt(t + 1.0)) for o in opts]
+    return opts, scheds
+
+
+def _losses(segments: list[Segment], p: dict[str, Any]) -> tuple[list, list]:
+    """Each segment's loss stream and its exact-regret book."""
+    m, n, r = p["m"], p["n"], p["r"]
+    zs = z_star(p)
+    streams, books = [], []
+    for seg in segments:
+        k = len(seg.pair_seeds)
+        d_a, d_b = seg.ball(p)
+        if seg.kind == "linear":
+            if not seg.constrained:
+                raise ValueError("linear losses need the constraint set (they are unbounded below otherwise)")
+            streams.append(lp.LinearStream(seg.pair_seeds, m, n, p["g"], bias=seg.bias))
+            books.append(lp.LinearRegret(k, m, n, r, d_a, d_b))
+        else:
+            streams.append(lp.QuadraticStream(seg.pair_seeds, zs, p["noise_fro"] / math.sqrt(m * n)))
+            books.append(lp.QuadraticRegret(k, m, n, r, *((d_a, d_b) if seg.constrained else (None, None))))
+    return streams, books
+
+
+def _feed(segments, slices, streams, books, bank: _Bank, ga_all: torch.Tensor, gb_all: torch.Tensor) -> None:
+    """Reveal every segment's loss at the current factors: book it, write the factor gradients."""
+    with torch.no_grad():
+        for seg, sl, stream, book in zip(segments, slices, streams, books):
+            a, b = bank.a[sl], bank.b[sl]
+            c = stream.next()
+            gz = c if seg.kind == "linear" else a @ b.mT - c
+            ga, gb = gz @ b, gz.mT @ a
+            if seg.kind == "linear":
+                book.observe(c, a, b, ga, gb)
+            else:
+                book.observe(c, a, b, ga, gb, gz)
+            ga_all[sl] = ga
+            gb_all[sl] = gb
+
+
+class _Guard:
+    """After each step: the projection onto the Frobenius balls (constrained pairs) and the
+    divergence test; records the largest factor norms and the step a pair diverged at."""
+
+    def __init__(self, segments: list[Segment], p: dict[str, Any]) -> None:
+        self.constrained = torch.tensor([seg.constrained for seg in segments for _ in seg.pair_seeds])
+        balls = [seg.ball(p) if seg.constrained else (math.inf, math.inf) for seg in segments for _ in seg.pair_seeds]
+        self.radius_a = torch.tensor([d for d, _ in balls], dtype=lp.DTYPE)
+        self.radius_b = torch.tensor([d for _, d in balls], dtype=lp.DTYPE)
+        self.any_constrained = bool(self.constrained.any())
+        npairs = len(balls)
+        self.alive = torch.ones(npairs, dtype=torch.bool)
+        self.alive_list = self.alive.tolist()
+        self.max_norm_a = torch.zeros(npairs, dtype=lp.DTYPE)
+        self.max_norm_b = torch.zeros(npairs, dtype=lp.DTYPE)
+        self.diverged_at: list[int | None] = [None] * npairs
+
+    @torch.no_grad()
+    def after_step(self, bank: _Bank, t: int) -> None:
+        na, nb = lp.frob(bank.a), lp.frob(bank.b)
+        if self.any_constrained:
+            fa = torch.clamp(self.radius_a / torch.clamp(na, min=1e-300), max=1.0)
+            fb = torch.clamp(self.radius_b / torch.clamp(nb, min=1e-300), max=1.0)
+            bank.a.mul_(fa.view(-1, 1, 1))
+            bank.b.mul_(fb.view(-1, 1, 1))
+            na, nb = na * fa, nb * fb
+            self.max_norm_a = torch.maximum(self.max_norm_a, torch.where(self.constrained, na, 0.0))
+            self.max_norm_b = torch.maximum(self.max_norm_b, torch.where(self.constrained, nb, 0.0))
+        # ‖A Bᵀ‖_F ≤ ‖A‖_F‖B‖_F: a cheap divergence test
+        bound = na * nb
+        bad = self.alive & ~(torch.isfinite(bound) & (bound < DIVERGED))
+        if bool(bad.any()):
+            # freeze a diverged pair at zero (finite bookkeeping); its regret is reported as inf
+            for i in torch.nonzero(bad).flatten().tolist():
+                self.diverged_at[i] = t
+            self.alive &= ~bad
+            self.alive_list = self.alive.tolist()
+            bank.a[~self.alive] = 0.0
+            bank.b[~self.alive] = 0.0
+
+
+@torch.no_grad()
+def _final_shape(a: torch.Tensor, b: torch.Tensor, d_a: float, d_b: float) -> dict[str, np.ndarray]:
+    """Per pair at ``T``: ``σ₁(Z)/(D_A D_B)`` (1 for the linear comparator's rank-one ``Z``) and
+    each factor's mass outside its top singular direction, ``1 − σ₁(X)²/‖X‖_F²``."""
+    sz = torch.linalg.svdvals(a @ b.mT)[:, 0]
+    sa, sb = torch.linalg.svdvals(a), torch.linalg.svdvals(b)
+    return dict(
+        top_sv_z=(sz / (d_a * d_b)).numpy(), tail_mass_a=_tail_mass(sa).numpy(), tail_mass_b=_tail_mass(sb).numpy()
+    )
+
+
+def _tail_mass(s: torch.Tensor) -> torch.Tensor:
+    return 1.0 - s[:, 0] ** 2 / torch.clamp((s**2).sum(-1), min=1e-300)
 
 
 # ------------------------------------------------------------------------------------ analysis
