@@ -76,10 +76,10 @@ from benchmarks.common import RunContext, SuiteResult, markdown_table, progress,
 SUITE = "regret"
 
 SIZES: dict[str, dict[str, Any]] = {
-    "quick": dict(t_max=1_000, seeds=3, seeds_imbalance=1, fit_from=30),
+    "quick": dict(t_max=1_000, seeds=3, seeds_imbalance=1, seeds_radii=2, fit_from=30),
     # T = 3000, the horizon the steps were tuned at (TUNE_T): 1.5 decades to fit the slope over
-    "default": dict(t_max=3_000, seeds=5, seeds_imbalance=2, fit_from=100),
-    "full": dict(t_max=100_000, seeds=10, seeds_imbalance=3, fit_from=300),
+    "default": dict(t_max=3_000, seeds=5, seeds_imbalance=2, seeds_radii=3, fit_from=100),
+    "full": dict(t_max=100_000, seeds=10, seeds_imbalance=3, seeds_radii=5, fit_from=300),
 }
 
 #: problem constants (all sizes)
@@ -97,10 +97,16 @@ PROBLEM: dict[str, Any] = dict(
     imbalance_norm=0.7,  # (c): ‖A₀‖_F = ‖B₀‖_F before the (s A₀, B₀/s) rescaling
 )
 SCALES = [1.0, 3.0, 10.0, 30.0, 100.0]
+#: (d): radii ratios D_A/D_B at the problem's D_A·D_B, on these problems of (a) and (b)
+RADII_RATIOS = [1.0, 4.0, 16.0]
+RADII_PROBLEMS = ("linear_biased", "quadratic")
 #: intra-op threads while the suite runs (tiny matrices: see lowrank_problems.torch_threads)
 THREADS = 1
 
-#: LoRA-RITE exactly as in the paper's Algorithm 1 (the analysed form)
+#: LoRA-RITE in the configuration of the paper's Theorem 4: summed second moment, escaped mass,
+#: no first moment, no bias correction, no row normalization, no clipping or update skipping, and
+#: none of the library's safeguards (relative-step cap, rebalancing); the suite projects the
+#: iterates onto the Frobenius balls (``β₂`` is unused with the summed second moment)
 LORA_RITE_PAPER = dict(
     second_moment="sum",
     escape=True,
@@ -109,6 +115,9 @@ LORA_RITE_PAPER = dict(
     betas=(0.0, 0.999),
     clip_unmagnified_grad=0.0,
     update_skipping=0.0,
+    update_capping=0.0,
+    relative_step_cap=0.0,
+    rebalance=0.0,
 )
 
 #: label -> (optimizer name, overrides, schedule); schedule "constant" or "inv_sqrt" (η_t = η/√t)
@@ -126,7 +135,7 @@ INVARIANCE_TOL = 1e-6
 DIVERGED = 1e8
 
 LABELS = {
-    "lora_rite": "LoRA-RITE (Alg. 1)",
+    "lora_rite": "LoRA-RITE (Thm 4)",
     "one_sided_adagrad": "one-sided Adagrad",
     "sgd": "OGD η/√t",
     "scaled_gd": "ScaledGD η/√t",
@@ -233,7 +242,8 @@ class Segment:
 
 
 def segments_for(size: dict[str, Any], base_seed: int = 0, p: dict[str, Any] = PROBLEM) -> list[Segment]:
-    """(a) fair and biased linear losses, (b) quadratic tracking, (c) the imbalance sweep."""
+    """(a) fair and biased linear losses, (b) quadratic tracking, (c) the imbalance sweep, (d) the
+    radii sweep."""
     seeds = [base_seed + i for i in range(size["seeds"])]
     seeds_c = [base_seed + i for i in range(size["seeds_imbalance"])]
     return [
@@ -241,7 +251,33 @@ def segments_for(size: dict[str, Any], base_seed: int = 0, p: dict[str, Any] = P
         Segment("linear_biased", "linear", True, seeds, bias=p["bias"]),
         Segment("quadratic", "quadratic", True, seeds),
         Segment("imbalance", "quadratic", False, seeds_c, scales=list(SCALES)),
+        *radii_segments(seeds[: size["seeds_radii"]], p),
     ]
+
+
+def radii_of(ratio: float, p: dict[str, Any] = PROBLEM) -> tuple[float, float]:
+    """``(D_A, D_B)`` with ``D_A/D_B = ratio`` and the problem's product ``D_A D_B`` (the same set
+    of ``Z``, ``{rank ≤ r, ‖Z‖_* ≤ D_A D_B}``, so the same comparator, for every ratio)."""
+    prod = p["d_a"] * p["d_b"]
+    return math.sqrt(prod * ratio), math.sqrt(prod / ratio)
+
+
+def radii_segment_name(problem: str, ratio: float, p: dict[str, Any] = PROBLEM) -> str:
+    """Segment of (d) at ``ratio``: the problem's own segment where the radii are the problem's."""
+    return problem if radii_of(ratio, p) == (p["d_a"], p["d_b"]) else f"{problem}@{ratio:g}"
+
+
+def radii_segments(seeds: list[int], p: dict[str, Any] = PROBLEM) -> list[Segment]:
+    """(d): the problems of :data:`RADII_PROBLEMS` at every ratio of :data:`RADII_RATIOS` (but the
+    problem's own, whose segment is reused)."""
+    out = []
+    for problem in RADII_PROBLEMS:
+        for ratio in RADII_RATIOS:
+            name = radii_segment_name(problem, ratio, p)
+            if name != problem:
+                kind, bias = ("linear", p["bias"]) if problem == "linear_biased" else ("quadratic", 0.0)
+                out.append(Segment(name, kind, True, seeds, bias=bias, radii=radii_of(ratio, p)))
+    return out
 
 
 def online_run(
@@ -471,10 +507,13 @@ def _slope(t: np.ndarray, y: np.ndarray, t_from: int) -> tuple[float, float, flo
         return None
 
 
-def summarize_online(run: dict[str, Any], fit_from: int, p: dict[str, Any] = PROBLEM) -> dict[str, Any]:
+def summarize_online(run: dict[str, Any], fit_from: int) -> dict[str, Any]:
+    """Regret and first-order term over seeds, their slopes, the bound lines at ``T`` and the final
+    factors' shape (mean over seeds, see :func:`_final_shape`)."""
     t = np.asarray(run["T"], dtype=float)
     reg, fo = run["regret_over_T"], run["first_order_over_T"]
     g = float(np.max(run["max_grad"]))
+    d_a, d_b = run["radii"]
     out = dict(
         T=run["T"],
         regret_over_T_mean=reg.mean(0).tolist(),
@@ -484,16 +523,38 @@ def summarize_online(run: dict[str, Any], fit_from: int, p: dict[str, Any] = PRO
         final_regret_over_T_sd=float(reg[:, -1].std(ddof=1)) if reg.shape[0] > 1 else 0.0,
         final_first_order_over_T=float(fo[:, -1].mean()),
         G_observed=g,
-        bound_lora_rite_final=g * p["d_a"] * p["d_b"] / math.sqrt(t[-1]),
-        bound_one_sided_final=g * (p["d_a"] ** 2 + p["d_b"] ** 2) / math.sqrt(t[-1]),
+        bound_lora_rite_final=g * d_a * d_b / math.sqrt(t[-1]),
+        bound_one_sided_final=g * (d_a**2 + d_b**2) / math.sqrt(t[-1]),
         seconds=run["seconds"],
         diverged=int(sum(d is not None for d in run["diverged_at"])),
+        **{f"final_{k}": float(np.mean(v)) for k, v in run["final_shape"].items()},
     )
     for key, y in (("regret_slope", reg), ("first_order_slope", fo)):
         s = _slope(t, y, fit_from)
         out[key] = None if s is None else dict(slope=s[0], ci_low=s[1], ci_high=s[2])
     # first-order term can be negative (the bound then holds trivially): report how often it is
     out["first_order_negative_fraction"] = float(np.mean(fo[:, t >= fit_from] <= 0))
+    return out
+
+
+def summarize_radii(res: dict[str, dict[str, Any]], seeds: int, p: dict[str, Any] = PROBLEM) -> dict[str, Any]:
+    """(d) for one method: per problem, ``Regret_T/T`` (mean and sd over the first ``seeds``
+    seeds) at every radii ratio, relative to the balanced ``D_A = D_B``, next to the one-sided
+    bound's factor ``(D_A² + D_B²)/(2 D_A D_B)`` (LoRA-RITE's ``D_A D_B`` is the same for all)."""
+    out = {}
+    for problem in RADII_PROBLEMS:
+        finals = [res[radii_segment_name(problem, q, p)]["regret_over_T"][:seeds, -1] for q in RADII_RATIOS]
+        means = [float(f.mean()) for f in finals]
+        radii = [radii_of(q, p) for q in RADII_RATIOS]
+        out[problem] = dict(
+            ratios=list(RADII_RATIOS),
+            radii=[list(x) for x in radii],
+            seeds=seeds,
+            final_regret_over_T=means,
+            final_regret_over_T_sd=[float(f.std(ddof=1)) if len(f) > 1 else 0.0 for f in finals],
+            relative_to_balanced=[m / means[0] for m in means],
+            bound_one_sided_factor=[(a * a + b * b) / (2 * a * b) for a, b in radii],
+        )
     return out
 
 
@@ -549,6 +610,7 @@ def _run(ctx: RunContext) -> SuiteResult:
     online: dict[str, dict[str, Any]] = {name: {} for name in ONLINE}
     raw: dict[str, dict[str, Any]] = {name: {} for name in ONLINE}
     imbalance: dict[str, Any] = {}
+    radii: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     for method in METHODS:
         res = online_run(method, segments, t_max, lrs[method], ctx=ctx, desc=f"regret {method}")
@@ -557,18 +619,28 @@ def _run(ctx: RunContext) -> SuiteResult:
             raw[name][method] = res[name]
             online[name][method] = summarize_online(res[name], fit_from)
         imbalance[method] = summarize_imbalance(res["imbalance"])
-    res = online_run("sgd", [segments[-1]], t_max, lrs["sgd"], lr_scale_power=2.0, ctx=ctx, desc="regret sgd lr/s²")
+        radii[method] = summarize_radii(res, size["seeds_radii"])
+    imb = next(sg for sg in segments if sg.name == "imbalance")
+    res = online_run("sgd", [imb], t_max, lrs["sgd"], lr_scale_power=2.0, ctx=ctx, desc="regret sgd lr/s²")
     imbalance["sgd_rescaled"] = summarize_imbalance(res["imbalance"])
     seconds["sgd_rescaled"] = res["imbalance"]["seconds"]
 
     checks = {f"{name}_invariant": bool(imbalance[name]["spread"] <= INVARIANCE_TOL) for name in INVARIANT}
-    metrics = dict(online=online, imbalance=imbalance, checks=checks, seconds_per_method=seconds)
+    metrics = dict(online=online, imbalance=imbalance, radii=radii, checks=checks, seconds_per_method=seconds)
     config = dict(
         size=ctx.size,
         t_max=t_max,
         fit_from=fit_from,
         segments=[
-            dict(name=sg.name, kind=sg.kind, constrained=sg.constrained, seeds=sg.seeds, scales=sg.scales, bias=sg.bias)
+            dict(
+                name=sg.name,
+                kind=sg.kind,
+                constrained=sg.constrained,
+                seeds=sg.seeds,
+                scales=sg.scales,
+                bias=sg.bias,
+                radii=list(sg.ball()) if sg.constrained else None,
+            )
             for sg in segments
         ],
         problem={k: list(v) if isinstance(v, tuple) else v for k, v in PROBLEM.items()},
@@ -577,12 +649,13 @@ def _run(ctx: RunContext) -> SuiteResult:
         invariance_tol=INVARIANCE_TOL,
         dtype="float64",
         torch_threads=THREADS,
-        projection="Frobenius-ball projection of A and B after every step in (a), (b); none in (c)",
+        projection="Frobenius-ball projection of A and B after every step in (a), (b), (d); none in (c)",
+        radii_ratios=RADII_RATIOS,
         slope_ci="95 % Student-t over per-seed OLS slopes of log(y) on log(T), T >= fit_from",
         bound_lines="G·D_A·D_B·T^-1/2 and G·(D_A²+D_B²)·T^-1/2 with constant 1, G = max observed ‖∇_Z f_t‖_F",
     )
     figures = [_plot_online(ctx, raw, online), _plot_imbalance(ctx, imbalance)]
-    table = _table(online, imbalance, seconds)
+    table = _table(online, imbalance, radii, seconds)
     # strict JSON: a diverged run's inf regret / spread is written as null
     return SuiteResult(suite=SUITE, metrics=lp.json_safe(metrics), config=config, table=table, figures=figures)
 
@@ -593,7 +666,15 @@ def _fmt_ci(s: dict[str, float] | None) -> str:
     return f"{s['slope']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
 
 
-def _table(online: dict[str, Any], imbalance: dict[str, Any], seconds: dict[str, float]) -> str:
+def _table(online: dict[str, Any], imbalance: dict[str, Any], radii: dict[str, Any], seconds: dict[str, float]) -> str:
+    t3 = markdown_table(
+        ["method", *[LABELS[k] for k in seconds]],
+        [["seconds (all segments)", *[round(v, 1) for v in seconds.values()]]],
+    )
+    return "\n\n".join([_online_table(online), _imbalance_table(imbalance), _radii_table(radii), t3])
+
+
+def _online_table(online: dict[str, Any]) -> str:
     rows = []
     for problem in ONLINE:
         for name, s in online[problem].items():
@@ -607,21 +688,26 @@ def _table(online: dict[str, Any], imbalance: dict[str, Any], seconds: dict[str,
                     _fmt_ci(s["first_order_slope"]),
                     s["bound_lora_rite_final"],
                     s["bound_one_sided_final"],
+                    f"{s['final_top_sv_z']:.3f}",
+                    f"{s['final_tail_mass_a']:.2g} / {s['final_tail_mass_b']:.2g}",
                 ]
             )
-    t1 = markdown_table(
-        [
-            "problem",
-            "method",
-            "Regret_T/T",
-            "slope [95% CI]",
-            "first-order/T",
-            "slope [95% CI]",
-            "G·D_A·D_B/√T",
-            "G·(D_A²+D_B²)/√T",
-        ],
-        rows,
-    )
+    head = [
+        "problem",
+        "method",
+        "Regret_T/T",
+        "slope [95% CI]",
+        "first-order/T",
+        "slope [95% CI]",
+        "G·D_A·D_B/√T",
+        "G·(D_A²+D_B²)/√T",
+        "σ₁(Z_T)/(D_A D_B)",
+        "tail mass A / B at T",
+    ]
+    return markdown_table(head, rows)
+
+
+def _imbalance_table(imbalance: dict[str, Any]) -> str:
     scales = next(iter(imbalance.values()))["scales"]
     rows2 = []
     for name, s in imbalance.items():
@@ -642,20 +728,29 @@ def _table(online: dict[str, Any], imbalance: dict[str, Any], seconds: dict[str,
     rows2.append(
         ["bound ratio (D_A²+D_B²)/(2D_AD_B) rel. to s=1", *[f"{b:.4g}" for b in bound], "", f"{bound[-1]:.4g}"]
     )
-    t2 = markdown_table(
-        [
-            "(c) unconstrained: Regret_T at s =",
-            *[f"{sc:g}" for sc in scales],
-            "rel. spread over s",
-            f"ratio s={scales[-1]:g} / s=1",
-        ],
-        rows2,
-    )
-    t3 = markdown_table(
-        ["method", *[LABELS[k] for k in seconds]],
-        [["seconds (all segments)", *[round(v, 1) for v in seconds.values()]]],
-    )
-    return t1 + "\n\n" + t2 + "\n\n" + t3
+    head = ["(c) unconstrained: Regret_T at s =", *[f"{sc:g}" for sc in scales], "rel. spread over s"]
+    return markdown_table([*head, f"ratio s={scales[-1]:g} / s=1"], rows2)
+
+
+def _radii_table(radii: dict[str, Any]) -> str:
+    """(d): Regret_T/T per radii ratio, and relative to the balanced radii."""
+    rows = []
+    for problem in RADII_PROBLEMS:
+        for name, per in radii.items():
+            s = per[problem]
+            cells = [f"{v:.4g} ± {sd:.2g}" for v, sd in zip(s["final_regret_over_T"], s["final_regret_over_T_sd"])]
+            rel = s["relative_to_balanced"][-1]
+            rows.append([ONLINE_TITLES[problem], LABELS[name], *cells, f"{rel:.3g}" if math.isfinite(rel) else "inf"])
+        first = next(iter(radii.values()))[problem]
+        bound = [f"{b:.3g}" for b in first["bound_one_sided_factor"]]
+        rows.append([ONLINE_TITLES[problem], "(D_A²+D_B²)/(2D_AD_B)", *bound, bound[-1]])
+    first = next(iter(radii.values()))[RADII_PROBLEMS[0]]
+    head = [f"(d) D_A·D_B fixed, {first['seeds']} seeds", "method"]
+    head += [
+        f"Regret_T/T at D_A/D_B = {q:g} (D_A={a:.3g}, D_B={b:.3g})"
+        for q, (a, b) in zip(first["ratios"], first["radii"])
+    ]
+    return markdown_table([*head, f"ratio {first['ratios'][-1]:g} / {first['ratios'][0]:g}"], rows)
 
 
 # --------------------------------------------------------------------------------------- plots
