@@ -54,21 +54,26 @@ two bounds differ on:
     (``D_A/D_B = 4`` is (a)/(b) itself, its first seeds reused; the starts scale with the radii).
 
 **The biased-coin result.** With a rank-one comparator on the boundary of 𝒦, a method does well
-when its ``Z`` concentrates on that direction with ``‖A‖_F = D_A``, ``‖B‖_F = D_B``. One-sided
-Adagrad's step on ``A`` is ``∝ ∇_Z f·B``: directions in which ``B`` is small get small steps and
-die out, and ``Z`` becomes rank one. An invariant update (LoRA-RITE, ScaledGD) takes the same
-step in ``Z`` whatever the factorization, so its step on ``A`` in a direction where ``B`` is small
-is large in Frobenius norm (``∝ 1/σ_min(B)``); the projection onto the Frobenius ball — not a
-GL(r)-invariant operation — then shrinks all of ``A``, useful direction included. The mass the
-factors keep outside their top direction ("tail mass") and ``σ₁(Z_T)/(D_A D_B)`` in the table
-measure it: the invariant methods keep a tail and reach a smaller ``σ₁(Z_T)``, hence a larger
-regret and a slope nearer ``−1/2`` than one-sided Adagrad's, whose concentration on a biased
-stream gives faster than ``√T`` regret. At a larger step the same mechanism can trap an
-invariant method at ``Z ≈ 0``: each factor's mass sits in the directions where the other factor
-is near zero, where its steps are amplified and then cut back by the projection. This is the
-interplay of an invariant update with a non-invariant constraint set (the theorem's extra
-Assumption 1 constrains the transports along the trajectory), not an implementation defect:
-ScaledGD, which keeps no state, does the same.
+when its ``Z`` concentrates on that direction with ``‖A‖_F = D_A``, ``‖B‖_F = D_B``. Two effects
+keep the invariant methods (LoRA-RITE, ScaledGD) from it, both visible in the table's tail-mass
+and ``σ₁(Z_T)/(D_A D_B)`` columns:
+
+* *additive vs multiplicative dynamics*: an invariant update takes the same step in ``Z``
+  whatever the factorization, so the zero-mean noise of ``G_t`` keeps driving ``Z``'s other
+  directions, damped only by the ``1/√t`` decay of the summed second moment — ``√T`` regret, what
+  Theorem 4 promises and no better. The factor-space methods' step on ``A`` is ``∝ ∇_Z f·B``
+  (one-sided Adagrad, OGD, Adam): directions in which ``B`` is small get small steps and die out,
+  ``Z`` becomes rank one and the margin of the biased stream gives faster than ``√T`` regret;
+* *the projection*: the step of an invariant method on ``A`` in a direction where ``B`` is small
+  is large in Frobenius norm (``∝ 1/σ_min(B)``), and the projection onto the Frobenius ball —
+  not a GL(r)-invariant operation — shrinks all of ``A``, useful direction included. At a larger
+  step this traps LoRA-RITE and ScaledGD alike at ``Z ≈ 0``: each factor's mass sits where the
+  other factor is near zero, its amplified steps there cut back by the projection every step.
+  Projecting instead through the balanced factorization of ``Z`` (a change of factorization,
+  then the same balls: a GL(r)-invariant projection) removes the trap; the first effect remains.
+
+Neither is an implementation defect of LoRA-RITE: ScaledGD, which keeps no state, does the same,
+and the theorem's extra Assumption 1 constrains the transports along the trajectory.
 
 Methods: LoRA-RITE in the configuration of the paper's Theorem 4 (``second_moment="sum"``,
 ``escape=True``, no first moment ``betas=(0, ·)``, ``bias_correction=False``,
