@@ -617,6 +617,7 @@ def _seed_sweep(ctx: RunContext, size: dict[str, Any], seed: int, sweep) -> dict
                 stop=r["stop"],
                 best_error=r["best_error"],
                 init_error_over_sigma_r=r["spectral_init_error"] * scale,
+                seconds=r["seconds"],
             )
         )
     return {kind: _seed_summary(per, size["kappas"]) for kind, per in runs.items()}
