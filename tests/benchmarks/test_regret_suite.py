@@ -151,3 +151,15 @@ def test_radii_sweep_keeps_the_product_and_reuses_the_problems_own_segment(quick
             assert math.isclose(s["final_regret_over_T"][i], own, rel_tol=1e-12)
             assert f"{problem}@{regret.RADII_RATIOS[0]:g}" in names
     assert "(d) D_A·D_B fixed" in res.table
+
+
+def test_radii_sweep_is_a_gauge_change_for_the_invariant_methods_only(quick):
+    """At a fixed D_A·D_B the radii ratios differ by a scalar gauge: the invariant methods' regret
+    is the same at every ratio; one-sided Adagrad's is not (the check can fail)."""
+    _, res = quick
+    radii = res.metrics["radii"]
+    for name in regret.INVARIANT:
+        assert res.metrics["checks"][f"{name}_radii_invariant"]
+        for problem in regret.RADII_PROBLEMS:
+            assert radii[name][problem]["spread"] <= regret.INVARIANCE_TOL
+    assert radii["one_sided_adagrad"]["linear_biased"]["spread"] > 0.1
