@@ -66,10 +66,12 @@ and ``σ₁(Z_T)/(D_A D_B)`` columns:
 * *additive vs multiplicative dynamics*: an invariant update takes the same step in ``Z``
   whatever the factorization, so the zero-mean noise of ``G_t`` keeps driving ``Z``'s other
   directions, damped only by the ``1/√t`` decay of the summed second moment — ``√T`` regret, what
-  Theorem 4 promises and no better. OGD's and one-sided Adagrad's step on ``A`` is
-  ``∇_Z f·B`` times a step or a preconditioner from the right: directions in which ``B`` is small
-  get small steps and die out, ``Z`` becomes rank one and the margin of the biased stream gives
-  faster than ``√T`` regret (Adam, whose steps are not invariant either, concentrates too);
+  Theorem 4 promises and no better. OGD's step on ``A`` is ``∇_Z f·B``, one-sided Adagrad's is
+  that times a preconditioner summed over the whole past: a direction in which ``B`` has become
+  small gets small steps (the past dominates the sum) and dies out, ``Z`` becomes rank one and
+  the margin of the biased stream gives faster than ``√T`` regret (Adam concentrates too).
+  LoRA-RITE sums the second moment of the *unmagnified* gradient ``∇A R_B⁻¹`` and restores the
+  magnitude afterwards, which is what makes it invariant — and what keeps such directions alive;
 * *the projection*: the step of an invariant method on ``A`` in a direction where ``B`` is small
   is large in Frobenius norm (``∝ 1/σ_min(B)``), and the projection onto the Frobenius ball —
   not a GL(r)-invariant operation — shrinks all of ``A``, useful direction included. At a larger
