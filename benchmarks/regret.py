@@ -65,7 +65,7 @@ and ``σ₁(Z_T)/(D_A D_B)`` columns:
 
 * *additive vs multiplicative dynamics*: an invariant update takes the same step in ``Z``
   whatever the factorization, so the zero-mean noise of ``G_t`` keeps driving ``Z``'s other
-  directions, damped only by the ``1/√t`` decay of the summed second moment — ``√T`` regret, what
+  directions, damped only by the step's ``1/√t`` decay (summed second moment, or schedule) — ``√T`` regret, what
   Theorem 4 promises and no better. OGD's step on ``A`` is ``∇_Z f·B``, one-sided Adagrad's is
   that times a preconditioner summed over the whole past: a direction in which ``B`` has become
   small gets small steps (the past dominates the sum) and dies out, ``Z`` becomes rank one and
