@@ -39,7 +39,7 @@ Every optimizer runs through :func:`benchmarks.optimizers.make_optimizer` on a
    shrink with ``κ`` while ``σ_r`` does, so at large ``κ`` the start lies far outside that region
    ("init" column, ∝ ``κ``); what happens then is outside the theory and varies with the draw.
    Sensing (Gaussian measurements, near-isometric on all low-rank matrices) is usually robust to
-   it; completion at the default ``n = 400, r = 5`` is where draws at ``κ = 1000`` take several
+   it; completion at the default ``n = 400, r = 5`` is where draws at ``κ = 1000`` can take several
    times longer or diverge — a sample-size effect reported as measured, not averaged away. The
    ``full`` size runs the authors' ``n = 1000, r = 10, p = 0.2`` over the same κ grid as their
    figure (plus 100 and 1000) on six draws.
