@@ -389,6 +389,7 @@ def _kappa_sweep(ctx: RunContext, size: dict[str, Any], seed: int):
         prob = cache.setdefault((kind, kappa), make_problem(kind, problems[kind], kappa, seed))
         r = _claim_run(prob, name, size, kind, kappa, seed)
         r["spectral_init_error"] = r["errors"][0]
+        r["init_error_over_sigma_r"] = r["errors"][0] * _sigma_r_units(prob)
         sweep.setdefault(kind, {}).setdefault(name, {})[str(kappa)] = _public(r)
         curves.setdefault(kind, {}).setdefault(name, {})[kappa] = r["errors"]
     return sweep, curves
@@ -602,25 +603,29 @@ def _seed_sweep(ctx: RunContext, size: dict[str, Any], seed: int, sweep) -> dict
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     jobs = [(kind, k, s) for kind in size["problems"] for k in size["kappas"] for s in _claim_seeds(size, kind, seed)]
     for kind, kappa, s in progress(jobs, ctx, "convex ScaledGD seeds"):
-        prob = make_problem(kind, size["problems"][kind], kappa, s)
         if s == seed:
             r = sweep[kind]["scaled_gd"][str(kappa)]
         else:
+            prob = make_problem(kind, size["problems"][kind], kappa, s)
             r = _claim_run(prob, "scaled_gd", size, kind, kappa, s)
-            r["spectral_init_error"] = r["errors"][0]
-        sv = torch.linalg.svdvals(prob.x_star)
-        scale = float(sv.norm() / sv[prob.r - 1])  # ‖X⋆‖_F / σ_r(X⋆): rel. error -> units of σ_r
+            r["init_error_over_sigma_r"] = r["errors"][0] * _sigma_r_units(prob)
         runs.setdefault(kind, {}).setdefault(str(kappa), []).append(
             dict(
                 seed=s,
                 iterations=r["iterations"],
                 stop=r["stop"],
                 best_error=r["best_error"],
-                init_error_over_sigma_r=r["spectral_init_error"] * scale,
+                init_error_over_sigma_r=r["init_error_over_sigma_r"],
                 seconds=r["seconds"],
             )
         )
     return {kind: _seed_summary(per, size["kappas"]) for kind, per in runs.items()}
+
+
+def _sigma_r_units(prob: lp.LowRankEstimation) -> float:
+    """``‖X⋆‖_F / σ_r(X⋆)``: turns an error relative to ``‖X⋆‖_F`` into units of ``σ_r``."""
+    sv = torch.linalg.svdvals(prob.x_star)
+    return float(sv.norm() / sv[prob.r - 1])
 
 
 def _seed_summary(per_kappa: dict[str, list[dict[str, Any]]], kappas: list[int]) -> dict[str, Any]:
