@@ -62,7 +62,7 @@ at 600 iterations); ``full`` the paper's sensing ``n = 200, r = 10, m = 5nr = 10
 10 000 × 40 000 float64 operator, 3.2 GB; about 0.3 s per iteration; one draw) and completion
 ``n = 1000, r = 10, p = 0.2`` (six draws), with GD capped (``κ`` whose count exceeds the cap are
 reported as not reached) and part 2 on the default-size problems. See :data:`SIZES`. Run times on 2 CPU cores: ``quick``
-≈ 15 s, ``default`` ≈ 100 s, ``full`` ≈ 1.5 h (estimated from per-step costs: 0.26 s per sensing
+≈ 15 s, ``default`` ≈ 2 min, ``full`` ≈ 2 h (estimated from per-step costs: 0.26 s per sensing
 step, 15 ms per completion step at the paper sizes).
 """
 
