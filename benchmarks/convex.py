@@ -4,7 +4,8 @@ The published claim reproduced here: from spectral initialization, **ScaledGD's 
 a fixed accuracy does not depend on the condition number κ of the target**, while plain gradient
 descent on the factors needs ``∝ κ`` iterations. Set-up as in the authors' scripts (see
 :mod:`benchmarks.lowrank_problems`): planted ``X⋆`` with singular values linearly spaced from 1 to
-``1/κ``, ``κ ∈ {1, 10, 100, 1000}`` (the paper shows ``κ ≤ 20``); matrix sensing with ``5nr``
+``1/κ``, ``κ ∈ {1, 10, 100, 1000}`` (``full``: ``{1, 5, 10, 20, 100, 1000}``; the paper shows
+``κ ≤ 20``); matrix sensing with ``5nr``
 Gaussian measurements, ``f = ½‖𝒜(X) − y‖²``; matrix completion with ``p = 0.2``,
 ``f = (1/2p)‖P_Ω(X − X⋆)‖_F²``; spectral initialization ``A₀ = U₀Σ₀^{1/2}``, ``B₀ = V₀Σ₀^{1/2}``;
 float64; accuracy target ``‖A Bᵀ − X⋆‖_F/‖X⋆‖_F ≤ 1e-10``.
@@ -24,7 +25,24 @@ Every optimizer runs through :func:`benchmarks.optimizers.make_optimizer` on a
    other random draws — the rate at the cap is not yet the asymptotic one). Checks:
    ScaledGD's max/min iterations over κ (target ≤ 1.3; also over κ ≤ 100, the paper's range being
    κ ≤ 20) and GD's log-log slope of measured iterations against κ (target ≈ 1; least squares
-   with a 95 % OLS interval) and between the two largest measured κ.
+   with a 95 % OLS interval) and between the two largest measured κ. These checks are on one
+   problem draw (``--seed``); one draw's max/min says little on its own, so:
+
+   **ScaledGD over draws**: the κ sweep of ScaledGD repeated on several problem draws (seeds
+   ``seed, seed+1, …``; the first is the run above): per κ the median and [min, max] iterations
+   of the draws that reached the target, the draws that diverged or hit the cap counted, and the
+   spectral start's distance ``‖A₀B₀ᵀ − X⋆‖_F`` in units of ``σ_r(X⋆) = 1/κ``. Tong, Ma & Chi's
+   guarantee is local: a start within a small constant times ``σ_r(X⋆)`` of ``X⋆``, which the
+   spectral start meets only with a sample size that grows with ``κ`` (their theorems ask for
+   ``κ²`` times more samples than the information-theoretic ``(n₁ + n₂)r``; the factor comes
+   from the spectral initialization). At a fixed sample size the spectral error does not
+   shrink with ``κ`` while ``σ_r`` does, so at large ``κ`` the start lies far outside that region
+   ("init" column, ∝ ``κ``); what happens then is outside the theory and varies with the draw.
+   Sensing (Gaussian measurements, near-isometric on all low-rank matrices) is usually robust to
+   it; completion at the default ``n = 400, r = 5`` is where draws at ``κ = 1000`` can take several
+   times longer or diverge — a sample-size effect reported as measured, not averaged away. The
+   ``full`` size runs the authors' ``n = 1000, r = 10, p = 0.2`` over the same κ grid as their
+   figure (plus 100 and 1000) on six draws.
 2. **all optimizers** of :data:`benchmarks.optimizers.OPTIMIZERS` at their ``"convex"`` learning
    rate on the same problems (subset of κ, lower cap): iterations to the target, or the best
    error reached. Adaptive methods with a constant step plateau at an lr-limited error — that is
@@ -35,15 +53,16 @@ Every optimizer runs through :func:`benchmarks.optimizers.make_optimizer` on a
    (and LoRA-RITE) are unchanged, GD at the paper's step diverges, GD at ``η/s²`` (the step
    rescaled to the ``s²``-larger curvature in ``B``) is stable but slow.
 
-Sizes: ``quick`` sensing ``n = 30, r = 2`` and completion ``n = 150, r = 2, p = 0.3``;
-``default`` sensing ``n = 40, r = 4`` and completion ``n = 400, r = 5`` (GD capped at 14 000 /
+Sizes: ``quick`` sensing ``n = 30, r = 2`` and completion ``n = 150, r = 2, p = 0.3`` (two draws);
+``default`` sensing ``n = 40, r = 4`` (three draws) and completion ``n = 400, r = 5`` (six draws;
+GD capped at 14 000 /
 8 000 iterations, enough for κ ≤ 100, and at 1 000 for κ = 1000, whose ~10⁵ no affordable cap
 reaches: that row reports "not reached" either way; parts 2 and 3 on sensing only, part 2 capped
 at 600 iterations); ``full`` the paper's sensing ``n = 200, r = 10, m = 5nr = 10 000`` (a dense
-10 000 × 40 000 float64 operator, 3.2 GB; about 0.3 s per iteration) and completion ``n = 1000,
-r = 10, p = 0.2``, with GD capped (``κ`` whose count exceeds the cap are reported as not reached)
-and part 2 on the default-size problems. See :data:`SIZES`. Run times on 2 CPU cores: ``quick``
-≈ 15 s, ``default`` ≈ 100 s, ``full`` ≈ 1.5 h (estimated from per-step costs: 0.26 s per sensing
+10 000 × 40 000 float64 operator, 3.2 GB; about 0.3 s per iteration; one draw) and completion
+``n = 1000, r = 10, p = 0.2`` (six draws), with GD capped (``κ`` whose count exceeds the cap are
+reported as not reached) and part 2 on the default-size problems. See :data:`SIZES`. Run times on 2 CPU cores: ``quick``
+≈ 15 s, ``default`` ≈ 2 min, ``full`` ≈ 2 h (estimated from per-step costs: 0.26 s per sensing
 step, 15 ms per completion step at the paper sizes).
 """
 
@@ -62,6 +81,8 @@ from benchmarks.common import RunContext, SuiteResult, markdown_table, progress,
 SUITE = "convex"
 TARGET = 1e-10
 KAPPAS = [1, 10, 100, 1000]
+#: the κ of Tong, Ma & Chi's figures and 1000 (``full``)
+FULL_KAPPAS = [1, 5, 10, 20, 100, 1000]
 #: paper step sizes (Tong et al. scripts: eta = 0.5; GD eta/sigma_max)
 SCALED_GD_LR = 0.5
 GD_LR = 0.5  # divided by σ_max(X⋆) (= 1 here)
@@ -71,6 +92,8 @@ CLAIM_OVERRIDES: dict[str, dict[str, Any]] = {"scaled_gd": {}, "sgd": {"momentum
 SIZES: dict[str, dict[str, Any]] = {
     "quick": dict(
         problems={"sensing": dict(n=30, r=2), "completion": dict(n=150, r=2, p=0.3)},
+        kappas=KAPPAS,
+        claim_seeds=2,
         cap_scaled=800,
         cap_gd=2500,
         cap_all=200,
@@ -84,6 +107,10 @@ SIZES: dict[str, dict[str, Any]] = {
     ),
     "default": dict(
         problems={"sensing": dict(n=40, r=4), "completion": dict(n=400, r=5, p=0.2)},
+        kappas=KAPPAS,
+        # ScaledGD's κ sweep over draws: completion at this size has draws whose spectral start
+        # lies outside the local basin at κ = 1000 (see the module docstring)
+        claim_seeds={"sensing": 3, "completion": 6},
         cap_scaled=2000,
         cap_gd={"sensing": 14000, "completion": 8000},
         cap_all=600,
@@ -101,6 +128,9 @@ SIZES: dict[str, dict[str, Any]] = {
     ),
     "full": dict(
         problems={"sensing": dict(n=200, r=10), "completion": dict(n=1000, r=10, p=0.2)},
+        kappas=FULL_KAPPAS,
+        # the paper-size sensing costs ~1 min per ScaledGD run: one draw
+        claim_seeds={"sensing": 1, "completion": 6},
         cap_scaled=1000,
         cap_gd={"sensing": 2000, "completion": 80000},
         cap_all=5000,
@@ -200,7 +230,7 @@ def _run_one(
     optimizer = opt.make_optimizer(name, model, suite=SUITE, lr=lr, **(overrides or {}))
     errors: list[float] = []
     best, best_at, ref = math.inf, 0, math.inf
-    stop, hit_t, hit_s = "cap", None, None
+    stop, hit_s = None, None
     t0 = time.perf_counter()
     for t in range(cap + 1):
         z = model.zs()[0]
@@ -213,21 +243,43 @@ def _run_one(
             best = e
             if e < 0.99 * ref:
                 ref, best_at = e, t
-        if e <= target:
-            stop, hit_t, hit_s = "target", t, time.perf_counter() - t0
-            break
-        if patience is not None and t - best_at > patience:
-            stop = "plateau"
-            break
-        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
-            stop = "time"
-            break
-        if t == cap:
+        stop = _stop_reason(e, t - best_at, target, patience, time.perf_counter() - t0, max_seconds)
+        if stop == "target":
+            hit_s = time.perf_counter() - t0
+        if stop is not None or t == cap:
             break
         optimizer.zero_grad(set_to_none=True)
         problem.loss(z).backward()
         optimizer.step()
     seconds = time.perf_counter() - t0
+    return _outcome(name, lr, scale, errors, best, stop or "cap", hit_s, seconds, target)
+
+
+def _stop_reason(
+    error: float, since_best: int, target: float, patience: int | None, elapsed: float, max_seconds: float | None
+) -> str | None:
+    """Why a finite run stops at this iteration (``None``: it goes on): target, plateau or time."""
+    if error <= target:
+        return "target"
+    if patience is not None and since_best > patience:
+        return "plateau"
+    if max_seconds is not None and elapsed > max_seconds:
+        return "time"
+    return None
+
+
+def _outcome(
+    name: str,
+    lr: float,
+    scale: float,
+    errors: list[float],
+    best: float,
+    stop: str,
+    hit_s: float | None,
+    seconds: float,
+    target: float,
+) -> dict[str, Any]:
+    """The record of one run (see :func:`run_one`); a capped run gets its extrapolated count."""
     extrap = (
         lp.extrapolate_iterations(errors, target, window=max(50, min(1000, len(errors) // 5)))
         if stop == "cap"
@@ -237,7 +289,7 @@ def _run_one(
         optimizer=name,
         lr=lr,
         scale=scale,
-        iterations=hit_t,
+        iterations=len(errors) - 1 if stop == "target" else None,
         seconds_to_target=hit_s,
         best_error=best,
         final_error=errors[-1],
@@ -281,101 +333,138 @@ def _run(ctx: RunContext) -> SuiteResult:
     size = SIZES[ctx.size]
     if ctx.options.get("tune"):
         tune(ctx)
-    opt = _opt()
     seed = int(ctx.seed)
-    problems = size["problems"]
-    all_problems = size["all_problems"] or problems
-    patience = size["patience"]
-
-    def cap_gd(kind: str, kappa: int | None = None) -> int:
-        c = size["cap_gd"]
-        cap = c[kind] if isinstance(c, dict) else c
-        return min(cap, size.get("cap_gd_kappa", {}).get(kappa, cap))
-
     # warm-up (lazy linalg/autograd initialization would otherwise land in the first timing)
     warm = make_problem("sensing", dict(n=8, r=2), 10, seed)
     for name in CLAIM:
         run_one(warm, name, claim_lr(name, warm), 5, overrides=CLAIM_OVERRIDES[name], seed=seed)
+    sweep, curves = _kappa_sweep(ctx, size, seed)
+    claims = {kind: _claim(sweep[kind], size, kind) for kind in size["problems"]}
+    lrs, everyone, all_curves, runs2 = _all_optimizers(ctx, size, seed, sweep, curves)
+    imbalance, imb_curves = _imbalance(ctx, size, seed, sweep, curves, runs2)
+    seeds = _seed_sweep(ctx, size, seed, sweep)
+    metrics = dict(
+        claims=claims,
+        kappa_sweep=sweep,
+        all_optimizers=everyone,
+        imbalance=imbalance,
+        imbalance_checks=_imbalance_checks(imb_curves, [1.0, *size["imbalance_scales"]]),
+        target=TARGET,
+        scaled_gd_seeds=seeds,
+    )
+    figures = [
+        _plot_kappa(ctx, claims, everyone, size, seeds),
+        _plot_curves(ctx, curves, all_curves, size),
+        _plot_imbalance(ctx, imb_curves),
+    ]
+    table = _table(claims, sweep, everyone, imbalance, size, seeds)
+    # strict JSON: non-finite errors of diverged runs (and inf ratios) are written as null
+    config = _config(ctx, size, seed, lrs)
+    return SuiteResult(suite=SUITE, metrics=lp.json_safe(metrics), config=config, table=table, figures=figures)
 
-    # ---- 1. κ sweep: ScaledGD and GD at the paper's steps
+
+def _cap_gd(size: dict[str, Any], kind: str, kappa: int | None = None) -> int:
+    """GD's iteration cap for problem ``kind`` (and ``κ``, see ``cap_gd_kappa``)."""
+    c = size["cap_gd"]
+    cap = c[kind] if isinstance(c, dict) else c
+    return min(cap, size.get("cap_gd_kappa", {}).get(kappa, cap))
+
+
+def _claim_run(prob: lp.LowRankEstimation, name: str, size: dict[str, Any], kind: str, kappa: int, seed: int):
+    """ScaledGD or GD at the paper's step from the spectral start, capped for the size."""
+    cap = size["cap_scaled"] if name == "scaled_gd" else _cap_gd(size, kind, kappa)
+    return run_one(prob, name, claim_lr(name, prob), cap, overrides=CLAIM_OVERRIDES[name], seed=seed)
+
+
+def _kappa_sweep(ctx: RunContext, size: dict[str, Any], seed: int):
+    """Part 1: ScaledGD and GD at the paper's steps for every problem and ``κ`` (one draw,
+    ``seed``). Returns the public records ``[kind][name][str(κ)]`` and the full error curves
+    ``[kind][name][κ]``."""
+    problems = size["problems"]
     sweep: dict[str, dict[str, dict[str, Any]]] = {}
     curves: dict[str, dict[str, dict[int, list[float]]]] = {}
-    jobs = [(kind, k, name) for kind in problems for k in KAPPAS for name in CLAIM]
+    jobs = [(kind, k, name) for kind in problems for k in size["kappas"] for name in CLAIM]
     cache: dict[tuple[str, int], lp.LowRankEstimation] = {}
     for kind, kappa, name in progress(jobs, ctx, "convex κ sweep"):
         prob = cache.setdefault((kind, kappa), make_problem(kind, problems[kind], kappa, seed))
-        cap = size["cap_scaled"] if name == "scaled_gd" else cap_gd(kind, kappa)
-        r = run_one(prob, name, claim_lr(name, prob), cap, overrides=CLAIM_OVERRIDES[name], seed=seed)
+        r = _claim_run(prob, name, size, kind, kappa, seed)
         r["spectral_init_error"] = r["errors"][0]
+        r["init_error_over_sigma_r"] = r["errors"][0] * _sigma_r_units(prob)
         sweep.setdefault(kind, {}).setdefault(name, {})[str(kappa)] = _public(r)
         curves.setdefault(kind, {}).setdefault(name, {})[kappa] = r["errors"]
-    cache.clear()
+    return sweep, curves
 
-    claims: dict[str, Any] = {}
-    for kind in problems:
-        sg = [sweep[kind]["scaled_gd"][str(k)]["iterations"] for k in KAPPAS]
-        reached = all(v is not None for v in sg)
-        ratio = (max(sg) / min(sg)) if reached else math.inf
-        pts = [_iters_for_fit(sweep[kind]["sgd"][str(k)]) for k in KAPPAS]
-        ks = [k for k, (v, _) in zip(KAPPAS, pts) if v is not None]
-        vs = [v for v, _ in pts if v is not None]
-        slope = lp.fit_loglog_slope(ks, vs) if len(vs) >= 3 else None
-        measured = [(k, v) for k, (v, ex) in zip(KAPPAS, pts) if v is not None and not ex]
-        slope_measured = (
-            lp.fit_loglog_slope([k for k, _ in measured], [v for _, v in measured]) if len(measured) >= 3 else None
-        )
-        sg100 = [v for k, v in zip(KAPPAS, sg) if k <= 100]
-        claims[kind] = dict(
-            scaled_gd_iterations=sg,
-            scaled_gd_max_over_min=ratio,
-            scaled_gd_flat=bool(ratio <= 1.3),
-            scaled_gd_max_over_min_kappa_le_100=(max(sg100) / min(sg100))
-            if all(v is not None for v in sg100)
-            else math.inf,
-            gd_iterations=[v for v, _ in pts],
-            gd_extrapolated=[ex for _, ex in pts],
-            # the claim's slope: measured counts only (extrapolations past the cap are rough)
-            gd_slope=None
-            if slope_measured is None
-            else dict(
-                slope=slope_measured[0],
-                ci_low=slope_measured[1],
-                ci_high=slope_measured[2],
-                kappas=[k for k, _ in measured],
-            ),
-            # rough: extrapolations from the rate at the cap can be off by 10× (see module docstring)
-            gd_slope_incl_extrapolated=None
-            if slope is None
-            else dict(slope=slope[0], ci_low=slope[1], ci_high=slope[2]),
-            gd_cap=cap_gd(kind),
-            gd_caps=[cap_gd(kind, k) for k in KAPPAS],
-            # between the two largest measured κ: the asymptotic regime
-            gd_slope_last_pair=None
-            if len(measured) < 2
-            else math.log(measured[-1][1] / measured[-2][1]) / math.log(measured[-1][0] / measured[-2][0]),
-        )
 
-    # ---- 2. every optimizer at its "convex" lr
-    names = list(opt.OPTIMIZERS)
+def _claim(per: dict[str, dict[str, Any]], size: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The checks of part 1 on one problem (one draw): ScaledGD's max/min iterations over ``κ``
+    and GD's log-log slope of iterations against ``κ``."""
+    kappas = size["kappas"]
+    sg = [per["scaled_gd"][str(k)]["iterations"] for k in kappas]
+    pts = [_iters_for_fit(per["sgd"][str(k)]) for k in kappas]
+    ks = [k for k, (v, _) in zip(kappas, pts) if v is not None]
+    vs = [v for v, _ in pts if v is not None]
+    slope = lp.fit_loglog_slope(ks, vs) if len(vs) >= 3 else None
+    measured = [(k, v) for k, (v, ex) in zip(kappas, pts) if v is not None and not ex]
+    slope_measured = (
+        lp.fit_loglog_slope([k for k, _ in measured], [v for _, v in measured]) if len(measured) >= 3 else None
+    )
+    ratio = _max_over_min(sg)
+    return dict(
+        scaled_gd_iterations=sg,
+        scaled_gd_max_over_min=ratio,
+        scaled_gd_flat=bool(ratio <= 1.3),
+        scaled_gd_max_over_min_kappa_le_100=_max_over_min([v for k, v in zip(kappas, sg) if k <= 100]),
+        gd_iterations=[v for v, _ in pts],
+        gd_extrapolated=[ex for _, ex in pts],
+        # the claim's slope: measured counts only (extrapolations past the cap are rough)
+        gd_slope=None
+        if slope_measured is None
+        else dict(
+            slope=slope_measured[0],
+            ci_low=slope_measured[1],
+            ci_high=slope_measured[2],
+            kappas=[k for k, _ in measured],
+        ),
+        # rough: extrapolations from the rate at the cap can be off by 10× (see module docstring)
+        gd_slope_incl_extrapolated=None if slope is None else dict(slope=slope[0], ci_low=slope[1], ci_high=slope[2]),
+        gd_cap=_cap_gd(size, kind),
+        gd_caps=[_cap_gd(size, kind, k) for k in kappas],
+        # between the two largest measured κ: the asymptotic regime
+        gd_slope_last_pair=None
+        if len(measured) < 2
+        else math.log(measured[-1][1] / measured[-2][1]) / math.log(measured[-1][0] / measured[-2][0]),
+    )
+
+
+def _max_over_min(values: list[int | None]) -> float:
+    """``max/min`` of iteration counts; ``inf`` if any run did not reach the target."""
+    return max(values) / min(values) if all(v is not None for v in values) else math.inf
+
+
+def _all_optimizers(ctx: RunContext, size: dict[str, Any], seed: int, sweep, curves):
+    """Part 2: every optimizer at its ``"convex"`` lr (ScaledGD and GD at the paper's steps, their
+    κ-sweep runs reused where the problem is the same). Returns the lrs, the public records
+    ``[kind][name][str(κ)]``, the curves at the last ``κ`` and the full runs (for part 3)."""
+    problems = size["problems"]
+    all_problems = size["all_problems"] or problems
+    names = list(_opt().OPTIMIZERS)
     lrs = {name: (None if name in CLAIM else config_lr(name)) for name in names}
     everyone: dict[str, dict[str, dict[str, Any]]] = {}
     all_curves: dict[str, dict[str, list[float]]] = {}
     runs2: dict[tuple[str, int, str], dict[str, Any]] = {}  # for reuse in part 3
+    last = size["kappas_all"][-1]
     jobs2 = [(kind, k, name) for kind in all_problems for k in size["kappas_all"] for name in names]
+    cache: dict[tuple[str, int], lp.LowRankEstimation] = {}
     for kind, kappa, name in progress(jobs2, ctx, "convex all optimizers"):
+        per = everyone.setdefault(kind, {}).setdefault(name, {})
         if name in CLAIM and all_problems.get(kind) == problems.get(kind):
             # the same run as in the κ sweep (larger cap): reuse it
-            everyone.setdefault(kind, {}).setdefault(name, {})[str(kappa)] = dict(
-                sweep[kind][name][str(kappa)], note="from the κ sweep"
-            )
-            if kappa == size["kappas_all"][-1]:
+            per[str(kappa)] = dict(sweep[kind][name][str(kappa)], note="from the κ sweep")
+            if kappa == last:
                 all_curves.setdefault(kind, {})[name] = curves[kind][name][kappa]
             continue
         prob = cache.setdefault((kind, kappa), make_problem(kind, all_problems[kind], kappa, seed))
-        if name in CLAIM:
-            lr, ov = claim_lr(name, prob), CLAIM_OVERRIDES[name]
-        else:
-            lr, ov = lrs[name], {}
+        lr, ov = (claim_lr(name, prob), CLAIM_OVERRIDES[name]) if name in CLAIM else (lrs[name], {})
         try:
             r = run_one(
                 prob,
@@ -383,86 +472,101 @@ def _run(ctx: RunContext) -> SuiteResult:
                 lr,
                 size["cap_all"],
                 overrides=ov,
-                patience=patience,
+                patience=size["patience"],
                 seed=seed,
                 max_seconds=size["max_seconds_all"],
             )
         except Exception as exc:
-            everyone.setdefault(kind, {}).setdefault(name, {})[str(kappa)] = dict(error=f"{type(exc).__name__}: {exc}")
+            per[str(kappa)] = dict(error=f"{type(exc).__name__}: {exc}")
             continue
-        everyone.setdefault(kind, {}).setdefault(name, {})[str(kappa)] = _public(r)
+        per[str(kappa)] = _public(r)
         if all_problems.get(kind) == problems.get(kind):
             runs2[(kind, kappa, name)] = r
-        if kappa == size["kappas_all"][-1]:
+        if kappa == last:
             all_curves.setdefault(kind, {})[name] = r["errors"]
-    cache.clear()
+    return lrs, everyone, all_curves, runs2
 
-    # ---- 3. factor imbalance
+
+#: part 3's methods: label -> (optimizer, power k of the step η/s^k)
+IMBALANCE_METHODS = {
+    "scaled_gd": ("scaled_gd", 0),
+    "lora_rite": ("lora_rite", 0),
+    "sgd": ("sgd", 0),
+    "sgd_lr/s²": ("sgd", 2),
+}
+
+
+def _imbalance(ctx: RunContext, size: dict[str, Any], seed: int, sweep, curves, runs2):
+    """Part 3: the start ``(s·A₀, B₀/s)``; the unscaled start reuses a part-1 or part-2 run where
+    it is the same run. Returns the public records ``[kind][label][f"{s:g}"]`` and the curves
+    ``[kind][label][s]``."""
     imbalance: dict[str, dict[str, dict[str, Any]]] = {}
     imb_curves: dict[str, dict[str, dict[float, list[float]]]] = {}
-    imb_methods = [
-        ("scaled_gd", "scaled_gd", 0),
-        ("lora_rite", "lora_rite", 0),
-        ("sgd", "sgd", 0),
-        ("sgd_lr/s²", "sgd", 2),
-    ]
+    kappa = size["imbalance_kappa"]
     scales = [1.0, *size["imbalance_scales"]]
-    jobs3 = [(kind, label, s) for kind in size["imbalance_problems"] for label, _, _ in imb_methods for s in scales]
+    jobs3 = [(kind, label, s) for kind in size["imbalance_problems"] for label in IMBALANCE_METHODS for s in scales]
+    cache: dict[str, lp.LowRankEstimation] = {}
     for kind, label, s in progress(jobs3, ctx, "convex imbalance"):
-        name, power = next((n, p) for lab, n, p in imb_methods if lab == label)
-        if s == 1.0 and name in CLAIM and size["imbalance_kappa"] in KAPPAS:
-            # the unscaled start is the κ-sweep run: reuse it
-            imbalance.setdefault(kind, {}).setdefault(label, {})["1"] = dict(
-                sweep[kind][name][str(size["imbalance_kappa"])], note="from the κ sweep"
-            )
-            imb_curves.setdefault(kind, {}).setdefault(label, {})[s] = curves[kind][name][size["imbalance_kappa"]]
+        name, power = IMBALANCE_METHODS[label]
+        reused = _imbalance_reuse(size, name, kind, s, sweep, curves, runs2)
+        if reused is not None:
+            imbalance.setdefault(kind, {}).setdefault(label, {})["1"] = reused[0]
+            imb_curves.setdefault(kind, {}).setdefault(label, {})[s] = reused[1]
             continue
-        prev = runs2.get((kind, size["imbalance_kappa"], name))
-        if (
-            s == 1.0
-            and name not in CLAIM
-            and prev is not None
-            and prev["stop"] == "target"
-            and prev["lr"] == config_lr(name)
-            and prev["iterations"] <= size["cap_scaled"]
-        ):
-            # part 2 ran this start (same problem, lr, patience) to the target: the same run
-            imbalance.setdefault(kind, {}).setdefault(label, {})["1"] = dict(
-                _public(prev), note="from the all-optimizer runs"
-            )
-            imb_curves.setdefault(kind, {}).setdefault(label, {})[s] = prev["errors"]
-            continue
-        prob = cache.setdefault((kind, 0), make_problem(kind, problems[kind], size["imbalance_kappa"], seed))
+        prob = cache.setdefault(kind, make_problem(kind, size["problems"][kind], kappa, seed))
         if name in CLAIM:
             lr, ov = claim_lr(name, prob), CLAIM_OVERRIDES[name]
-            kappa = size["imbalance_kappa"]
-            cap = size["cap_scaled"] if name == "scaled_gd" else cap_gd(kind, kappa)
+            cap = size["cap_scaled"] if name == "scaled_gd" else _cap_gd(size, kind, kappa)
         else:
             lr, ov, cap = config_lr(name), {}, size["cap_scaled"]
-        r = run_one(prob, name, lr / s**power, cap, scale=s, overrides=ov, patience=patience, seed=seed)
+        r = run_one(prob, name, lr / s**power, cap, scale=s, overrides=ov, patience=size["patience"], seed=seed)
         imbalance.setdefault(kind, {}).setdefault(label, {})[f"{s:g}"] = _public(r)
         imb_curves.setdefault(kind, {}).setdefault(label, {})[s] = r["errors"]
-    imb_checks = {}
-    for kind, _per in imbalance.items():
+    return imbalance, imb_curves
+
+
+def _imbalance_reuse(size: dict[str, Any], name: str, kind: str, s: float, sweep, curves, runs2):
+    """The unscaled start of part 3 when an earlier part ran exactly it: (record, curve), else None."""
+    kappa = size["imbalance_kappa"]
+    if s != 1.0:
+        return None
+    if name in CLAIM and kappa in size["kappas"]:
+        # the unscaled start is the κ-sweep run: reuse it
+        return dict(sweep[kind][name][str(kappa)], note="from the κ sweep"), curves[kind][name][kappa]
+    prev = runs2.get((kind, kappa, name))
+    if (
+        name not in CLAIM
+        and prev is not None
+        and prev["stop"] == "target"
+        and prev["lr"] == config_lr(name)
+        and prev["iterations"] <= size["cap_scaled"]
+    ):
+        # part 2 ran this start (same problem, lr, patience) to the target: the same run
+        return dict(_public(prev), note="from the all-optimizer runs"), prev["errors"]
+    return None
+
+
+def _imbalance_checks(imb_curves, scales: list[float]) -> dict[str, dict[str, Any]]:
+    """Invariant methods: the largest relative deviation of the curves over ``s`` from ``s = 1``."""
+    checks = {}
+    for kind in imb_curves:
         for label in ("scaled_gd", "lora_rite"):
             curves_s = [imb_curves[kind][label][s] for s in scales]
             n = min(len(c) for c in curves_s)
             dev = max(max(abs(a - b) / max(b, 1e-300) for a, b in zip(c[:n], curves_s[0][:n])) for c in curves_s[1:])
-            same_len = len({len(c) for c in curves_s}) == 1
-            imb_checks[f"{kind}/{label}"] = dict(max_rel_curve_deviation=dev, same_iterations=same_len)
+            checks[f"{kind}/{label}"] = dict(
+                max_rel_curve_deviation=dev, same_iterations=len({len(c) for c in curves_s}) == 1
+            )
+    return checks
 
-    metrics = dict(
-        claims=claims,
-        kappa_sweep=sweep,
-        all_optimizers=everyone,
-        imbalance=imbalance,
-        imbalance_checks=imb_checks,
-        target=TARGET,
-    )
-    config = dict(
+
+def _config(ctx: RunContext, size: dict[str, Any], seed: int, lrs: dict[str, float | None]) -> dict[str, Any]:
+    problems = size["problems"]
+    all_problems = size["all_problems"] or problems
+    return dict(
         size=ctx.size,
         seed=seed,
-        kappas=KAPPAS,
+        kappas=size["kappas"],
         target=TARGET,
         dtype="float64",
         problems={k: dict(v, m=5 * v["n"] * v["r"]) if k == "sensing" else v for k, v in problems.items()},
@@ -471,23 +575,86 @@ def _run(ctx: RunContext) -> SuiteResult:
         caps=dict(
             scaled_gd=size["cap_scaled"], gd=size["cap_gd"], gd_kappa=size.get("cap_gd_kappa", {}), all=size["cap_all"]
         ),
-        patience=patience,
+        patience=size["patience"],
         kappas_all=size["kappas_all"],
-        imbalance=dict(scales=scales, kappa=size["imbalance_kappa"], problems=size["imbalance_problems"]),
+        imbalance=dict(
+            scales=[1.0, *size["imbalance_scales"]], kappa=size["imbalance_kappa"], problems=size["imbalance_problems"]
+        ),
+        claim_seeds={kind: _claim_seeds(size, kind, seed) for kind in problems},
         lr=dict(
             scaled_gd=f"{SCALED_GD_LR} (paper)",
             sgd=f"{GD_LR}/sigma_max (paper), momentum 0",
             **{k: v for k, v in lrs.items() if v is not None},
         ),
     )
-    figures = [
-        _plot_kappa(ctx, claims, everyone, size),
-        _plot_curves(ctx, curves, all_curves, size),
-        _plot_imbalance(ctx, imb_curves),
-    ]
-    table = _table(claims, sweep, everyone, imbalance, size)
-    # strict JSON: non-finite errors of diverged runs (and inf ratios) are written as null
-    return SuiteResult(suite=SUITE, metrics=lp.json_safe(metrics), config=config, table=table, figures=figures)
+
+
+def _claim_seeds(size: dict[str, Any], kind: str, seed: int) -> list[int]:
+    """The problem draws ScaledGD's κ sweep is repeated on (the first is part 1's)."""
+    n = size["claim_seeds"]
+    return [seed + i for i in range(n[kind] if isinstance(n, dict) else n)]
+
+
+def _seed_sweep(ctx: RunContext, size: dict[str, Any], seed: int, sweep) -> dict[str, Any]:
+    """Part 1 over problem draws: ScaledGD at the paper's step for every ``κ`` and seed of
+    :func:`_claim_seeds` (the first seed's runs are part 1's). Per run: iterations, how it
+    stopped and the spectral start's distance to ``X⋆`` in units of ``σ_r(X⋆)`` (the local
+    basin's scale); summarized by :func:`_seed_summary`."""
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    jobs = [(kind, k, s) for kind in size["problems"] for k in size["kappas"] for s in _claim_seeds(size, kind, seed)]
+    for kind, kappa, s in progress(jobs, ctx, "convex ScaledGD seeds"):
+        if s == seed:
+            r = sweep[kind]["scaled_gd"][str(kappa)]
+        else:
+            prob = make_problem(kind, size["problems"][kind], kappa, s)
+            r = _claim_run(prob, "scaled_gd", size, kind, kappa, s)
+            r["init_error_over_sigma_r"] = r["errors"][0] * _sigma_r_units(prob)
+        runs.setdefault(kind, {}).setdefault(str(kappa), []).append(
+            dict(
+                seed=s,
+                iterations=r["iterations"],
+                stop=r["stop"],
+                best_error=r["best_error"],
+                init_error_over_sigma_r=r["init_error_over_sigma_r"],
+                seconds=r["seconds"],
+            )
+        )
+    return {kind: _seed_summary(per, size["kappas"]) for kind, per in runs.items()}
+
+
+def _sigma_r_units(prob: lp.LowRankEstimation) -> float:
+    """``‖X⋆‖_F / σ_r(X⋆)``: turns an error relative to ``‖X⋆‖_F`` into units of ``σ_r``."""
+    sv = torch.linalg.svdvals(prob.x_star)
+    return float(sv.norm() / sv[prob.r - 1])
+
+
+def _seed_summary(per_kappa: dict[str, list[dict[str, Any]]], kappas: list[int]) -> dict[str, Any]:
+    """Median and range of the iterations over the draws that reached the target; diverged and
+    capped runs counted; the median of the medians' max/min over ``κ`` (all, and ``κ ≤ 100``)."""
+    rows = {}
+    for k in kappas:
+        recs = per_kappa[str(k)]
+        its = [r["iterations"] for r in recs if r["iterations"] is not None]
+        init = [r["init_error_over_sigma_r"] for r in recs]
+        rows[str(k)] = dict(
+            runs=recs,
+            seeds=len(recs),
+            reached=len(its),
+            diverged=sum(r["stop"] == "diverged" for r in recs),
+            capped=sum(r["stop"] == "cap" for r in recs),
+            median=float(np.median(its)) if its else None,
+            min=min(its) if its else None,
+            max=max(its) if its else None,
+            init_error_over_sigma_r_median=float(np.median(init)),
+            init_error_over_sigma_r_max=max(init),
+        )
+    medians = [rows[str(k)]["median"] for k in kappas]
+    return dict(
+        per_kappa=rows,
+        median_max_over_min=_max_over_min(medians),
+        median_max_over_min_kappa_le_100=_max_over_min([v for k, v in zip(kappas, medians) if k <= 100]),
+        all_reached=all(rows[str(k)]["reached"] == rows[str(k)]["seeds"] for k in kappas),
+    )
 
 
 # ------------------------------------------------------------------------------------- report
@@ -505,18 +672,26 @@ def _fmt_slope(s: dict[str, float] | None) -> str:
     return "n/a" if s is None else f"{s['slope']:.3f} [{s['ci_low']:.2f}, {s['ci_high']:.2f}]"
 
 
-def _table(claims, sweep, everyone, imbalance, size) -> str:
+def _table(claims, sweep, everyone, imbalance, size, seeds) -> str:
+    return (
+        f"Iterations (seconds) to relative error ≤ {TARGET:g}, or the best error reached.\n\n"
+        + _claim_tables(claims, sweep, size)
+        + "\n\n"
+        + _seeds_table(seeds, size)
+        + f'\n\nAll optimizers ("convex" lr; cap {size["cap_all"]:d}, plateau patience {size["patience"]:d}):\n\n'
+        + _everyone_table(everyone, size)
+        + "\n\nFactor-imbalance start (s·A₀, B₀/s):\n\n"
+        + _imbalance_table(imbalance, size)
+    )
+
+
+def _claim_tables(claims, sweep, size) -> str:
     rows = []
-    for kind, _c in claims.items():
+    for kind in claims:
         for name in CLAIM:
-            rows.append(
-                [
-                    kind,
-                    "ScaledGD η=0.5" if name == "scaled_gd" else "GD η=0.5/σ_max",
-                    *[_cell(sweep[kind][name][str(k)]) for k in KAPPAS],
-                ]
-            )
-    t1 = markdown_table(["problem", "method", *[f"κ={k}" for k in KAPPAS]], rows)
+            label = "ScaledGD η=0.5" if name == "scaled_gd" else "GD η=0.5/σ_max"
+            rows.append([kind, label, *[_cell(sweep[kind][name][str(k)]) for k in size["kappas"]]])
+    t1 = markdown_table(["problem", "method", *[f"κ={k}" for k in size["kappas"]]], rows)
     rows_c = [
         [
             kind,
@@ -539,6 +714,38 @@ def _table(claims, sweep, everyone, imbalance, size) -> str:
         ],
         rows_c,
     )
+    return t1 + "\n\n" + t2
+
+
+def _seed_cell(row: dict[str, Any]) -> str:
+    """``median [min, max]`` over the draws that reached the target, then what the others did."""
+    cell = "not reached" if row["median"] is None else f"{row['median']:g} [{row['min']}, {row['max']}]"
+    missed = [f"{row[k]} {k}" for k in ("diverged", "capped") if row[k]]
+    cell += f" ({', '.join(missed)})" if missed else ""
+    return cell + f"; init {row['init_error_over_sigma_r_median']:.2g} [≤ {row['init_error_over_sigma_r_max']:.2g}]"
+
+
+def _seeds_table(seeds, size) -> str:
+    kappas = size["kappas"]
+    rows = [
+        [
+            kind,
+            per["per_kappa"][str(kappas[0])]["seeds"],
+            *[_seed_cell(per["per_kappa"][str(k)]) for k in kappas],
+            f"{per['median_max_over_min']:.3g}",
+            f"{per['median_max_over_min_kappa_le_100']:.3g}",
+        ]
+        for kind, per in seeds.items()
+    ]
+    head = ["problem", "draws", *[f"κ={k}" for k in kappas], "max/min of medians", "same, κ ≤ 100"]
+    return (
+        "ScaledGD η=0.5 over problem draws (seeds): median [min, max] iterations of the draws that reached "
+        "the target (diverged / capped draws counted); init: the spectral start's ‖A₀B₀ᵀ − X⋆‖_F / σ_r(X⋆), "
+        "median [max] over draws:\n\n" + markdown_table(head, rows)
+    )
+
+
+def _everyone_table(everyone, size) -> str:
     rows3 = []
     for kind, per in everyone.items():
         for name, per_k in per.items():
@@ -546,23 +753,16 @@ def _table(claims, sweep, everyone, imbalance, size) -> str:
             rows3.append(
                 [kind, name, "n/a" if lr is None else f"{lr:.3g}", *[_cell(per_k[str(k)]) for k in size["kappas_all"]]]
             )
-    t3 = markdown_table(["problem", "optimizer", "lr", *[f"κ={k}" for k in size["kappas_all"]]], rows3)
+    return markdown_table(["problem", "optimizer", "lr", *[f"κ={k}" for k in size["kappas_all"]]], rows3)
+
+
+def _imbalance_table(imbalance, size) -> str:
     rows4 = []
     for kind, per in imbalance.items():
         for label, per_s in per.items():
             rows4.append([kind, label, *[_cell(per_s[s]) for s in per_s]])
     scales = [f"s={s}" for s in next(iter(next(iter(imbalance.values())).values()))]
-    t4 = markdown_table([f"problem (κ={size['imbalance_kappa']:d})", "method", *scales], rows4)
-    return (
-        f"Iterations (seconds) to relative error ≤ {TARGET:g}, or the best error reached.\n\n"
-        + t1
-        + "\n\n"
-        + t2
-        + f'\n\nAll optimizers ("convex" lr; cap {size["cap_all"]:d}, plateau patience {size["patience"]:d}):\n\n'
-        + t3
-        + "\n\nFactor-imbalance start (s·A₀, B₀/s):\n\n"
-        + t4
-    )
+    return markdown_table([f"problem (κ={size['imbalance_kappa']:d})", "method", *scales], rows4)
 
 
 # ---------------------------------------------------------------------------------------- plots
@@ -581,14 +781,29 @@ def _color(i: int):
     return matplotlib.colormaps["tab20"](i % 20)
 
 
-def _plot_kappa(ctx, claims, everyone, size) -> str:
+def _plot_seed_range(ax, per: dict[str, Any] | None, kappas: list[int]) -> None:
+    """ScaledGD's median and [min, max] over the draws that reached the target, per ``κ``."""
+    if per is None or per["per_kappa"][str(kappas[0])]["seeds"] < 2:
+        return
+    rows = [per["per_kappa"][str(k)] for k in kappas]
+    pts = [(k, r["median"], r["min"], r["max"]) for k, r in zip(kappas, rows) if r["median"] is not None]
+    if not pts:
+        return
+    k, med, lo, hi = (np.asarray(v, dtype=float) for v in zip(*pts))
+    label = f"ScaledGD η=0.5: median [range] over {rows[0]['seeds']} draws (reached)"
+    ax.errorbar(k * 1.1, med, yerr=[med - lo, hi - med], fmt="D", ms=4, color="C2", capsize=3, label=label)
+
+
+def _plot_kappa(ctx, claims, everyone, size, seeds) -> str:
     plt = _plt()
     kinds = list(claims)
     fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.8), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         c = claims[kind]
-        ks = np.asarray(KAPPAS, dtype=float)
-        ax.loglog(ks, c["scaled_gd_iterations"], "o-", color="C0", label="ScaledGD η=0.5")
+        ks = np.asarray(size["kappas"], dtype=float)
+        sg = np.asarray([np.nan if v is None else v for v in c["scaled_gd_iterations"]], dtype=float)
+        ax.loglog(ks, sg, "o-", color="C0", label="ScaledGD η=0.5")
+        _plot_seed_range(ax, seeds.get(kind), size["kappas"])
         gd = np.asarray([np.nan if v is None else v for v in c["gd_iterations"]], dtype=float)
         ex = np.asarray(c["gd_extrapolated"])
         gd[ex] = np.nan
@@ -628,10 +843,17 @@ def _plot_curves(ctx, curves, all_curves, size) -> str:
     fig, axes = plt.subplots(2, len(kinds), figsize=(6 * len(kinds), 9), squeeze=False)
     for j, kind in enumerate(kinds):
         ax = axes[0, j]
-        for i, k in enumerate(KAPPAS):
+        for i, k in enumerate(size["kappas"]):
             for name, color, ls, lab in (("scaled_gd", "C0", "-", "ScaledGD"), ("sgd", "C3", "--", "GD")):
                 e = curves[kind][name][k]
-                ax.loglog(np.arange(1, len(e) + 1), e, color=color, alpha=0.4 + 0.2 * i, ls=ls, label=f"{lab} κ={k}")
+                ax.loglog(
+                    np.arange(1, len(e) + 1),
+                    e,
+                    color=color,
+                    alpha=0.4 + 0.6 * i / max(1, len(size["kappas"]) - 1),
+                    ls=ls,
+                    label=f"{lab} κ={k}",
+                )
         ax.axhline(TARGET, color="k", lw=0.8)
         ax.set_title(f"{kind}: ScaledGD vs GD")
         ax.set_xlabel("iteration + 1")

@@ -264,29 +264,7 @@ def _run(ctx: RunContext) -> SuiteResult:
     models = {dt: O.PairModel(size["shapes"], dtype=DTYPES[dt], seed=ctx.seed) for dt in DTYPES}
     for key, dt in progress(jobs, ctx, "invariance", total=len(jobs)):
         name, overrides = _entry(key)
-        dtype = DTYPES[dt]
-        loss = problem.loss_fn(dtype)
-        model = models[dt]
-        ref, final = trajectory(name, model, problem.start(None, dtype), loss, size["steps"], overrides=overrides)
-        z0 = torch.cat(
-            [
-                z.reshape(-1)
-                for z in (a.to(torch.float64) @ b.to(torch.float64).T for a, b in problem.start(None, dtype))
-            ]
-        )
-        movement = torch.linalg.vector_norm(ref - z0, dim=1).max().item() / torch.linalg.vector_norm(z0).item()
-        gaps, diverged = {}, []
-        if not math.isfinite(final):
-            diverged.append("reference")
-        for label in labels:
-            traj, final2 = trajectory(
-                name, model, problem.start(label, dtype), loss, size["steps"], overrides=overrides
-            )
-            g = gap(ref, traj)
-            if not (math.isfinite(final2) and math.isfinite(g)):
-                diverged.append(label)
-            # a diverged run has no meaningful gap: None in the JSON, "diverged" in the table
-            gaps[label] = g if math.isfinite(g) else None
+        gaps, diverged, movement, final = _gauge_gaps(name, overrides, models[dt], problem, DTYPES[dt], size, labels)
         results[key]["gaps"][dt] = gaps
         results[key].setdefault("diverged", {})[dt] = diverged
         results[key].setdefault("movement", {})[dt] = movement if math.isfinite(movement) else None
@@ -296,14 +274,7 @@ def _run(ctx: RunContext) -> SuiteResult:
     with torch.no_grad():
         loss0 = float(problem.loss_fn(torch.float64)([a @ b.T for a, b in problem.factors0]))
     for key in keys:
-        r = results[key]
-        r["class"] = classify(r["gaps"]["float64"], r["movement"]["float64"])
-        r["claimed"] = claimed(_entry(key)[0])
-        r["matches_claim"] = (
-            None
-            if r["claimed"] == "—"
-            else (r["claimed"] == r["class"] or (r["claimed"] == "none" and r["class"] != "GL(r)"))
-        )
+        _classify_entry(key, results[key])
 
     metrics = {
         "optimizers": results,
@@ -331,6 +302,40 @@ def _run(ctx: RunContext) -> SuiteResult:
     table = _table(results, labels, size)
     figures = [_plot(results, ctx)]
     return SuiteResult(suite=SUITE, metrics=metrics, config=config, table=table, figures=figures)
+
+
+def _gauge_gaps(name: str, overrides, model, problem: Problem, dtype: torch.dtype, size, labels: list[str]):
+    """One optimizer in one dtype: the reference trajectory and one per gauge. Returns the gap per
+    gauge (None where a run diverged), the runs that diverged, the reference's largest relative
+    movement of ``Z`` and its final loss."""
+    loss = problem.loss_fn(dtype)
+    ref, final = trajectory(name, model, problem.start(None, dtype), loss, size["steps"], overrides=overrides)
+    z0 = torch.cat(
+        [z.reshape(-1) for z in (a.to(torch.float64) @ b.to(torch.float64).T for a, b in problem.start(None, dtype))]
+    )
+    movement = torch.linalg.vector_norm(ref - z0, dim=1).max().item() / torch.linalg.vector_norm(z0).item()
+    gaps, diverged = {}, []
+    if not math.isfinite(final):
+        diverged.append("reference")
+    for label in labels:
+        traj, final2 = trajectory(name, model, problem.start(label, dtype), loss, size["steps"], overrides=overrides)
+        g = gap(ref, traj)
+        if not (math.isfinite(final2) and math.isfinite(g)):
+            diverged.append(label)
+        # a diverged run has no meaningful gap: None in the JSON, "diverged" in the table
+        gaps[label] = g if math.isfinite(g) else None
+    return gaps, diverged, movement, final
+
+
+def _classify_entry(key: str, r: dict[str, Any]) -> None:
+    """The measured class (float64), the claimed one and whether they match, into ``r``."""
+    r["class"] = classify(r["gaps"]["float64"], r["movement"]["float64"])
+    r["claimed"] = claimed(_entry(key)[0])
+    r["matches_claim"] = (
+        None
+        if r["claimed"] == "—"
+        else (r["claimed"] == r["class"] or (r["claimed"] == "none" and r["class"] != "GL(r)"))
+    )
 
 
 def _table(results: dict[str, Any], labels: list[str], size: dict[str, Any]) -> str:

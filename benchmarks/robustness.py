@@ -988,36 +988,40 @@ def _conditioning_table(section: dict[str, Any]) -> str:
         "2× target",
         "not following",
     ]
-    rows = []
-    for row in section["rows"]:
-        reference = (row["dtype"], row["engine"]) == COND_REFERENCE
-        target = "reference" if reference else ("yes" if row["targeted"] else "reported only")
-        rows.append(
-            [
-                f"{row['kappa']:.0e}",
-                row["dtype"],
-                row["engine"],
-                _num(row["float64_error_median"]),
-                _num(row["error_median"]),
-                _num(row["error_max"]),
-                _num(row["ratio_median"]),
-                _num(row["ratio_max"]),
-                row["follows"],
-                row["lags"],
-                row["diverges"],
-                row["raises"],
-                row["n/a"],
-                target,
-                "; ".join(row["not_following"]) or "—",
-            ]
-        )
+    rows = [_conditioning_row(row) for row in section["rows"]]
+    return markdown_table(head, rows) + _conditioning_note(section)
+
+
+def _conditioning_row(row: dict[str, Any]) -> list[Any]:
+    reference = (row["dtype"], row["engine"]) == COND_REFERENCE
+    target = "reference" if reference else ("yes" if row["targeted"] else "reported only")
+    return [
+        f"{row['kappa']:.0e}",
+        row["dtype"],
+        row["engine"],
+        _num(row["float64_error_median"]),
+        _num(row["error_median"]),
+        _num(row["error_max"]),
+        _num(row["ratio_median"]),
+        _num(row["ratio_max"]),
+        row["follows"],
+        row["lags"],
+        row["diverges"],
+        row["raises"],
+        row["n/a"],
+        target,
+        "; ".join(row["not_following"]) or "—",
+    ]
+
+
+def _conditioning_note(section: dict[str, Any]) -> str:
+    """The claim's verdict and how to read the conditioning table."""
     claim = section["float32_follows_float64"]
     by_engine = ", ".join(
         f"{e}: {'yes' if ok else 'no'}" for e, ok in section["float32_follows_float64_by_engine"].items()
     )
     floors = ", ".join(f"{d} {f:.2g}" for d, f in section["error_floors"].items())
-    text = markdown_table(head, rows)
-    text += (
+    text = (
         f"\n\n**float32 follows float64 (≤ {COND_RATIO:g}×) in every cell: "
         f"{'n/a' if claim is None else ('yes' if claim else 'no')}** ({by_engine})."
     )
@@ -1044,6 +1048,41 @@ _COND_COLORS = {"float64": "black", "float32": "tab:blue", "bfloat16": "tab:oran
 _COND_MARKERS = {"qr": "o", "gram": "s"}
 
 
+def _plot_cond_combo(ax, section: dict[str, Any], dtype: str, engine: str, height: float, failed_label: bool) -> bool:
+    """One dtype/engine: median error vs κ, min-max band, ``x`` at ``height`` where any seed
+    diverged or raised (one height per combination, so the marks do not hide each other).
+    Returns whether it drew such marks."""
+    rows = [r for r in section["rows"] if (r["dtype"], r["engine"]) == (dtype, engine)]
+    ok = [r for r in rows if r["error_median"] is not None]
+    style = "--" if dtype == "float64" else ("-" if engine == "qr" else "-.")
+    color, marker = _COND_COLORS.get(dtype, "gray"), _COND_MARKERS.get(engine, "^")
+    if ok:
+        ks = [r["kappa"] for r in ok]
+        ax.plot(
+            ks,
+            [r["error_median"] for r in ok],
+            style,
+            color=color,
+            marker=marker,
+            label=f"{dtype} / {engine}",
+            alpha=0.9 if engine == "qr" else 0.6,
+        )
+        lo = [
+            min(
+                c["final_error"]
+                for c in section["cells"]
+                if (c["kappa"], c["dtype"], c["engine"]) == (r["kappa"], dtype, engine) and c["final_error"] is not None
+            )
+            for r in ok
+        ]
+        ax.fill_between(ks, lo, [r["error_max"] for r in ok], color=color, alpha=0.08)
+    bad = [r["kappa"] for r in rows if r["diverges"] + r["raises"]]
+    if bad:
+        label = "diverges / raises (any seed)" if failed_label else None
+        ax.plot(bad, [height] * len(bad), "x", color=color, markersize=8, label=label)
+    return bool(bad)
+
+
 def _conditioning_figure(section: dict[str, Any], ctx: RunContext) -> str:
     """Final error vs κ: median over seeds (min-max shaded), one line per dtype/engine."""
     import matplotlib
@@ -1055,44 +1094,9 @@ def _conditioning_figure(section: dict[str, Any], ctx: RunContext) -> str:
     combos = list(dict.fromkeys((r["dtype"], r["engine"]) for r in section["rows"]))
     top = max([r["error_max"] for r in section["rows"] if r["error_max"]] + [1.0]) * 3
     failed_label = True
-    for dtype, engine in combos:
-        rows = [r for r in section["rows"] if (r["dtype"], r["engine"]) == (dtype, engine)]
-        ok = [r for r in rows if r["error_median"] is not None]
-        style = "--" if dtype == "float64" else ("-" if engine == "qr" else "-.")
-        color, marker = _COND_COLORS.get(dtype, "gray"), _COND_MARKERS.get(engine, "^")
-        if ok:
-            ks = [r["kappa"] for r in ok]
-            ax.plot(
-                ks,
-                [r["error_median"] for r in ok],
-                style,
-                color=color,
-                marker=marker,
-                label=f"{dtype} / {engine}",
-                alpha=0.9 if engine == "qr" else 0.6,
-            )
-            lo = [
-                min(
-                    c["final_error"]
-                    for c in section["cells"]
-                    if (c["kappa"], c["dtype"], c["engine"]) == (r["kappa"], dtype, engine)
-                    and c["final_error"] is not None
-                )
-                for r in ok
-            ]
-            ax.fill_between(ks, lo, [r["error_max"] for r in ok], color=color, alpha=0.08)
-        bad = [r["kappa"] for r in rows if r["diverges"] + r["raises"]]
-        if bad:  # one height per dtype/engine, so the marks do not hide each other
-            height = top * 2.0 ** combos.index((dtype, engine))
-            ax.plot(
-                bad,
-                [height] * len(bad),
-                "x",
-                color=color,
-                markersize=8,
-                label="diverges / raises (any seed)" if failed_label else None,
-            )
-            failed_label = False
+    for i, (dtype, engine) in enumerate(combos):
+        failed = _plot_cond_combo(ax, section, dtype, engine, top * 2.0**i, failed_label)
+        failed_label = failed_label and not failed
     for dtype, floor in section["error_floors"].items():
         if dtype != "float64":
             ax.axhline(floor, color=_COND_COLORS.get(dtype, "gray"), linestyle=":", linewidth=0.8)

@@ -105,3 +105,46 @@ def test_run_one_matches_the_papers_scaled_gd_iteration():
 def test_extrapolated_counts_are_flagged():
     e = [0.9**t for t in range(100)]
     assert lp.extrapolate_iterations(e, 1e-10, window=50) > 99
+
+
+def test_scaled_gd_over_draws_counts_every_run(quick):
+    """Part 1 over draws: the first draw is the κ sweep's run, every run is counted once."""
+    _, res = quick
+    m = res.metrics
+    n = convex.SIZES["quick"]["claim_seeds"]
+    for kind, per in m["scaled_gd_seeds"].items():
+        for k in convex.KAPPAS:
+            row = per["per_kappa"][str(k)]
+            assert row["seeds"] == len(row["runs"]) == n
+            assert row["reached"] + row["diverged"] + row["capped"] == n
+            assert row["runs"][0]["iterations"] == m["kappa_sweep"][kind]["scaled_gd"][str(k)]["iterations"]
+            assert [r["seed"] for r in row["runs"]] == list(range(n))
+            if row["median"] is not None:
+                assert row["min"] <= row["median"] <= row["max"]
+            # the start's distance to X⋆ grows with κ in units of σ_r = 1/κ
+            assert row["init_error_over_sigma_r_median"] > 0
+    sens = m["scaled_gd_seeds"]["sensing"]["per_kappa"]
+    assert sens["1000"]["init_error_over_sigma_r_median"] > sens["1"]["init_error_over_sigma_r_median"]
+    assert "over problem draws" in res.table
+
+
+def test_seed_summary_counts_divergences_and_uses_reached_draws_only():
+    def rec(it, stop):
+        return dict(seed=0, iterations=it, stop=stop, best_error=0.0, init_error_over_sigma_r=1.0)
+
+    per = {"1": [rec(100, "target"), rec(120, "target"), rec(None, "diverged")], "10": [rec(None, "cap")] * 2}
+    s = convex._seed_summary(per, [1, 10])
+    row = s["per_kappa"]["1"]
+    assert (row["median"], row["min"], row["max"], row["diverged"], row["capped"]) == (110.0, 100, 120, 1, 0)
+    assert s["per_kappa"]["10"]["median"] is None and s["per_kappa"]["10"]["capped"] == 2
+    assert s["median_max_over_min"] == math.inf and not s["all_reached"]
+    ok = convex._seed_summary({"1": [rec(100, "target")], "10": [rec(150, "target")]}, [1, 10])
+    assert ok["median_max_over_min"] == 1.5 and ok["all_reached"]
+
+
+def test_full_size_is_tong_ma_chi_completion_over_draws():
+    full = convex.SIZES["full"]
+    assert full["problems"]["completion"] == dict(n=1000, r=10, p=0.2)
+    assert full["kappas"] == [1, 5, 10, 20, 100, 1000]
+    assert full["claim_seeds"]["completion"] >= 5
+    assert convex._claim_seeds(full, "completion", 7)[0] == 7

@@ -23,7 +23,7 @@ def quick(tmp_path_factory):
 def test_quick_run_has_the_promised_keys_and_files(quick):
     ctx, res = quick
     m = res.metrics
-    assert set(m) == {"online", "imbalance", "checks", "seconds_per_method"}
+    assert set(m) == {"online", "imbalance", "radii", "checks", "seconds_per_method"}
     assert set(m["online"]) == set(regret.ONLINE)
     for problem in regret.ONLINE:
         assert set(m["online"][problem]) == set(regret.METHODS)
@@ -117,3 +117,49 @@ def test_projection_keeps_the_factors_in_the_balls():
         assert float(r["max_norm_b"].max()) <= p["d_b"] * (1 + 1e-12)
         # in the set, the per-step loss is at most G·D_A·D_B and the comparator's at least −G·D_A·D_B
         assert abs(r["regret_over_T"][0, -1]) <= 2 * p["g"] * p["d_a"] * p["d_b"] + 1e-12
+
+
+def test_lora_rite_runs_theorem_4s_configuration():
+    """Summed second moment, escape, no first moment and none of clipping, skipping, capping,
+    row normalization or the library's safeguards: the optimizer's hyperparameters say so."""
+    a = torch.zeros(4, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(3, 2, dtype=torch.float64, requires_grad=True)
+    name, overrides, _ = regret.METHODS["lora_rite"]
+    hp = regret.build_optimizer(name, [(a, b)], 0.1, overrides).param_groups[0]
+    assert hp["second_moment"] == "sum" and hp["escape"] and hp["betas"][0] == 0.0
+    assert not hp["bias_correction"] and not hp["row_normalize"]
+    for key in ("clip_unmagnified_grad", "update_skipping", "update_capping", "relative_step_cap", "rebalance"):
+        assert hp[key] == 0.0, key
+
+
+def test_radii_sweep_keeps_the_product_and_reuses_the_problems_own_segment(quick):
+    _, res = quick
+    p = regret.PROBLEM
+    for q in regret.RADII_RATIOS:
+        d_a, d_b = regret.radii_of(q)
+        assert math.isclose(d_a * d_b, p["d_a"] * p["d_b"]) and math.isclose(d_a / d_b, q)
+    names = {sg.name for sg in regret.segments_for(regret.SIZES["quick"])}
+    n = regret.SIZES["quick"]["seeds_radii"]
+    for method, per in res.metrics["radii"].items():
+        for problem in regret.RADII_PROBLEMS:
+            s = per[problem]
+            assert s["seeds"] == n and s["relative_to_balanced"][0] == 1.0
+            assert s["bound_one_sided_factor"][0] == 1.0 and s["bound_one_sided_factor"][-1] > 8
+            # D_A/D_B = 4 is the problem's own radii: its run is (a)/(b)'s, first n seeds
+            i = regret.RADII_RATIOS.index(p["d_a"] / p["d_b"])
+            own = np.mean([row[-1] for row in res.metrics["online"][problem][method]["regret_over_T_seeds"][:n]])
+            assert math.isclose(s["final_regret_over_T"][i], own, rel_tol=1e-12)
+            assert f"{problem}@{regret.RADII_RATIOS[0]:g}" in names
+    assert "(d) D_A·D_B fixed" in res.table
+
+
+def test_radii_sweep_is_a_gauge_change_for_the_invariant_methods_only(quick):
+    """At a fixed D_A·D_B the radii ratios differ by a scalar gauge: the invariant methods' regret
+    is the same at every ratio; one-sided Adagrad's is not (the check can fail)."""
+    _, res = quick
+    radii = res.metrics["radii"]
+    for name in regret.INVARIANT:
+        assert res.metrics["checks"][f"{name}_radii_invariant"]
+        for problem in regret.RADII_PROBLEMS:
+            assert radii[name][problem]["spread"] <= regret.INVARIANCE_TOL
+    assert radii["one_sided_adagrad"]["linear_biased"]["spread"] > 0.1
