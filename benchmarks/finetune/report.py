@@ -82,8 +82,8 @@ def _row(name: str, m: dict[str, Any]) -> list[str]:
         f"{m['state_bytes'] / 1024:.1f}",
         f"{m['upd_A_mean']:.3g}",
         f"{m['upd_B_mean']:.3g}",
-        f"{sw['acc_max_change']:.2f}",
-        f"{sw['final_train_loss_max_change']:.3g}",
+        "diverged" if sw["acc_max_change"] is None else f"{sw['acc_max_change']:.2f}",
+        "diverged" if sw["final_train_loss_max_change"] is None else f"{sw['final_train_loss_max_change']:.3g}",
     ]
 
 

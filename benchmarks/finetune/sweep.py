@@ -14,6 +14,7 @@ from typing import Any
 
 from benchmarks.common import RunContext, color, savefig
 from benchmarks.finetune.lr import selection_window
+from benchmarks.finetune.report import mean_std
 
 
 def sweep_protocol(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -30,13 +31,16 @@ def final_train_loss(run: dict[str, Any], steps: int) -> float:
     return statistics.fmean(tail) if tail and all(math.isfinite(x) for x in tail) else math.inf
 
 
-def _paired_max_change(per_gauge: dict[float, list[float]]) -> float:
-    """``max_s |mean_seeds (x(s, seed) − x(1, seed))|``: paired by seed, so seed noise cancels."""
+def _paired_max_change(per_gauge: dict[float, list[float]]) -> float | None:
+    """``max_s |mean_seeds (x(s, seed) − x(1, seed))|``: paired by seed, so seed noise cancels;
+    None (JSON null) when a run diverged."""
     ref = per_gauge[1.0]
     worst = 0.0
     for xs in per_gauge.values():
         d = [x - r for x, r in zip(xs, ref)]
-        worst = max(worst, abs(statistics.fmean(d)) if all(math.isfinite(v) for v in d) else math.inf)
+        if not all(math.isfinite(v) for v in d):
+            return None
+        worst = max(worst, abs(statistics.fmean(d)))
     return worst
 
 
@@ -51,9 +55,8 @@ def run_sweep(one: Callable[[float, int], dict[str, Any]], cfg: dict[str, Any], 
             acc[s].append(r["acc"])
             loss[s].append(final_train_loss(r, steps))
 
-    def ms(xs):
-        xs = [x for x in xs if math.isfinite(x)]
-        return [statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0] if xs else [None, None]
+    def ms(xs):  # mean ± std of the finite values; JSON null when there are none
+        return [None if math.isnan(v) else v for v in mean_std(xs)]
 
     return {
         "gauges": gauges,

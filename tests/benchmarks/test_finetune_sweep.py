@@ -37,6 +37,11 @@ def test_sweep_summaries_pair_the_seeds():
 def test_a_diverged_run_scores_inf_and_the_sweep_needs_s_equal_one():
     assert sweep.final_train_loss({"train_loss": [1.0, 2.0, math.nan, 1.0]}, steps=8) == math.inf
     assert sweep.final_train_loss({"train_loss": [3.0, 1.0, 2.0]}, steps=8) == 1.5  # the last steps // 4
+    diverged = sweep.run_sweep(
+        lambda s, seed: {"acc": 50.0, "train_loss": [1.0, math.nan if s > 1 else 1.0]}, _cfg([1.0, 10.0]), [0]
+    )
+    assert diverged["final_train_loss_max_change"] is None and diverged["acc_max_change"] == 0.0
+    assert diverged["final_train_loss_mean_std"] == [[1.0, 0.0], [None, None]]
     with pytest.raises(ValueError, match="s = 1"):
         sweep.sweep_protocol(_cfg([0.1, 10.0]))
     assert sweep.sweep_protocol(_cfg([1.0]))["steps"] == 8
