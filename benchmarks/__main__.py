@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import shlex
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import RunContext, write_result
+from benchmarks.common import RunContext, relative_path, write_result
 
 SUITES = ["invariance", "robustness", "convex", "regret", "speed", "finetune"]
 #: what ``all`` runs (the README's default comparison)
 ALL = ["invariance", "robustness", "convex", "regret", "speed", "finetune"]
+
+
+def _relative_arg(arg: str) -> str:
+    """A command-line argument as the results record it: an absolute path (``/x`` or ``--opt=/x``) made
+    relative to the checkout, so a recorded command names no machine's directories."""
+    opt, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+    if not os.path.isabs(value):
+        return arg
+    return f"{opt}{eq}{relative_path(value)}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         size="quick" if args.quick else "full" if args.full else "default",
         out=args.out,
         seed=args.seed,
-        command="python -m benchmarks " + " ".join(shlex.quote(a) for a in argv),
+        command="python -m benchmarks " + " ".join(shlex.quote(_relative_arg(a)) for a in argv),
         progress=not args.no_progress,
         options={"tune": args.tune, "extra": extra},
     )

@@ -45,6 +45,52 @@ class SuiteResult:
     figures: list[str] = dataclasses.field(default_factory=list)
 
 
+def config_lr(name: str, suite: str = "default") -> float:
+    """The learning rate of optimizer ``name`` for ``suite`` (its ``"default"`` when the suite has none)."""
+    from benchmarks.optimizers import load_config  # imported here: optimizers sits above this module
+
+    lrs = load_config(name)["lr"]
+    return float(lrs.get(suite, lrs["default"]))
+
+
+class torch_threads:
+    """``with torch_threads(k): ...`` runs with ``k`` intra-op threads and restores the old count.
+
+    The suites' matrices are tiny, so a step is Python and dispatch overhead: one thread is as
+    fast as two on an idle machine and many times faster on a busy one (OpenMP workers spin-wait
+    for cores that other processes hold). ``k = None`` keeps the current count.
+    """
+
+    def __init__(self, k: int | None) -> None:
+        self.k = k
+
+    def __enter__(self) -> torch_threads:
+        self.old = torch.get_num_threads()
+        if self.k is not None:
+            torch.set_num_threads(self.k)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.set_num_threads(self.old)
+
+
+def color(i: int):
+    """The ``i``-th line colour of a figure: tab10, then four more that stay apart from it."""
+    import matplotlib.pyplot as plt
+
+    extra = ["black", "gold", "navy", "lime"]
+    return plt.get_cmap("tab10")(i) if i < 10 else extra[(i - 10) % len(extra)]
+
+
+#: the checkout (paths in the results are recorded relative to it)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def relative_path(path: str | Path) -> str:
+    """``path`` relative to the checkout (``..`` steps when outside it): results never record absolute paths."""
+    return os.path.relpath(Path(path).resolve(), ROOT)
+
+
 def git_sha() -> str:
     """The commit the benchmark ran on (``unknown`` outside a git checkout)."""
     try:

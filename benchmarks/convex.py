@@ -76,7 +76,8 @@ import numpy as np
 import torch
 
 from benchmarks import lowrank_problems as lp
-from benchmarks.common import RunContext, SuiteResult, markdown_table, progress, savefig
+from benchmarks.common import RunContext, SuiteResult, config_lr, markdown_table, progress, savefig
+from benchmarks.common import color as _color
 
 SUITE = "convex"
 TARGET = 1e-10
@@ -155,12 +156,6 @@ def _opt():
     from benchmarks import optimizers
 
     return optimizers
-
-
-def config_lr(name: str) -> float:
-    """The ``"convex"`` learning rate of optimizer ``name`` (its ``"default"`` if none)."""
-    lrs = _opt().load_config(name)["lr"]
-    return float(lrs.get(SUITE, lrs["default"]))
 
 
 def claim_lr(name: str, problem: lp.LowRankEstimation) -> float:
@@ -448,7 +443,7 @@ def _all_optimizers(ctx: RunContext, size: dict[str, Any], seed: int, sweep, cur
     problems = size["problems"]
     all_problems = size["all_problems"] or problems
     names = list(_opt().OPTIMIZERS)
-    lrs = {name: (None if name in CLAIM else config_lr(name)) for name in names}
+    lrs = {name: (None if name in CLAIM else config_lr(name, SUITE)) for name in names}
     everyone: dict[str, dict[str, dict[str, Any]]] = {}
     all_curves: dict[str, dict[str, list[float]]] = {}
     runs2: dict[tuple[str, int, str], dict[str, Any]] = {}  # for reuse in part 3
@@ -518,7 +513,7 @@ def _imbalance(ctx: RunContext, size: dict[str, Any], seed: int, sweep, curves, 
             lr, ov = claim_lr(name, prob), CLAIM_OVERRIDES[name]
             cap = size["cap_scaled"] if name == "scaled_gd" else _cap_gd(size, kind, kappa)
         else:
-            lr, ov, cap = config_lr(name), {}, size["cap_scaled"]
+            lr, ov, cap = config_lr(name, SUITE), {}, size["cap_scaled"]
         r = run_one(prob, name, lr / s**power, cap, scale=s, overrides=ov, patience=size["patience"], seed=seed)
         imbalance.setdefault(kind, {}).setdefault(label, {})[f"{s:g}"] = _public(r)
         imb_curves.setdefault(kind, {}).setdefault(label, {})[s] = r["errors"]
@@ -538,7 +533,7 @@ def _imbalance_reuse(size: dict[str, Any], name: str, kind: str, s: float, sweep
         name not in CLAIM
         and prev is not None
         and prev["stop"] == "target"
-        and prev["lr"] == config_lr(name)
+        and prev["lr"] == config_lr(name, SUITE)
         and prev["iterations"] <= size["cap_scaled"]
     ):
         # part 2 ran this start (same problem, lr, patience) to the target: the same run
@@ -773,12 +768,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _color(i: int):
-    import matplotlib
-
-    return matplotlib.colormaps["tab20"](i % 20)
 
 
 def _plot_seed_range(ax, per: dict[str, Any] | None, kappas: list[int]) -> None:

@@ -45,7 +45,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import RunContext, SuiteResult, markdown_table, progress, savefig
+from benchmarks.common import RunContext, SuiteResult, config_lr, markdown_table, progress, savefig
+from benchmarks.common import color as _color
 
 SUITE = "invariance"
 SCALES = [1e-3, 1e-1, 1e1, 1e3]
@@ -244,7 +245,7 @@ def tune_lrs(ctx: RunContext, names: list[str] | None = None) -> dict[str, Any]:
 def run(ctx: RunContext) -> SuiteResult:
     # Tiny matrices: one thread. With two, every small LAPACK/OpenMP call pays a thread hand-off,
     # which costs up to ~25x the whole suite on a 2-core machine that is also running anything else.
-    from benchmarks.lowrank_problems import torch_threads
+    from benchmarks.common import torch_threads
 
     with torch_threads(1):
         return _run(ctx)
@@ -260,7 +261,7 @@ def _run(ctx: RunContext) -> SuiteResult:
     labels = gauge_labels()
     keys = entries()
     jobs = [(key, dt) for key in keys for dt in DTYPES]
-    results: dict[str, dict[str, Any]] = {key: {"gaps": {}, "lr": O.config_lr(_entry(key)[0], SUITE)} for key in keys}
+    results: dict[str, dict[str, Any]] = {key: {"gaps": {}, "lr": config_lr(_entry(key)[0], SUITE)} for key in keys}
     models = {dt: O.PairModel(size["shapes"], dtype=DTYPES[dt], seed=ctx.seed) for dt in DTYPES}
     for key, dt in progress(jobs, ctx, "invariance", total=len(jobs)):
         name, overrides = _entry(key)
@@ -379,13 +380,6 @@ def _table(results: dict[str, Any], labels: list[str], size: dict[str, Any]) -> 
 
 def _cell(v: float | None) -> Any:
     return "diverged" if v is None else v
-
-
-def _color(i: int):
-    import matplotlib.pyplot as plt
-
-    extra = ["black", "gold", "navy", "lime"]
-    return plt.get_cmap("tab10")(i) if i < 10 else extra[(i - 10) % len(extra)]
 
 
 def _plot(results: dict[str, Any], ctx: RunContext) -> str:

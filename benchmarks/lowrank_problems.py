@@ -46,28 +46,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from benchmarks.common import torch_threads  # noqa: F401  (the suites call it as lp.torch_threads)
+
 DTYPE = torch.float64
-
-
-class torch_threads:
-    """``with torch_threads(k): ...`` runs with ``k`` intra-op threads and restores the old count.
-
-    The suites' matrices are tiny, so a step is Python and dispatch overhead: one thread is as
-    fast as two on an idle machine and many times faster on a busy one (OpenMP workers spin-wait
-    for cores that other processes hold).
-    """
-
-    def __init__(self, k: int | None) -> None:
-        self.k = k
-
-    def __enter__(self) -> torch_threads:
-        self.old = torch.get_num_threads()
-        if self.k is not None:
-            torch.set_num_threads(self.k)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        torch.set_num_threads(self.old)
 
 
 def json_safe(x):

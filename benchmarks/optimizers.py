@@ -151,12 +151,6 @@ def load_config(name: str) -> dict[str, Any]:
     return validate_config(cfg, str(path), name)
 
 
-def config_lr(name: str, suite: str = "default") -> float:
-    """The learning rate of ``name`` for ``suite`` (its ``"default"`` when the suite has none)."""
-    lrs = load_config(name)["lr"]
-    return float(lrs.get(suite, lrs["default"]))
-
-
 def _resolve(path: str) -> Any:
     module, _, attr = path.rpartition(".")
     try:

@@ -119,7 +119,7 @@ import numpy as np
 import torch
 
 from benchmarks import lowrank_problems as lp
-from benchmarks.common import RunContext, SuiteResult, markdown_table, progress, savefig
+from benchmarks.common import RunContext, SuiteResult, config_lr, markdown_table, progress, savefig
 
 SUITE = "regret"
 
@@ -233,14 +233,6 @@ def build_optimizer(name: str, pairs: list[tuple[torch.Tensor, torch.Tensor]], l
     from benchmarks import optimizers
 
     return optimizers.make_optimizer(name, optimizers.LeafPairs(pairs), suite=SUITE, lr=lr, **overrides)
-
-
-def config_lr(name: str) -> float:
-    """The ``"regret"`` learning rate of optimizer ``name`` (its ``"default"`` if none)."""
-    from benchmarks import optimizers
-
-    lrs = optimizers.load_config(name)["lr"]
-    return float(lrs.get(SUITE, lrs["default"]))
 
 
 def _initial_factors(
@@ -667,7 +659,7 @@ def _run(ctx: RunContext) -> SuiteResult:
     base = int(ctx.seed) * 1000
     segments = segments_for(size, base)
     t_max, fit_from = size["t_max"], size["fit_from"]
-    lrs = {name: config_lr(METHODS[name][0]) for name in METHODS}
+    lrs = {name: config_lr(METHODS[name][0], SUITE) for name in METHODS}
 
     online: dict[str, dict[str, Any]] = {name: {} for name in ONLINE}
     raw: dict[str, dict[str, Any]] = {name: {} for name in ONLINE}

@@ -193,7 +193,8 @@ def optimizer_lr(name: str, cell_lr: float) -> float:
     """The rate ``name`` runs at in a cell of AdamW rate ``cell_lr``: ``cell_lr`` times its
     config's recommended (untuned ``"default"``) lr over AdamW's; ``cell_lr`` for a strategy
     registered without a benchmark config."""
-    from benchmarks.optimizers import config_lr, config_path
+    from benchmarks.common import config_lr
+    from benchmarks.optimizers import config_path
 
     if not config_path(name).exists():
         return cell_lr
@@ -335,7 +336,7 @@ def _first_line(err: BaseException) -> str:
 def train(name: str, cell: dict[str, Any], steps: int) -> dict[str, Any]:
     """One optimizer in one cell: ``initial_loss``, ``final_loss`` (None if non-finite),
     ``error`` (None, or ``"Type: first line"``), ``steps_done`` and the warnings it raised."""
-    from benchmarks.lowrank_problems import torch_threads
+    from benchmarks.common import torch_threads
 
     # tiny matrices: two threads only add hand-offs (many times slower on a busy machine)
     with torch_threads(1):
@@ -437,7 +438,7 @@ def _run_cells(
 
 
 def run(ctx: RunContext) -> SuiteResult:
-    from benchmarks.lowrank_problems import torch_threads
+    from benchmarks.common import torch_threads
 
     with torch_threads(1):  # also for building the models and the figure
         return _run(ctx)
@@ -772,7 +773,7 @@ def fit_conditioning(cells: list[tuple[float, int]], dtype: str, engine: str, st
     a run alone). Returns ``{"errors", "update_skips", "nonfinite_skips", "exception",
     "steps_done", "seconds", "warnings"}`` (lists per cell). An exception stops every pair of
     the batch: :func:`run_conditioning_batch` then reruns the cells one by one."""
-    from benchmarks.lowrank_problems import torch_threads
+    from benchmarks.common import torch_threads
 
     with torch_threads(1):  # tiny matrices: one thread (see :func:`train`)
         return _fit_conditioning(cells, dtype, engine, steps)

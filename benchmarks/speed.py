@@ -80,6 +80,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import RunContext, SuiteResult, markdown_table, progress, savefig
+from benchmarks.common import color as _color
 
 SUITE = "speed"
 BASELINE = "adam"
@@ -554,7 +555,7 @@ def _threads_option(ctx: RunContext) -> int | None:
 def run(ctx: RunContext) -> SuiteResult:
     """Run the suite; ``python -m benchmarks speed --threads N`` times with ``N`` torch threads
     (default: all, except ``quick`` which uses 1)."""
-    from benchmarks.lowrank_problems import torch_threads
+    from benchmarks.common import torch_threads
 
     with torch_threads(_threads_option(ctx) or SIZES[ctx.size].get("threads") or None):
         return _run(ctx)
@@ -1051,13 +1052,6 @@ def _targets_table(targets: list[dict[str, Any]], tcfg: dict[str, Any], set_name
             ["rank", "floor ms", "min–max", "LoRA-RITE step ms", "min–max", "step / floor", "min–max"], frows
         )
     return out
-
-
-def _color(i: int):
-    import matplotlib.pyplot as plt
-
-    extra = ["black", "gold", "navy", "lime"]
-    return plt.get_cmap("tab10")(i) if i < 10 else extra[(i - 10) % len(extra)]
 
 
 MARKERS = "os^vD<>pPX*hd"

@@ -9,7 +9,8 @@ Sphinx reads any source, :func:`generate` writes ``docs/_generated/`` (git-ignor
   commands that make it. The benchmark pages include these, so they build with or without
   results. ``results_finetune_full.rst`` does the same for ``docs/results/finetune-full/``, the
   full-size fine-tune comparison.
-* ``benchdoc_<suite>.rst``: the module docstring of ``benchmarks/<suite>.py`` (read with
+* ``benchdoc_<suite>.rst``: the module docstring of ``benchmarks/<suite>.py`` (or of the package
+  ``benchmarks/<suite>/``; read with
   :mod:`ast`, never imported), or a note while that module does not exist.
 * ``api_peft.rst``: ``automodule`` of :mod:`lowrank_geom.peft` when that module exists.
 * ``strategy_toctree.rst`` and ``docs/strategies/_generated/<name>.rst``: a page, from its
@@ -129,6 +130,9 @@ _PY_ROLE = re.compile(r":(?:py:)?(?:func|class|data|mod|meth|attr|obj|exc):`([^`
 
 def _benchdoc_rst(suite: str) -> str:
     module = ROOT / "benchmarks" / f"{suite}.py"
+    if not module.exists():  # a suite that is a package: its docstring is the package's
+        module = ROOT / "benchmarks" / suite / "__init__.py"
+    name = module.relative_to(ROOT).as_posix()
     if not module.exists():
         return f"*benchmarks/{suite}.py is not written yet; the set-up above is the specification it implements.*\n"
     try:
@@ -136,10 +140,10 @@ def _benchdoc_rst(suite: str) -> str:
     except SyntaxError:
         doc = None
     if not doc:
-        return f"*benchmarks/{suite}.py has no module docstring yet.*\n"
+        return f"*{name} has no module docstring yet.*\n"
     # the benchmark modules are not part of the API reference: their cross-references are code
     doc = _PY_ROLE.sub(lambda m: f"``{m.group(1).lstrip('~')}``", doc)
-    return f"From the module docstring of ``benchmarks/{suite}.py``:\n\n{doc.strip()}\n"
+    return f"From the module docstring of ``{name}``:\n\n{doc.strip()}\n"
 
 
 def _api_peft_rst() -> str:

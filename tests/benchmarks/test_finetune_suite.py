@@ -96,8 +96,15 @@ def test_quick_end_to_end(tmp_path):
         # measured in its own process: at least the optimizer state must have become resident
         mem = m["memory"]
         assert mem["state_bytes"] == m["state_bytes"] and mem["training_peak_bytes"] >= mem["state_bytes"], mem
-    assert abs(opts["lora_rite"]["gauge_acc_change"]) <= 0.5
-    assert len(res.figures) == 2
+    sweeps = {n: m["gauge_sweep"] for n, m in opts.items()}
+    assert all(sw["gauges"] == finetune.SIZES["quick"]["sweep"]["gauges"] for sw in sweeps.values())
+    # invariant: the same test predictions from every gauge (one test example is 0.5 points of 200)
+    assert sweeps["lora_rite"]["acc_max_change"] < 0.5
+    assert [Path(f).name for f in res.figures] == [
+        "finetune_curves.png",
+        "finetune_updates.png",
+        "finetune_gauge_sweep.png",
+    ]
     # PEFT's default init: lora_B = 0, so the first step's relative change of A is undefined
     assert res.config["init"] == "peft" and "PEFT default init" in res.table.splitlines()[0]
     for m in opts.values():
@@ -123,8 +130,8 @@ def _tiny_classifier():
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_initial_adapter_peft_default_and_random_variant():
     model = _tiny_classifier()
-    peft0 = finetune._init_adapter(model, 0, 3)  # the default: PEFT's init
-    rand0 = finetune._init_adapter(model, 0, 3, "random")
+    peft0 = finetune.init_adapter(model, 0, 3)  # the default: PEFT's init
+    rand0 = finetune.init_adapter(model, 0, 3, "random")
     assert set(peft0) == set(rand0)
     b_keys = [k for k in peft0 if "lora_B" in k]
     a_keys = [k for k in peft0 if "lora_A" in k]
@@ -136,7 +143,7 @@ def test_initial_adapter_peft_default_and_random_variant():
     for k in a_keys:  # PEFT's Kaiming-uniform bound 1/√fan_in
         assert 0 < peft0[k].abs().max() <= 1 / 16**0.5
     with pytest.raises(ValueError, match="init must be"):
-        finetune._init_adapter(model, 0, 3, "zeros")
+        finetune.init_adapter(model, 0, 3, "zeros")
 
 
 def test_init_option_and_its_cache_key(tmp_path):
@@ -178,19 +185,19 @@ def test_run_cache_resumes_and_keys_runs_by_protocol(tmp_path):
 
         return f
 
-    cache = finetune.RunCache(tmp_path, cfg, max_new=2)
+    cache = finetune.RunCache(tmp_path, cfg, max_new=2, sha="c0ffee")
     assert cache.run("lora_rite", 0.1, 0, 1.0, compute("a"))["acc"] == 1.0
     assert cache.run("lora_rite", 0.1, 1, 1.0, compute("b"))["acc"] == 2.0
     with pytest.raises(finetune.RunBudgetExhausted) as stop:
         cache.run("lora_rite", 0.1, 2, 1.0, compute("c"))
     assert stop.value.code == 3 and calls == ["a", "b"]
 
-    again = finetune.RunCache(tmp_path, cfg)  # a second sitting: the finished runs are reused
+    again = finetune.RunCache(tmp_path, cfg, sha="c0ffee")  # a second sitting: the finished runs are reused
     assert again.run("lora_rite", 0.1, 0, 1.0, compute("a2"))["acc"] == 1.0
     assert again.run("lora_rite", 0.1, 2, 1.0, compute("c"))["acc"] == 3.0
     assert calls == ["a", "b", "c"] and again.hits == 1 and again.new == 1
     # another protocol (more steps) or another gauge is another run
-    other = finetune.RunCache(tmp_path, dict(cfg, steps=cfg["steps"] + 1))
+    other = finetune.RunCache(tmp_path, dict(cfg, steps=cfg["steps"] + 1), sha="c0ffee")
     other.run("lora_rite", 0.1, 0, 1.0, compute("d"))
     again.run("lora_rite", 0.1, 0, 10.0, compute("e"))
     assert calls[-2:] == ["d", "e"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from benchmarks import optimizers as O
+from benchmarks.common import config_lr
 
 SHAPES = [(6, 5, 2), (4, 7, 3)]
 
@@ -38,14 +39,14 @@ def test_lists_and_configs_are_consistent():
     for name in O.OPTIMIZERS:
         cfg = O.load_config(name)
         assert cfg["name"] == name and cfg["lr"]["default"] > 0
-        assert O.config_lr(name, "no-such-suite") == cfg["lr"]["default"]
+        assert config_lr(name, "no-such-suite") == cfg["lr"]["default"]
 
 
 def test_a_strategy_without_a_config_runs_at_its_defaults(monkeypatch, tmp_path, model64):
     # a new strategy file needs no benchmarks/configs entry: it runs untuned until --tune writes one
     monkeypatch.setattr(O, "CONFIG_DIR", tmp_path)
     cfg = O.load_config("scaled_gd")
-    assert cfg == O.default_config("scaled_gd") and O.config_lr("scaled_gd", "convex") == 1e-2
+    assert cfg == O.default_config("scaled_gd") and config_lr("scaled_gd", "convex") == 1e-2
     opt = O.make_optimizer("scaled_gd", model64)
     assert opt.param_groups[0]["strategy"] == "scaled_gd"
     with pytest.raises(O.ConfigError, match="no config for optimizer 'adam'"):

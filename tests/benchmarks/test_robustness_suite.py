@@ -96,7 +96,7 @@ def test_summary_counts_only_target_cells_for_the_claim():
 
 
 def test_each_optimizer_runs_the_decades_around_its_recommended_lr():
-    from benchmarks.optimizers import config_lr
+    from benchmarks.common import config_lr
 
     assert robustness.optimizer_lr("adamw", 1e-3) == 1e-3
     # ScaledGD's recommended rate is in gradient units: the grid's 1e-3 column runs it at 1e-2
