@@ -1,8 +1,8 @@
 r"""Initializations of LoRA adapters from data, usable with any strategy (PEFT is imported lazily).
 
 :func:`lora_one` is the spectral initialization of LoRA-One (Zhang, Liu & Chen, ICML 2025,
-arXiv 2502.01235, Algorithm 1): the adapter starts at the best rank-r approximation of one full
-gradient descent step of the frozen weight.
+arXiv 2502.01235, Algorithm 1, lines 1-5): the adapter starts at the best rank-r approximation of
+one full gradient descent step of the frozen weight, normalized by its largest singular value.
 """
 
 from __future__ import annotations
@@ -119,8 +119,8 @@ def spectral_factors(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(lora_A, lora_B, σ)``: ``U Σ Vᵀ = SVD(−∇_W L)``, ``lora_B = U_r Σ_r^{1/2}/√γ``, ``lora_A = Σ_r^{1/2} V_rᵀ/√γ``.
 
-    Algorithm 1 of the paper; ``normalize`` also divides both by ``√σ₁`` as the authors' released
-    code does. Float64; ``grad`` is ``out × in``.
+    ``normalize`` also divides both by ``√σ₁``: Algorithm 1's ``S ← S/S[0,0]`` (line 3), which the
+    authors' released code does too. Float64; ``grad`` is ``out × in``.
     """
     u, s, vh = torch.linalg.svd(-grad.to(torch.float64), full_matrices=False)
     if r > s.numel():
@@ -152,20 +152,23 @@ def lora_one(
     loss_fn: LossFn | None = None,
     *,
     gamma: float = 128.0,
-    normalize: bool = False,
+    normalize: bool = True,
     adapter_name: str | None = None,
 ) -> dict[str, torch.Tensor]:
     r"""LoRA-One's spectral initialization of every trainable linear LoRA pair of a PEFT model, in place.
 
-    For each layer with frozen weight ``W`` (``out × in``), PEFT scaling ``s`` and rank ``r``:
-    ``U Σ Vᵀ = SVD(−∇_W L)`` at the pre-trained model (adapters switched off, gradient averaged
-    over ``batches``), then ``lora_B = U_r Σ_r^{1/2}/√γ`` and ``lora_A = Σ_r^{1/2} V_rᵀ/√γ``, so
-    the adapted weight is ``W + s·lora_B lora_A = W − (s/γ)·[∇_W L]_r``: one full-gradient step of
-    learning rate ``s/γ`` projected on rank r (Algorithm 1 of the paper). ``W`` is not changed (the
-    paper adds the step; it subtracts nothing), so the model's output changes at initialization.
-    ``normalize=True`` divides both factors by ``√σ₁`` as the authors' released code does (the step
-    then has spectral norm ``s/γ``, whatever the loss's scale). Factors are computed in float64
-    and cast to the adapter's dtype. Run it once, before creating the optimizer.
+    For each layer with frozen weight ``W`` (``out × in``), PEFT scaling ``s`` and rank ``r``
+    (Algorithm 1 of the paper, lines 1-5): ``U Σ Vᵀ = SVD(−∇_W L)`` at the pre-trained model
+    (adapters switched off, gradient averaged over ``batches``), ``Σ ← Σ/σ₁``, then
+    ``lora_B = U_r Σ_r^{1/2}/√γ`` and ``lora_A = Σ_r^{1/2} V_rᵀ/√γ``, so the adapted weight is
+    ``W + s·lora_B lora_A = W − (s/(γσ₁))·[∇_W L]_r``: one full-gradient step projected on rank r,
+    of spectral norm ``s/γ`` whatever the loss's scale. ``gamma`` is the algorithm's scaling
+    parameter (Algorithm 1 takes it as input and names its reciprocal ``γ``; the authors' code
+    calls it ``stable_gamma``). ``W`` is not changed (Algorithm 1 returns ``W + (α/√r)·A_T B_T``; it
+    subtracts nothing), so the model's output changes at initialization. ``normalize=False`` skips
+    the division by ``σ₁`` (not in Algorithm 1): the step is then ``−(s/γ)·[∇_W L]_r``, of learning
+    rate ``s/γ``. Factors are computed in float64 and cast to the adapter's dtype. Run it once,
+    before creating the optimizer.
 
     Args:
         model: a PEFT model (or any module with PEFT LoRA layers) whose pairs are to be set.
@@ -173,7 +176,8 @@ def lora_one(
             uses one (large) batch; the authors' default is 8 batches of one example.
         loss_fn: ``loss_fn(model, batch)`` → scalar loss; default ``model(**batch).loss``.
         gamma: ``γ > 0``, the scale of the step (the authors use 64–128).
-        normalize: divide by ``√σ₁`` (the authors' code) instead of the paper's plain step.
+        normalize: divide by ``σ₁`` as Algorithm 1 (line 3) and the authors' code do (default);
+            ``False`` for the plain rank-r gradient step.
         adapter_name: only this adapter (default: every trainable one).
 
     Returns:

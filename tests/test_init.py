@@ -97,13 +97,25 @@ def test_factors_and_output_match_the_paper(normalize):
 
 
 def test_unnormalized_init_is_one_projected_gradient_step():
-    # W + s·B A = W − (s/γ)·[∇W]_r, the paper's reading of the init, on the middle layer (5×6 gradient)
+    # W + s·B A = W − (s/γ)·[∇W]_r without Algorithm 1's line 3, on the middle layer (5×6 gradient)
+    base, batches = net(), data()
+    model = wrap(base)
+    lowrank_geom.init.lora_one(model, batches, loss_fn, gamma=GAMMA, normalize=False)
+    g = reference_gradients(base, batches)["2"]
+    u, s, vt = np.linalg.svd(g)
+    step = -(1.5 / GAMMA) * (u[:, :R] * s[:R]) @ vt[:R]
+    layer = model.base_model.model[2]
+    close(layer.get_delta_weight("default").detach().numpy(), step, "ΔW")
+
+
+def test_default_init_is_algorithm_1_normalized_step():
+    # Algorithm 1 divides S by S[0,0] (line 3): W + s·B A = W − (s/(γσ₁))·[∇W]_r, of spectral norm s/γ
     base, batches = net(), data()
     model = wrap(base)
     lowrank_geom.init.lora_one(model, batches, loss_fn, gamma=GAMMA)
     g = reference_gradients(base, batches)["2"]
     u, s, vt = np.linalg.svd(g)
-    step = -(1.5 / GAMMA) * (u[:, :R] * s[:R]) @ vt[:R]
+    step = -(1.5 / (GAMMA * s[0])) * (u[:, :R] * s[:R]) @ vt[:R]
     layer = model.base_model.model[2]
     close(layer.get_delta_weight("default").detach().numpy(), step, "ΔW")
 
@@ -136,7 +148,7 @@ def test_fan_in_fan_out_conv1d_is_initialized_in_the_linear_orientation():
         copy.deepcopy(base), peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["0"], fan_in_fan_out=True)
     )
     batches = data(2)
-    lowrank_geom.init.lora_one(model, batches, loss_fn, gamma=GAMMA)
+    lowrank_geom.init.lora_one(model, batches, loss_fn, gamma=GAMMA, normalize=False)
     plain = copy.deepcopy(base)
     g = sum(torch.autograd.grad(loss_fn(plain, b), plain[0].weight)[0] for b in batches) / 2  # in × out
     u, s, vt = np.linalg.svd(g.T.numpy())

@@ -1,7 +1,9 @@
-r"""LoRA-One's preconditioned update (Zhang, Liu & Chen, ICML 2025, arXiv 2502.01235, Algorithm 1).
+r"""LoRA-One's preconditioned update (Zhang, Liu & Chen, ICML 2025, arXiv 2502.01235).
 
-The spectral initialization from one full gradient step, the method's other half, is at the
-adapter layer: :func:`lowrank_geom.init.lora_one`.
+The spectral initialization from one full gradient step, the method's other half (Algorithm 1,
+lines 1-5), is at the adapter layer: :func:`lowrank_geom.init.lora_one`. Algorithm 1 then trains
+with AdamW (lines 7-9); this module is the preconditioned variant the paper adds (its abstract:
+"incorporating preconditioners"), whose equations are not checked against the paper's text.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from lowrank_geom.strategies.scaled_gd import capped_direction, magnitude_invers
 
 
 def damped_direction(grad: torch.Tensor, other: torch.Tensor, damping: float, row_reduce=None) -> torch.Tensor:
-    """``∇A (BᵀB + λI)⁻¹`` (Algorithm 1, the preconditioned step; the pseudo-inverse when ``λ = 0``).
+    """``∇A (BᵀB + λI)⁻¹`` (the preconditioned step; the pseudo-inverse when ``λ = 0``).
 
     ``(BᵀB + λI)⁻¹ = V diag(1/(max(μ, 0) + λ)) Vᵀ`` from ``eigh`` of the r×r Gram (float64): a
     Gram formed by a float32 GEMM carries round-off of ``eps₃₂·‖BᵀB‖``, which for an unbalanced
@@ -67,14 +69,16 @@ class LoRAOneStrategy(Strategy):
         A_{t+1} = A_t - \eta\, \bigl(\nabla A_t (B_t^\top B_t + \lambda I)^{-1} + w A_t\bigr), \qquad
         B_{t+1} = B_t - \eta\, \bigl(\nabla B_t (A_t^\top A_t + \lambda I)^{-1} + w B_t\bigr)
 
-    Zhang, Liu & Chen (ICML 2025), Algorithm 1, in the package's orientation ``Z = A Bᵀ`` (the
-    paper's ``A`` is PEFT's ``lora_B``, our ``A``; its ``B`` is ``lora_A``, our ``Bᵀ``). Meant to
-    start from the spectral initialization :func:`lowrank_geom.init.lora_one`. ``damping`` λ
+    Zhang, Liu & Chen (ICML 2025), the preconditioned variant of LoRA-One (Algorithm 1 itself trains
+    with AdamW), in the package's orientation ``Z = A Bᵀ`` (the paper's ``A`` is PEFT's ``lora_B``,
+    our ``A``; its ``B`` is ``lora_A``, our ``Bᵀ``); not checked against the paper's text
+    (:doc:`/strategies/lora_one`). Meant to start from the spectral initialization
+    :func:`lowrank_geom.init.lora_one`. ``damping`` λ
     defaults to the authors' ``prec_reg = 1e-6``; ``weight_decay`` ``w`` is not in the paper (0).
     No state.
 
     ``reference=True`` is the preconditioned optimizer the authors released (their ``AdamWr``,
-    adapted from Zhang & Pilanci's scaled AdamW), which differs from Algorithm 1: Adam moments
+    adapted from Zhang & Pilanci's scaled AdamW), which differs from the update above: Adam moments
     (``betas``, ``eps``) over the preconditioned gradient without bias correction, ``lora_A``
     (our ``B``) stepped first and ``lora_B`` (our ``A``) then preconditioned by the *updated*
     ``B``, and the decay ``X ← X_{new}(1 − ηw)`` after the step. State ``exp_avg``,

@@ -1,12 +1,21 @@
-"""Float64 NumPy reference of LoRA-One (Zhang, Liu & Chen, "One-step full gradient suffices for
-low-rank fine-tuning, provably and efficiently", ICML 2025, arXiv:2502.01235).
+"""Float64 NumPy reference of LoRA-One (Zhang, Liu & Chen, "LoRA-One: One-Step Full Gradient Could
+Suffice for Fine-Tuning Large Language Models, Provably and Efficiently", ICML 2025,
+arXiv:2502.01235).
 
-* :func:`spectral_init`: the initialization of Algorithm 1 from the full gradient ``G = dL/dW``
-  (``out x in``) of the frozen weight: ``U S V^T = SVD(-G)``, ``B_peft = U_r S_r^{1/2} / sqrt(gamma)``
-  (``out x r``), ``A_peft = S_r^{1/2} V_r^T / sqrt(gamma)`` (``r x in``), so that the adapted weight
-  ``W + s B_peft A_peft = W - (s / gamma) [G]_r`` is one rank-r gradient step; ``normalize`` divides
-  both by ``sqrt(S_1)`` as the authors' released code does.
-* :func:`run_lora_one`: Algorithm 1's preconditioned step, written in the paper's orientation
+Transcription: :func:`spectral_init` is checked line by line against the paper's Algorithm 1
+("LoRA-One for one specific layer", lines 1-5). Algorithm 1 trains the initialized factors with
+AdamW (lines 7-9), not with a preconditioned step; the preconditioned gradient descent of
+:func:`run_lora_one` is the variant the paper's abstract and theory add, whose equations this
+transcription could not be checked against (see ``docs/strategies/lora_one.rst``).
+
+* :func:`spectral_init`: Algorithm 1's initialization from the full gradient ``G = dL/dW``
+  (``out x in``) of the frozen weight: ``U S V^T = SVD(-G)`` (line 2), ``S <- S / S[0,0]`` (line 3),
+  ``B_peft = U_r S_r^{1/2} / sqrt(gamma)`` (``out x r``, line 4),
+  ``A_peft = S_r^{1/2} V_r^T / sqrt(gamma)`` (``r x in``, line 5), where ``gamma`` is the
+  algorithm's scaling parameter ``s`` (it writes ``sqrt(1/s)``); the adapted weight
+  ``W + s_peft B_peft A_peft = W - (s_peft / (gamma S_1)) [G]_r`` is one rank-r gradient step.
+  ``normalize=False`` skips line 3 (the plain step ``W - (s_peft / gamma) [G]_r``).
+* :func:`run_lora_one`: preconditioned gradient descent, written in the paper's orientation
   ``W + A_p B_p`` (``A_p`` out x r, ``B_p`` r x in):
   ``A_p <- A_p - lr dA_p (B_p B_p^T + lam I)^{-1}``, ``B_p <- B_p - lr (A_p^T A_p + lam I)^{-1} dB_p``,
   both from the old factors; plus coupled weight decay and the library's relative step cap.
@@ -28,14 +37,15 @@ from .lora_rite import _cap_relative_change, basis_and_magnitude, resolve_lr
 __all__ = ["run_lora_one", "run_lora_one_authors", "spectral_init"]
 
 
-def spectral_init(grad_w: np.ndarray, r: int, gamma: float, normalize: bool = False):
-    """``(lora_A, lora_B)`` = ``(S_r^{1/2} V_r^T, U_r S_r^{1/2}) / sqrt(gamma)`` from ``SVD(-grad_w)``."""
-    u, s, vt = np.linalg.svd(-np.asarray(grad_w, dtype=np.float64), full_matrices=False)
-    root = np.sqrt(s[:r])
-    lora_b = u[:, :r] * root[None, :] / np.sqrt(gamma)
-    lora_a = root[:, None] * vt[:r, :] / np.sqrt(gamma)
+def spectral_init(grad_w: np.ndarray, r: int, gamma: float, normalize: bool = True):
+    """``(lora_A, lora_B)`` = ``(B_0, A_0)`` of Algorithm 1, lines 2-5, with its ``s = gamma``."""
+    u, s, vt = np.linalg.svd(-np.asarray(grad_w, dtype=np.float64), full_matrices=False)  # line 2
     if normalize:
-        lora_b, lora_a = lora_b / np.sqrt(s[0]), lora_a / np.sqrt(s[0])
+        s = s / s[0]  # line 3: S <- S / S[0,0]
+    gamma_alg = 1.0 / gamma  # line 3: gamma <- 1/s
+    root = np.sqrt(s[:r])
+    lora_b = np.sqrt(gamma_alg) * u[:, :r] * root[None, :]  # line 4: A_0 (out x r)
+    lora_a = np.sqrt(gamma_alg) * root[:, None] * vt[:r, :]  # line 5: B_0 (r x in)
     return lora_a, lora_b
 
 
@@ -47,7 +57,7 @@ def _cap(step: np.ndarray, x: np.ndarray, cap: float) -> np.ndarray:
 
 
 def run_lora_one(As, Bs, grad_fn, steps, lr, damping=1e-6, weight_decay=0.0, relative_step_cap=1.0):
-    """Algorithm 1's update; records ``A, B, Z`` per pair and step (package orientation)."""
+    """Preconditioned gradient descent; records ``A, B, Z`` per pair and step (package orientation)."""
     A = [np.array(a, dtype=np.float64) for a in As]
     B = [np.array(b, dtype=np.float64) for b in Bs]
     records = []

@@ -1,6 +1,6 @@
 """LoRA-One's update (``strategy="lora_one"``): what the generic suites do not check.
 
-Per-step agreement with the float64 NumPy transcription of the paper's Algorithm 1 and of the
+Per-step agreement with the float64 NumPy transcription of the preconditioned update and of the
 authors' released optimizer is in ``tests/strategies/test_against_reference.py`` (cases
 ``lora_one*``; the transcription is ``tests/reference/lora_one.py``).
 
@@ -11,7 +11,7 @@ against ``strategy="lora_one", reference=True, relative_step_cap=0`` on a PEFT m
 MLP, rank 2 on two layers, rsLoRA α = 16, LoRA-One init with γ = 4), float64, lr 1e-2,
 ``prec_reg``/damping 1e-6, weight decay 0.01, betas (0.9, 0.999), cross-entropy on batches of 16:
 the largest relative difference of any LoRA factor after 1, 5 and 10 steps was 1.9e-16, 3.9e-16
-and 8.5e-16 (round-off). Algorithm 1 itself (``reference=False``, preconditioned gradient
+and 8.5e-16 (round-off). The default (``reference=False``, preconditioned gradient
 descent) has no released implementation to compare with.
 """
 
