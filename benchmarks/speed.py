@@ -112,7 +112,7 @@ SIZES: dict[str, dict[str, Any]] = {
         # the 7B set only with --full: `make bench` has no time for it
         sets={"gemma-2b": dict(layers=18, hidden=2048, kv=256, ranks=[8, 16, 64])},
         m_sweep=dict(ms=[256, 512, 1024, 2048], r=16, pairs=8),
-        min_run_time=0.15,
+        min_run_time=0.1,
         # no Gemma-shaped Shampoo: its one-layer subset alone takes ~20 s (~10 s a step), a fifth
         # of the suite, for an extrapolated number; --full times it at every r
         shampoo=dict(layers=1, ranks=[], max_dim=512, sets=["gemma-2b"]),
