@@ -138,7 +138,7 @@ SIZES: dict[str, dict[str, Any]] = {
         seeds=1,
         steps=100,
         workers=1,
-        optimizers=["lora_rite", "scaled_gd", "loft", *BASELINES],
+        optimizers=["lora_rite", "scaled_gd", "altlora", "loft", "lora_one", *BASELINES],
     ),
     # the whole grid: 360 cells x 8 optimizers, in two worker processes
     "full": dict(
