@@ -892,6 +892,7 @@ TUNE_GRID = {
     "altlora": (1e-3, 1.0),
     "lora_one": (1e-3, 1.0),
     "adam": (1e-4, 1e-1),
+    "loft": (1e-4, 1e-1),
 }
 TUNE_T = 3000
 TUNE_SEEDS = (101, 102, 103)
