@@ -83,14 +83,18 @@ and ``σ₁(Z_T)/(D_A D_B)`` columns:
 Neither is an implementation defect of LoRA-RITE: ScaledGD, which keeps no state, does the same,
 and the theorem's extra Assumption 1 constrains the transports along the trajectory.
 
-Methods: LoRA-RITE in the configuration of the paper's Theorem 4 (``second_moment="sum"``,
-``escape=True``, no first moment ``betas=(0, ·)``, ``bias_correction=False``,
-``row_normalize=False``, no clipping, update skipping or capping, and the library's safeguards
-off: ``relative_step_cap=0``, ``rebalance=0``), the iterates projected onto the Frobenius balls
-by the suite, and one-sided matrix Adagrad with constant step; online gradient descent (``torch.optim.SGD``,
-no momentum) and ScaledGD with ``η_t = η/√t`` (``LambdaLR``); Adam with constant step (no regret
-guarantee; for reference) and LoFT with constant step (AdamW on ``Z`` projected onto the
-factors' subspaces; no regret guarantee either; GL(r)-invariant, so checked flat in (c)).
+Methods: every registered strategy and two of torch's optimizers (:func:`_methods`; a strategy
+runs with its defaults and a constant step unless :data:`SETTINGS` says otherwise). LoRA-RITE in
+the configuration of the paper's Theorem 4 (``second_moment="sum"``, ``escape=True``, no first
+moment ``betas=(0, ·)``, ``bias_correction=False``, ``row_normalize=False``, no clipping, update
+skipping or capping, and the library's safeguards off: ``relative_step_cap=0``,
+``rebalance=0``), the iterates projected onto the Frobenius balls by the suite, and one-sided
+matrix Adagrad with constant step; online gradient descent (``torch.optim.SGD``, no momentum) and
+the preconditioned gradient methods without a second moment (ScaledGD, AltLoRA, LoRA-One) with
+``η_t = η/√t`` (``LambdaLR``); Adam, ScaledAdam and LoFT with constant step (no regret guarantee;
+for reference; LoFT, AdamW on ``Z`` projected onto the factors' subspaces, is GL(r)-invariant and
+so checked flat in (c)). The GL(r)-invariant strategies (declared ``invariance``) are the ones
+checked flat in (c) and (d).
 Learning rates: the ``"regret"`` entry of each optimizer's config (tuned by ``--tune``: log-grid
 sweep on (a, biased) and (b), see :func:`tune`).
 
@@ -119,6 +123,7 @@ import numpy as np
 import torch
 
 from benchmarks import lowrank_problems as lp
+from benchmarks import optimizers
 from benchmarks.common import RunContext, SuiteResult, config_lr, markdown_table, progress, savefig
 
 SUITE = "regret"
@@ -169,36 +174,46 @@ LORA_RITE_PAPER = dict(
     rebalance=0.0,
 )
 
-#: label -> (optimizer name, overrides, schedule); schedule "constant" or "inv_sqrt" (η_t = η/√t)
-METHODS: dict[str, tuple[str, dict[str, Any], str]] = {
-    "lora_rite": ("lora_rite", LORA_RITE_PAPER, "constant"),
-    "one_sided_adagrad": ("one_sided_adagrad", {}, "constant"),
-    "sgd": ("sgd", {"momentum": 0.0}, "inv_sqrt"),
-    "scaled_gd": ("scaled_gd", {}, "inv_sqrt"),
-    # a momentum of ScaledGD steps: the same η/√t schedule
-    "altlora": ("altlora", {}, "inv_sqrt"),
-    # preconditioned GD like ScaledGD, damped (only O(r)-invariant): not in INVARIANT
-    "lora_one": ("lora_one", {}, "inv_sqrt"),
-    "adam": ("adam", {}, "constant"),
-    "loft": ("loft", {}, "constant"),
+#: how the suite runs a method where it differs from the default (the optimizer's own defaults, a
+#: constant step, its config label): ``overrides``, ``schedule`` ``"constant"`` or ``"inv_sqrt"``
+#: (``η_t = η/√t``, the step the regret analyses of gradient descent take), ``label``
+SETTINGS: dict[str, dict[str, Any]] = {
+    "lora_rite": dict(overrides=LORA_RITE_PAPER, label="LoRA-RITE (Thm 4)"),
+    "sgd": dict(overrides={"momentum": 0.0}, schedule="inv_sqrt", label="OGD"),
+    # the preconditioned gradient methods without a second moment: η/√t like OGD
+    "scaled_gd": dict(schedule="inv_sqrt"),
+    "altlora": dict(schedule="inv_sqrt"),
+    "lora_one": dict(schedule="inv_sqrt"),
 }
-INVARIANT = ("lora_rite", "scaled_gd", "altlora", "loft")
+#: the other libraries' optimizers run here (OGD, the theory's baseline, and Adam for reference)
+EXTERNAL = ("sgd", "adam")
+
+
+def _methods() -> dict[str, tuple[str, dict[str, Any], str]]:
+    """label -> (optimizer name, overrides, schedule): every registered strategy, then :data:`EXTERNAL`."""
+    out = {}
+    for name in [*optimizers.PACKAGE_OPTIMIZERS, *EXTERNAL]:
+        spec = SETTINGS.get(name, {})
+        out[name] = (name, dict(spec.get("overrides", {})), spec.get("schedule", "constant"))
+    return out
+
+
+def _labels() -> dict[str, str]:
+    labels = {}
+    for name, (opt_name, _, schedule) in METHODS.items():
+        base = SETTINGS.get(name, {}).get("label") or optimizers.load_config(opt_name)["label"].split(" (")[0]
+        labels[name] = base + (" η/√t" if schedule == "inv_sqrt" else "")
+    return {**labels, "sgd_rescaled": "OGD η/(s²√t)"}
+
+
+METHODS: dict[str, tuple[str, dict[str, Any], str]] = _methods()
+#: the methods whose strategy declares GL(r) invariance: checked flat in (c) and (d)
+INVARIANT = tuple(name for name in METHODS if name in optimizers.INVARIANT)
 #: spread tolerance of the invariant methods in the imbalance sweep
 INVARIANCE_TOL = 1e-6
 #: a pair whose ‖Z‖_F exceeds this (or goes non-finite) counts as diverged
 DIVERGED = 1e8
-
-LABELS = {
-    "lora_rite": "LoRA-RITE (Thm 4)",
-    "one_sided_adagrad": "one-sided Adagrad",
-    "sgd": "OGD η/√t",
-    "scaled_gd": "ScaledGD η/√t",
-    "altlora": "AltLoRA η/√t",
-    "lora_one": "LoRA-One η/√t",
-    "adam": "Adam",
-    "loft": "LoFT",
-    "sgd_rescaled": "OGD η/(s²√t)",
-}
+LABELS = _labels()
 
 
 # ------------------------------------------------------------------------------ the online loop
@@ -231,8 +246,6 @@ class _Bank:
 
 def build_optimizer(name: str, pairs: list[tuple[torch.Tensor, torch.Tensor]], lr: float, overrides: dict[str, Any]):
     """The optimizer ``name`` over leaf pairs, through :func:`benchmarks.optimizers.make_optimizer`."""
-    from benchmarks import optimizers
-
     return optimizers.make_optimizer(name, optimizers.LeafPairs(pairs), suite=SUITE, lr=lr, **overrides)
 
 
@@ -883,17 +896,9 @@ def _plot_imbalance(ctx: RunContext, imbalance: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------- tuning
-#: per-method log grids (2 points per decade) of the ``--tune`` sweep
-TUNE_GRID = {
-    "lora_rite": (1e-3, 1.0),
-    "one_sided_adagrad": (1e-3, 1.0),
-    "sgd": (1e-2, 10.0),
-    "scaled_gd": (1e-3, 1.0),
-    "altlora": (1e-3, 1.0),
-    "lora_one": (1e-3, 1.0),
-    "adam": (1e-4, 1e-1),
-    "loft": (1e-4, 1e-1),
-}
+#: log grids (2 points per decade) of the ``--tune`` sweep where a method's differs from (1e-3, 1)
+_TUNE_RANGES = {"sgd": (1e-2, 10.0), "adam": (1e-4, 1e-1), "loft": (1e-4, 1e-1), "scaled_adam": (1e-4, 1e-1)}
+TUNE_GRID = {name: _TUNE_RANGES.get(name, (1e-3, 1.0)) for name in METHODS}
 TUNE_T = 3000
 TUNE_SEEDS = (101, 102, 103)
 
@@ -924,8 +929,6 @@ def tune(ctx: RunContext | None = None, write: bool = True) -> dict[str, Any]:
     """Sweep each method's step on :data:`TUNE_GRID` with :func:`tune_score` through
     :func:`benchmarks.optimizers.tune`, which writes the best into ``configs/<name>.json``
     (``lr["regret"]``) and records the sweep in its ``"tuned"`` field."""
-    from benchmarks import optimizers
-
     results = {}
     for name, (lo, hi) in TUNE_GRID.items():
         wrap = (lambda it, desc: progress(it, ctx, desc)) if ctx is not None else None

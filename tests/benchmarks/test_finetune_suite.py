@@ -230,3 +230,15 @@ def test_widen_grid_extends_past_an_edge_choice_until_the_factors_run_out():
 def test_max_new_runs_needs_a_cache():
     with pytest.raises(SystemExit, match="needs --cache"):
         finetune.parse_extra(["--max-new-runs", "3"])
+
+
+def test_lr_grid_and_all_optimizers_options():
+    from benchmarks.finetune.config import FT_OPTIMIZERS, resolve_config
+
+    cfg = resolve_config("default", finetune.parse_extra(["--lr-grid", "3,0.3,1", "--optimizers", "all"]))
+    assert cfg["lr_grid"] == [0.3, 1.0, 3.0]
+    assert cfg["optimizers"] == FT_OPTIMIZERS
+    assert resolve_config("default", finetune.parse_extra([]))["lr_grid"] == finetune.SIZES["default"]["lr_grid"]
+    for bad in ("0,1", "a,1", ","):
+        with pytest.raises(SystemExit, match="--lr-grid"):
+            resolve_config("default", finetune.parse_extra(["--lr-grid", bad]))

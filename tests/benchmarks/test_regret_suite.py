@@ -163,3 +163,14 @@ def test_radii_sweep_is_a_gauge_change_for_the_invariant_methods_only(quick):
         for problem in regret.RADII_PROBLEMS:
             assert radii[name][problem]["spread"] <= regret.INVARIANCE_TOL
     assert radii["one_sided_adagrad"]["linear_biased"]["spread"] > 0.1
+
+
+def test_methods_come_from_the_registry():
+    """A new strategy enters the suite (runs, labels, tuning grid, invariance checks) by registering."""
+    from lowrank_geom.strategies import discovered_strategies, get_strategy
+
+    for name in discovered_strategies():
+        assert name in regret.METHODS and name in regret.LABELS and name in regret.TUNE_GRID
+        assert (name in regret.INVARIANT) == (get_strategy(name).invariance == "GL(r)")
+    assert set(regret.METHODS) == set(discovered_strategies()) | set(regret.EXTERNAL)
+    assert set(regret.SETTINGS) <= set(regret.METHODS)  # no stale entries
