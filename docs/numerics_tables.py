@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lr_guide import _missing, _source, _table  # the reST helpers shared by the generated pages
+from lr_guide import _missing, _source, _table, write_if_changed  # helpers shared by the generated pages
 
 DOCS = Path(__file__).resolve().parent
 INVARIANCE = DOCS / "results" / "invariance.json"
@@ -114,7 +114,4 @@ def page() -> str:
 
 def generate() -> None:
     """Write ``docs/_generated/numerics_conditioning.rst`` when its content changed."""
-    OUT.parent.mkdir(exist_ok=True)
-    text = page()
-    if not OUT.exists() or OUT.read_text() != text:
-        OUT.write_text(text)
+    write_if_changed(OUT, page())
