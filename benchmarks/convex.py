@@ -18,12 +18,9 @@ Every optimizer runs through :func:`benchmarks.optimizers.make_optimizer` on a
    momentum 0) at the paper's ``η = 0.5/σ_max(X⋆)``; iterations and seconds to the target. A GD run
    stopped by the iteration cap gets an *extrapolated* count (its last linear rate, see
    :func:`~benchmarks.lowrank_problems.extrapolate_iterations`) in the JSON only, flagged as such
-   and left out of the table and of the claim's slope: such extrapolations are rough (for
-   completion ``n = 400, κ = 1000`` a 20 000-iteration cap extrapolated to ~6.7·10⁵ while a full
-   run took 67 393 iterations; for sensing ``n = 40, r = 4`` a 14 000 cap gives ~1.2·10⁶ against
-   ~1.4·10⁵ in full runs — both full runs were NumPy re-implementations of the same set-up with
-   other random draws — the rate at the cap is not yet the asymptotic one). Checks:
-   ScaledGD's max/min iterations over κ (target ≤ 1.3; also over κ ≤ 100, the paper's range being
+   and left out of the table and of the claim's slope: such extrapolations are rough (the rate at
+   the cap is not yet the asymptotic one, so they can be far from what an uncapped run takes).
+   Checks: ScaledGD's max/min iterations over κ (target ≤ 1.3; also over κ ≤ 100, the paper's range being
    κ ≤ 20) and GD's log-log slope of measured iterations against κ (target ≈ 1; least squares
    with a 95 % OLS interval) and between the two largest measured κ. These checks are on one
    problem draw (``--seed``); one draw's max/min says little on its own, so:
@@ -48,7 +45,8 @@ Every optimizer runs through :func:`benchmarks.optimizers.make_optimizer` on a
    error reached. Adaptive methods with a constant step plateau at an lr-limited error — that is
    the result, not a failure. A run stops early when its best error has not improved by 1 % for
    ``patience`` iterations, when it diverges (error > 1e3 or non-finite) or after
-   ``max_seconds_all`` seconds (Shampoo's 400×400 preconditioner roots cost ~50 ms a step).
+   ``max_seconds_all`` seconds (Shampoo's 400×400 preconditioner roots make its steps the slowest;
+   each run's ``seconds`` are in the JSON).
 3. **factor imbalance**: the start ``(s·A₀, B₀/s)`` (same ``Z₀``) for ``s ∈ {10, 100}``: ScaledGD
    (and LoRA-RITE) are unchanged, GD at the paper's step diverges, GD at ``η/s²`` (the step
    rescaled to the ``s²``-larger curvature in ``B``) is stable but slow.

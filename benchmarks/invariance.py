@@ -32,10 +32,10 @@ The **invariance class** is read off the float64 gaps with threshold :data:`THRE
 entry (``python -m benchmarks invariance --tune`` re-runs the sweep: final loss after ``k`` steps,
 float64, ungauged start).
 
-Sizes (wall time on this 2-core CPU, idle, one torch thread — see :func:`run`): ``quick`` 2 pairs,
-5 steps (≈2 s plus imports); ``default`` 3 pairs (up to 64×32, r ≤ 8), 20 steps (≈11 s); ``full``
-3 pairs (up to 512×128, r ≤ 16), 50 steps (≈160 s). ``--tune`` adds a 13-point sweep per optimizer
-on the default problem (≈1–2 min).
+Sizes (one torch thread — see :func:`run`): ``quick`` 2 pairs, 5 steps; ``default`` 3 pairs (up to
+64×32, r ≤ 8), 20 steps; ``full`` 3 pairs (up to 512×128, r ≤ 16), 50 steps. ``--tune`` adds a
+13-point sweep per optimizer on the default problem. Each result records its wall time
+(``run.seconds`` in the JSON, the command line of the Markdown).
 """
 
 from __future__ import annotations

@@ -57,18 +57,18 @@ run of the same seed and κ, floored at :data:`FLOOR_ULPS` unit roundoffs of the
 more), ``diverges`` (non-finite, or above 1: worse than the ``A = 0`` start), ``raises``, and
 ``n/a`` when the float64 reference did not train. The 2× target applies to float32; bfloat16's
 ratios are reported. Sizes (:data:`COND_SIZES`): ``quick`` κ = 1e3, 1 seed, 200 steps, float64
-and float32, QR; ``default`` κ ∈ {1e2, 1e4}, 2 seeds, 1000 steps, float64 and float32, QR
-(15-20 s); ``full`` κ ∈ {1e1, 1e2, 1e3, 1e4}, 3 seeds, 1500 steps, every dtype, both engines.
+and float32, QR; ``default`` κ ∈ {1e2, 1e4}, 2 seeds, 1000 steps, float64 and float32, QR;
+``full`` κ ∈ {1e1, 1e2, 1e3, 1e4}, 3 seeds, 1500 steps, every dtype, both engines.
 The cells of one (dtype, engine) run as pairs of one optimizer (each pair gets exactly its own
 gradient; per-pair results equal those of separate runs); a batch that raises is rerun cell by
 cell.
 
-Sizes (2-core CPU, one torch thread per run; a run of 100 steps takes about 1 s): ``quick`` one
-cell (float32, lr 1e-2), every optimizer, 30 steps (a few seconds plus importing PEFT);
-``default`` PEFT's default init with the 2-class head, every dtype and lr, 100 steps, for
-LoRA-RITE, ScaledGD, LoFT and the baselines (63 runs, about a minute); ``full`` the whole grid with 2
-seeds, 100 steps, every optimizer (2880 runs in two worker processes, about half an hour on two
-idle cores).
+Sizes (one torch thread per run): ``quick`` one cell (float32, lr 1e-2), every optimizer, 30
+steps; ``default`` PEFT's default init with the 2-class head, every dtype and lr, 100 steps, for
+LoRA-RITE, ScaledGD, LoFT and the baselines (63 runs); ``full`` the whole grid with 2 seeds, 100
+steps, every optimizer (2880 runs in two worker processes). Each result records its wall time
+(``run.seconds``; the conditioning sweep's own in ``conditioning.seconds``, each batch's in its
+cells' ``batch_seconds``).
 """
 
 from __future__ import annotations

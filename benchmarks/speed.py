@@ -16,8 +16,8 @@ ratio to ``torch.optim.Adam(foreach=True)`` (config ``adam``) measured in the sa
 * **State bytes**: exact ``Σ numel · element_size`` over every tensor in ``optimizer.state``
   (:func:`benchmarks.optimizers.state_bytes`; checked against ``LowRankOptimizer.state_bytes()``).
 * **Shampoo** (``pytorch_optimizer.Shampoo``, library default ``preconditioning_compute_steps=1``)
-  keeps an ``m×m`` preconditioner per factor side and takes an SVD of each every step (≈1.6 s for
-  one 2048×2048 SVD here): on Gemma shapes (``--full``; ``skipped`` at the default size) it is
+  keeps an ``m×m`` preconditioner per factor side and takes an SVD of each every step (an ``m³``
+  cost per factor side): on Gemma shapes (``--full``; ``skipped`` at the default size) it is
   timed on the first layer only (4 pairs, Adam re-timed on the same subset for its ratio) and its
   full-set time and state are **extrapolated ×18** (layers are identical, so the state bytes
   scale exactly), marked ``*`` in the table; sets with a larger factor dimension than
@@ -52,21 +52,23 @@ On CUDA (when available) every step is followed by ``torch.cuda.synchronize()`` 
 allocated during the timed steps is recorded.
 
 Timings need an otherwise idle machine. With two threads on a 2-core machine, one other busy
-process is enough to stall OpenMP hand-offs (measured here: an Adam step of 0.6 ms took 120 ms,
-a 12×3 QR 8 ms instead of 7 µs); ``--threads 1`` gives timings that survive one competing process.
+process is enough to stall OpenMP hand-offs, slowing small steps by orders of magnitude;
+``--threads 1`` gives timings that survive one competing process.
 Each measurement records the share of the CPUs other processes used while it ran (``/proc/stat``
 minus our own CPU time, :class:`CpuMonitor`); contended ones are marked † and the targets they
 feed are reported as unreliable.
 
-Sizes (wall time on this idle 2-core CPU): ``quick`` a tiny set (4 layers, hidden 128, kv 32, r 8;
-one thread; ≈3 s plus imports), ``default`` Gemma-2B shapes at r ∈ {8, 16, 64} and the m sweep to
-2048 (Shampoo only in the sweep, up to m = 512), ``full`` adds the 7B set at r = 16, Shampoo's
-1-layer Gemma subset at every r and m = 4096, with ``min_run_time`` 1 s, and the compiled step.
-The targets' interleaved repeats add ≈25 s at the default size (5 repeats, 0.2 s
-turns; at r = 64 a turn of LoRA-RITE or pytorch_optimizer's LoRARite is one ≈0.9 s step), 9
-repeats of 0.5 s at ``full``. ``--compile`` (any size whose main set has
+Sizes: ``quick`` a tiny set (4 layers, hidden 128, kv 32, r 8; one thread), ``default`` Gemma-2B
+shapes at r ∈ {8, 16, 64} and the m sweep to 2048 (Shampoo only in the sweep, up to m = 512),
+``full`` adds the 7B set at r = 16, Shampoo's 1-layer Gemma subset at every r and m = 4096, with
+``min_run_time`` 1 s, and the compiled step.
+The targets' interleaved repeats are 5 repeats of ``min_run_time`` 0.2 s turns at the default
+size (a turn is at least one step, so a slow step at r = 64 makes its turn longer), 9 repeats of
+0.5 s at ``full``. ``--compile`` (any size whose main set has
 r = 16) also times ``lora_rite``, ``scaled_gd`` and ``scaled_adam`` with ``compile=True`` there.
-Run-to-run spread of the medians on this shared VM is up to ±30 % (Adam(foreach) on Gemma r=16 measured 8.5–14 ms).
+Each result records its wall time (``run.seconds``) and, per measurement, the median, its
+interquartile range and the other processes' CPU share; run-to-run spread on a shared machine
+shows in the repeats of the Targets table.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ Sphinx reads any source, :func:`generate` writes ``docs/_generated/`` (git-ignor
   docstring, for every registered strategy without a hand-written one (``strategy_pages.py``).
 * ``lr_guide.rst``: the learning-rate tables of ``choosing.rst`` from the published fine-tune
   and robustness JSONs (``lr_guide.py``).
+* ``numerics_conditioning.rst``: the conditioning tables of ``numerics.rst`` from the published
+  invariance and robustness JSONs (``numerics_tables.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ sys.path.insert(0, str(DOCS))  # publish_results (conversion of the benchmark Ma
 sys.path.insert(0, str(ROOT))  # the package, also when it is not installed
 
 import lr_guide  # noqa: E402
+import numerics_tables  # noqa: E402
 import strategy_pages  # noqa: E402
 from publish_results import SUITES, rst_for_suite  # noqa: E402
 
@@ -168,6 +171,7 @@ def generate() -> None:
     _write_if_changed(out / "api_peft.rst", _api_peft_rst())
     strategy_pages.generate()
     lr_guide.generate()
+    numerics_tables.generate()
 
 
 generate()

@@ -117,9 +117,14 @@ def page() -> str:
     return "\n".join(parts)
 
 
+def write_if_changed(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` (its folder created) unless it already holds it: an unchanged page keeps
+    its mtime, so incremental builds do not re-read it."""
+    path.parent.mkdir(exist_ok=True)
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
 def generate() -> None:
     """Write ``docs/_generated/lr_guide.rst`` when its content changed."""
-    OUT.parent.mkdir(exist_ok=True)
-    text = page()
-    if not OUT.exists() or OUT.read_text() != text:
-        OUT.write_text(text)
+    write_if_changed(OUT, page())

@@ -407,11 +407,19 @@ def test_named_optimizer_docstrings_list_every_hyperparameter(name):
 # ------------------------------------------------------------------------------ generated pages
 
 
-def _lr_guide():
-    spec = importlib.util.spec_from_file_location("lr_guide", DOCS / "lr_guide.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def _docs_module(name: str):
+    sys.path.insert(0, str(DOCS))  # the generators import each other's reST helpers
+    try:
+        spec = importlib.util.spec_from_file_location(name, DOCS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(DOCS))
     return module
+
+
+def _lr_guide():
+    return _docs_module("lr_guide")
 
 
 def test_lr_guide_tables_come_from_the_published_json():
@@ -435,6 +443,36 @@ def test_lr_guide_without_results_says_how_to_make_them(tmp_path, monkeypatch):
     monkeypatch.setattr(guide, "ROBUSTNESS", tmp_path / "none.json")
     text = guide.page()
     assert "python -m benchmarks finetune --full" in text and "python -m benchmarks robustness" in text
+
+
+def test_numerics_tables_come_from_the_published_json():
+    """Every gap of the engine rows and every row of the conditioning sweep is printed from the JSONs."""
+    tables = _docs_module("numerics_tables")
+    if not (tables.INVARIANCE.exists() and tables.ROBUSTNESS.exists()):
+        pytest.skip("no published invariance or robustness result")
+    invariance = json.loads(tables.INVARIANCE.read_text())
+    text = tables.invariance_table(invariance)
+    names = [n for n in tables.GAUGE_ROWS if n in invariance["metrics"]["optimizers"]]
+    assert names, "none of the engine rows is in the published invariance result"
+    for name in names:
+        row = text.split(f"   * - ``{name}``\n", 1)[1].split("   * - ", 1)[0]
+        for gaps in invariance["metrics"]["optimizers"][name]["gaps"].values():
+            for gauge, gap in gaps.items():
+                assert not gauge.startswith("cond=") or f"     - {tables._e(gap)}\n" in row, (name, gauge)
+    conditioning = json.loads(tables.ROBUSTNESS.read_text())["metrics"]["conditioning"]
+    text = tables.conditioning_table({"metrics": {"conditioning": conditioning}})
+    for row in conditioning["rows"]:
+        assert f"{tables._e(row['error_median'])} ({tables._e(row['error_max'])})" in text
+    page = (DOCS / "numerics.rst").read_text()
+    assert ".. include:: /_generated/numerics_conditioning.rst" in page and "cond(factor)" not in page
+
+
+def test_numerics_tables_without_results_say_how_to_make_them(tmp_path, monkeypatch):
+    tables = _docs_module("numerics_tables")
+    monkeypatch.setattr(tables, "INVARIANCE", tmp_path / "none.json")
+    monkeypatch.setattr(tables, "ROBUSTNESS", tmp_path / "none.json")
+    text = tables.page()
+    assert "python -m benchmarks invariance" in text and "python -m benchmarks robustness" in text
 
 
 def test_readme_result_table_is_the_published_one():

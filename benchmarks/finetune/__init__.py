@@ -68,9 +68,10 @@ the choice is inside or the factors run out. The other seeds and the gauge sweep
 
 ``--full`` is 8 optimizers × (3 learning rates at seed 0, 2 more seeds at the chosen lr, 4 gauges
 ``s ≠ 1`` × 3 seeds) = 136 runs of 400 steps at batch 16 on Rotten Tomatoes, plus a run or two
-for each choice on a grid edge: about 2.7 minutes each on this 2-core CPU (0.4 s per step plus
-four evaluations of the test set; the last published full result took 6975 s for its 43 new runs),
-roughly 6 hours; run it in pieces with ``--full --cache DIR --max-new-runs K`` at one commit.
+for each choice on a grid edge, each with four evaluations of the test set. The published full
+result records its wall time and the runs it computed anew (``run.seconds``, ``run_cache``; every
+cached run's JSON its step time, ``step_ms``); hours on a CPU, so run it in pieces with
+``--full --cache DIR --max-new-runs K`` at one commit.
 """
 
 from benchmarks.finetune.cache import MixedCommitsError, RunBudgetExhausted, RunCache
