@@ -2,8 +2,8 @@ r"""LoRA-One's preconditioned update (Zhang, Liu & Chen, ICML 2025, arXiv 2502.0
 
 The spectral initialization from one full gradient step, the method's other half (Algorithm 1,
 lines 1-5), is at the adapter layer: :func:`lowrank_geom.init.lora_one`. Algorithm 1 then trains
-with AdamW (lines 7-9); this module is the preconditioned variant the paper adds (its abstract:
-"incorporating preconditioners"), whose equations are not checked against the paper's text.
+with AdamW (lines 7-9); this module is the preconditioned gradient descent of the paper's Eq. (9),
+with the authors' damping.
 """
 
 from __future__ import annotations
@@ -69,13 +69,14 @@ class LoRAOneStrategy(Strategy):
         A_{t+1} = A_t - \eta\, \bigl(\nabla A_t (B_t^\top B_t + \lambda I)^{-1} + w A_t\bigr), \qquad
         B_{t+1} = B_t - \eta\, \bigl(\nabla B_t (A_t^\top A_t + \lambda I)^{-1} + w B_t\bigr)
 
-    Zhang, Liu & Chen (ICML 2025), the preconditioned variant of LoRA-One (Algorithm 1 itself trains
-    with AdamW), in the package's orientation ``Z = A Bᵀ`` (the paper's ``A`` is PEFT's ``lora_B``,
-    our ``A``; its ``B`` is ``lora_A``, our ``Bᵀ``); not checked against the paper's text
-    (:doc:`/strategies/lora_one`). Meant to start from the spectral initialization
-    :func:`lowrank_geom.init.lora_one`. ``damping`` λ
-    defaults to the authors' ``prec_reg = 1e-6``; ``weight_decay`` ``w`` is not in the paper (0).
-    No state.
+    Zhang, Liu & Chen (ICML 2025), Eq. (9): preconditioned gradient descent, both factors from the
+    same iterate (Algorithm 1 itself trains with AdamW), in the package's orientation ``Z = A Bᵀ``
+    (the paper's ``A`` is our ``A``, PEFT's ``lora_B``; its ``B`` is our ``Bᵀ``, ``lora_A``); checked
+    against the paper's text (:doc:`/strategies/lora_one`). Eq. (9) inverts without damping;
+    ``damping`` λ defaults to the authors' ``prec_reg = 1e-6`` (``damping=0`` and
+    ``relative_step_cap=0`` are Eq. (9) as printed). Meant to start from the spectral
+    initialization :func:`lowrank_geom.init.lora_one`. ``weight_decay`` ``w`` is not in the paper
+    (0). No state.
 
     ``reference=True`` is the preconditioned optimizer the authors released (their ``AdamWr``,
     adapted from Zhang & Pilanci's scaled AdamW), which differs from the update above: Adam moments

@@ -1,12 +1,15 @@
 """Float64 NumPy reference of LoRA-One (Zhang, Liu & Chen, "LoRA-One: One-Step Full Gradient Could
-Suffice for Fine-Tuning Large Language Models, Provably and Efficiently", ICML 2025,
+Suffice for Fine-Tuning Large Language Models, Provably and Efficiently", ICML 2025, PMLR 267,
 arXiv:2502.01235).
 
-Transcription: :func:`spectral_init` is checked line by line against the paper's Algorithm 1
-("LoRA-One for one specific layer", lines 1-5). Algorithm 1 trains the initialized factors with
-AdamW (lines 7-9), not with a preconditioned step; the preconditioned gradient descent of
-:func:`run_lora_one` is the variant the paper's abstract and theory add, whose equations this
-transcription could not be checked against (see ``docs/strategies/lora_one.rst``).
+Transcription, checked against the ICML text: :func:`spectral_init` line by line against
+Algorithm 1 ("LoRA-One for one specific layer", lines 1-5; lines 7-9 train with AdamW), and
+:func:`run_lora_one` against the preconditioned gradient descent of Eq. (9) (Section 4),
+``A_{t+1} = A_t - eta grad_A L(A_t, B_t) (B_t B_t^T)^{-1}``,
+``B_{t+1} = B_t - eta (A_t^T A_t)^{-1} grad_B L(A_t, B_t)``, with ``A`` (d x r), ``B`` (r x k) of
+``W + A B`` (Eq. (3)), one step size, both factors from the same iterate; the paper inverts
+without damping (it proves both factors stay non-singular). The damping ``lam`` is the authors'
+(``prec_reg``; ``1e-3`` in their linear-model notebook); ``lam = 0`` is Eq. (9) as printed.
 
 * :func:`spectral_init`: Algorithm 1's initialization from the full gradient ``G = dL/dW``
   (``out x in``) of the frozen weight: ``U S V^T = SVD(-G)`` (line 2), ``S <- S / S[0,0]`` (line 3),
@@ -15,10 +18,11 @@ transcription could not be checked against (see ``docs/strategies/lora_one.rst``
   algorithm's scaling parameter ``s`` (it writes ``sqrt(1/s)``); the adapted weight
   ``W + s_peft B_peft A_peft = W - (s_peft / (gamma S_1)) [G]_r`` is one rank-r gradient step.
   ``normalize=False`` skips line 3 (the plain step ``W - (s_peft / gamma) [G]_r``).
-* :func:`run_lora_one`: preconditioned gradient descent, written in the paper's orientation
-  ``W + A_p B_p`` (``A_p`` out x r, ``B_p`` r x in):
+* :func:`run_lora_one`: Eq. (9) with damping, written in the paper's orientation ``W + A_p B_p``
+  (``A_p`` with ``W``'s rows, ``B_p`` with its columns):
   ``A_p <- A_p - lr dA_p (B_p B_p^T + lam I)^{-1}``, ``B_p <- B_p - lr (A_p^T A_p + lam I)^{-1} dB_p``,
-  both from the old factors; plus coupled weight decay and the library's relative step cap.
+  both from the old factors; plus coupled weight decay and the library's relative step cap
+  (neither in the paper; ``weight_decay=0, relative_step_cap=0`` leave Eq. (9)).
 * :func:`run_lora_one_authors`: the optimizer the authors released (``AdamWr`` in their
   ``prec_logTrainer.py``), transcribed loop by loop with PEFT's ``lora_A`` (r x in) and ``lora_B``
   (out x r): ``lora_A`` first, Adam moments of the preconditioned gradient without bias correction,
@@ -57,7 +61,7 @@ def _cap(step: np.ndarray, x: np.ndarray, cap: float) -> np.ndarray:
 
 
 def run_lora_one(As, Bs, grad_fn, steps, lr, damping=1e-6, weight_decay=0.0, relative_step_cap=1.0):
-    """Preconditioned gradient descent; records ``A, B, Z`` per pair and step (package orientation)."""
+    """Eq. (9) with damping ``lam``; records ``A, B, Z`` per pair and step (package orientation)."""
     A = [np.array(a, dtype=np.float64) for a in As]
     B = [np.array(b, dtype=np.float64) for b in Bs]
     records = []
@@ -66,10 +70,10 @@ def run_lora_one(As, Bs, grad_fn, steps, lr, damping=1e-6, weight_decay=0.0, rel
         gA, gB = grad_fn([a.copy() for a in A], [b.copy() for b in B])
         rec = []
         for i in range(len(A)):
-            a_p, b_p = A[i], B[i].T  # the paper's out x r and r x in factors
+            a_p, b_p = A[i], B[i].T  # the paper's A (rows of W x r) and B (r x columns of W)
             g_ap, g_bp = np.asarray(gA[i]), np.asarray(gB[i]).T
             r = a_p.shape[1]
-            # dA_p (B_p B_p^T + lam I)^{-1} and (A_p^T A_p + lam I)^{-1} dB_p, as linear solves
+            # Eq. (9): dA_p (B_p B_p^T + lam I)^{-1} and (A_p^T A_p + lam I)^{-1} dB_p, as linear solves
             d_ap = np.linalg.solve(b_p @ b_p.T + damping * np.eye(r), g_ap.T).T
             d_bp = np.linalg.solve(a_p.T @ a_p + damping * np.eye(r), g_bp)
             new_a = a_p + _cap(-lr_t * d_ap, a_p, relative_step_cap) - lr_t * weight_decay * a_p
@@ -92,9 +96,22 @@ def _adamwr_param(p, g, precond_inv, left, state, lr, betas, eps, wd, cap, x_pkg
 
 
 def run_lora_one_authors(
-    As, Bs, grad_fn, steps, lr, damping=1e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, relative_step_cap=1.0
+    As,
+    Bs,
+    grad_fn,
+    steps,
+    lr,
+    damping=1e-6,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.0,
+    relative_step_cap=1.0,
+    reference=True,
 ):
     """The released ``AdamWr``; records ``A, B, Z`` and the moments ``m_A, v_A, m_B, v_B`` (package orientation)."""
+    # ``reference`` is the package's switch that selects this optimizer; this runner is always it
+    if reference is not True:
+        raise ValueError(f"run_lora_one_authors transcribes reference=True only, got reference={reference!r}")
     lora_a = [np.array(b, dtype=np.float64).T for b in Bs]  # r x in
     lora_b = [np.array(a, dtype=np.float64) for a in As]  # out x r
     st_a = [{"m": np.zeros_like(x), "v": np.zeros_like(x)} for x in lora_a]

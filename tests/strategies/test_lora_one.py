@@ -11,8 +11,16 @@ against ``strategy="lora_one", reference=True, relative_step_cap=0`` on a PEFT m
 MLP, rank 2 on two layers, rsLoRA α = 16, LoRA-One init with γ = 4), float64, lr 1e-2,
 ``prec_reg``/damping 1e-6, weight decay 0.01, betas (0.9, 0.999), cross-entropy on batches of 16:
 the largest relative difference of any LoRA factor after 1, 5 and 10 steps was 1.9e-16, 3.9e-16
-and 8.5e-16 (round-off). The default (``reference=False``, preconditioned gradient
-descent) has no released implementation to compare with.
+and 8.5e-16 (round-off).
+
+The default (``reference=False``) is the paper's Eq. (9) with damping. The authors' own
+preconditioned gradient descent, the "Prec-GD" loop of their linear-model notebook
+(``Toy_Experiments.ipynb`` of ``YuanheZ/LoRA-One`` at commit
+d943951913cb630cad3889cb42f28c7c148e21cf, removed from the repository later), was run outside the
+repository against ``strategy="lora_one", damping=1e-3, relative_step_cap=0`` on the notebook's
+problem (d = k = 100, rank 8, target rank 4, N = 1600 Gaussian inputs, its "Spectral-init"
+start, both step sizes 0.5, λ = 1e-3), in float64: the largest relative difference of either
+factor after 1, 10 and 100 steps was 1.3e-16, 1.6e-15 and 1.7e-15 (round-off).
 """
 
 from __future__ import annotations
