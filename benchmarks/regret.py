@@ -106,8 +106,8 @@ separate pairs of **one** optimizer, stepped together (pairs are independent —
 clipping here; a test checks that batched and separate runs agree), which keeps 10⁴–10⁵ steps
 affordable. Every method therefore uses one step size for (a), (b) and (c).
 
-Sizes: ``quick`` T = 10³, 3 seeds (1 for the sweep, 2 for the radii); ``default`` T = 3·10³ (the
-horizon the steps are tuned at), 5 seeds (2, 3); ``full`` T = 10⁵, 10 seeds (3, 5). Each result
+Sizes: ``quick`` T = 10³, 3 seeds (1 for the sweep, 2 for the radii); ``default`` T = 10³ (a third of
+the horizon the steps are tuned at, :data:`TUNE_T`), 5 seeds (2, 3); ``full`` T = 10⁵, 10 seeds (3, 5). Each result
 records its wall time (``run.seconds``) and each method's (``seconds_per_method`` in the JSON).
 """
 

@@ -7,8 +7,7 @@ Sphinx reads any source, :func:`generate` writes ``docs/_generated/`` (git-ignor
   (``docs/results/<suite>.rst``, written by ``docs/publish_results.py``; converted from
   ``docs/results/<suite>.md`` here if only that exists), or a "not yet generated" note with the
   commands that make it. The benchmark pages include these, so they build with or without
-  results. ``results_finetune_full.rst`` does the same for ``docs/results/finetune-full/``, the
-  full-size fine-tune comparison.
+  results. :data:`EXTRA_RESULTS` do the same for a suite's second result in a subfolder.
 * ``benchdoc_<suite>.rst``: the module docstring of ``benchmarks/<suite>.py`` (or of the package
   ``benchmarks/<suite>/``; read with
   :mod:`ast`, never imported), or a note while that module does not exist.
@@ -159,6 +158,15 @@ def _api_peft_rst() -> str:
     )
 
 
+#: generated name -> (suite, folder under docs/) of the results published besides ``make bench``'s
+EXTRA_RESULTS = {
+    # every optimizer of the fine-tune comparison (docs/benchmarks/finetune.rst)
+    "results_finetune_all.rst": ("finetune", "results/finetune-all"),
+    # Tong, Ma & Chi's sizes (docs/benchmarks/convex.rst)
+    "results_convex_full.rst": ("convex", "results/convex-full"),
+}
+
+
 def generate() -> None:
     """Write ``docs/_generated/*.rst`` (see the module docstring)."""
     out = DOCS / "_generated"
@@ -166,8 +174,8 @@ def generate() -> None:
     for suite in SUITES:
         _write_if_changed(out / f"results_{suite}.rst", _results_rst(suite))
         _write_if_changed(out / f"benchdoc_{suite}.rst", _benchdoc_rst(suite))
-    # the full-size fine-tune comparison (hours; see docs/benchmarks/finetune.rst)
-    _write_if_changed(out / "results_finetune_full.rst", _results_rst("finetune", "results/finetune-full"))
+    for name, (suite, folder) in EXTRA_RESULTS.items():
+        _write_if_changed(out / name, _results_rst(suite, folder))
     _write_if_changed(out / "api_peft.rst", _api_peft_rst())
     strategy_pages.generate()
     lr_guide.generate()

@@ -3,7 +3,7 @@
 ``docs/conf.py`` calls :func:`generate` before every build; it writes
 ``docs/_generated/lr_guide.rst`` (git-ignored) from
 
-* ``docs/results/finetune-full/finetune.json`` (the full fine-tune comparison): each
+* ``docs/results/finetune-all/finetune.json`` (the fine-tune comparison of every optimizer): each
   optimizer's learning-rate grid with the selection loss and test accuracy at every lr, the lr
   the benchmark selected, its ratio to AdamW's, and the mean test accuracy over the seeds;
 * ``docs/results/robustness.json``: the lr each optimizer ran at relative to AdamW's in the
@@ -20,9 +20,11 @@ from pathlib import Path
 from statistics import median
 
 DOCS = Path(__file__).resolve().parent
-FINETUNE = DOCS / "results" / "finetune-full" / "finetune.json"
+FINETUNE = DOCS / "results" / "finetune-all" / "finetune.json"
 ROBUSTNESS = DOCS / "results" / "robustness.json"
 OUT = DOCS / "_generated" / "lr_guide.rst"
+#: the run that writes :data:`FINETUNE` (then ``docs/publish_results.py results-all docs/results/finetune-all``)
+ALL_COMMAND = "python -m benchmarks finetune --optimizers all --seeds 3 --lr-grid 0.3,1,3 --out results-all"
 
 
 def _g(x: float) -> str:
@@ -105,9 +107,9 @@ def page() -> str:
     parts = [".. rubric:: Fine-tune: the learning-rate grid of every optimizer\n"]
     if FINETUNE.exists():
         payload = json.loads(FINETUNE.read_text())
-        parts += [_source(payload, "/results/finetune-full/finetune.json") + "\n", finetune_table(payload)]
+        parts += [_source(payload, "/results/finetune-all/finetune.json") + "\n", finetune_table(payload)]
     else:
-        parts.append(_missing("full fine-tune result", "python -m benchmarks finetune --full"))
+        parts.append(_missing("fine-tune result of every optimizer", ALL_COMMAND))
     parts.append(".. rubric:: Robustness grid: the same model at three of AdamW's learning rates\n")
     if ROBUSTNESS.exists():
         payload = json.loads(ROBUSTNESS.read_text())

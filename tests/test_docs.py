@@ -426,7 +426,7 @@ def test_lr_guide_tables_come_from_the_published_json():
     """Every optimizer of the fine-tune JSON is a row with its selected lr and every lr of its grid."""
     guide = _lr_guide()
     if not guide.FINETUNE.exists():
-        pytest.skip("no published full fine-tune result")
+        pytest.skip("no published fine-tune result of every optimizer")
     payload = json.loads(guide.FINETUNE.read_text())
     text = guide.finetune_table(payload)
     for name, entry in payload["metrics"]["optimizers"].items():
@@ -442,7 +442,7 @@ def test_lr_guide_without_results_says_how_to_make_them(tmp_path, monkeypatch):
     monkeypatch.setattr(guide, "FINETUNE", tmp_path / "none.json")
     monkeypatch.setattr(guide, "ROBUSTNESS", tmp_path / "none.json")
     text = guide.page()
-    assert "python -m benchmarks finetune --full" in text and "python -m benchmarks robustness" in text
+    assert guide.ALL_COMMAND in text and "python -m benchmarks robustness" in text
 
 
 def test_numerics_tables_come_from_the_published_json():
