@@ -222,7 +222,7 @@ def publish(src: Path, dst: Path, suites: list[str] | None = None) -> list[str]:
     """Copy ``<src>/<suite>.{json,md}`` and the suite's PNGs to ``dst`` and write ``<suite>.rst``.
 
     Images and downloads in the ``.rst`` point into ``dst`` (:func:`image_prefix_for`), so a
-    second result of a suite can live in a subfolder, e.g. ``docs/results/finetune-full``.
+    second result of a suite can live in a subfolder, e.g. ``docs/results/finetune-all``.
     """
     dst.mkdir(parents=True, exist_ok=True)
     prefix = image_prefix_for(dst)
