@@ -66,6 +66,7 @@ EXTRAS: dict[str, dict[str, Any]] = {
             (dict(delta=-1.0), ValueError, r"Invalid delta value: -1.0"),
             (dict(relative_step_cap=-1.0), ValueError, r"Invalid relative_step_cap value: -1.0"),
             (dict(bias_correction="yes"), ValueError, r"Invalid bias_correction value"),
+            (dict(alternate="yes"), ValueError, r"Invalid alternate value"),
         ],
     ),
     "lora_rite": dict(
