@@ -16,6 +16,7 @@ from lowrank_geom.strategies.base import (
     check_non_negative,
     check_weight_decay,
     expand,
+    moving_masks,
     register,
     right_multiply,
 )
@@ -72,17 +73,6 @@ def factor_step(
     return -shrink * eta_x * direction - (lr * wd) * x
 
 
-def moving_sides(step: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(P,)`` masks of the pairs whose A, resp. B, moves this step (None: no pair's does).
-
-    Algorithm 1 moves the paper's ``A`` (this package's B) on even step counts and the other
-    factor on odd ones. One host read decides which sides need computing at all.
-    """
-    on_b = step.remainder(2) == 0
-    n_b = int(on_b.sum())
-    return (~on_b if n_b < step.numel() else None), (on_b if n_b else None)
-
-
 @register
 class AltLoRAStrategy(Strategy):
     r"""AltLoRA: alternating ScaledGD steps with momentum realigned to the partner's new column space.
@@ -130,6 +120,12 @@ class AltLoRAStrategy(Strategy):
         # r×r Grams and overlaps through row_reduce; every state tensor has its own factor's rows
         return []
 
+    def moves(self, hp: dict[str, Any], step: Any) -> tuple[Any, Any]:
+        # Algorithm 1 moves the paper's A (this package's B) on even step counts, the other factor on odd ones
+        if not hp["alternate"]:
+            return True, True
+        return step % 2 == 1, step % 2 == 0
+
     def validate(self, hp: dict[str, Any]) -> None:
         _check_lr(hp["lr"])
         if not 0.0 <= hp["beta"] < 1.0:
@@ -175,7 +171,7 @@ class AltLoRAStrategy(Strategy):
         a, b = batch.a, batch.b
         # each factor moves every other step: its own move count k = step // 2 + 1 sets η_k
         eta = step_size(hp["lr"], beta, torch.div(batch.step, 2, rounding_mode="floor"), hp["bias_correction"])
-        on_a, on_b = moving_sides(batch.step)
+        on_a, on_b = moving_masks(self, hp, batch.step)
         g_a, g_b = gram(a, None, rr), gram(b, None, rr)
 
         def move(x, y, g_x, g_y, grad, state, partner_state, active):
