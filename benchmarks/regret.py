@@ -175,7 +175,7 @@ METHODS: dict[str, tuple[str, dict[str, Any], str]] = {
     "one_sided_adagrad": ("one_sided_adagrad", {}, "constant"),
     "sgd": ("sgd", {"momentum": 0.0}, "inv_sqrt"),
     "scaled_gd": ("scaled_gd", {}, "inv_sqrt"),
-    # a momentum of ScaledGD steps: the same η/√t schedule
+    # a momentum of ScaledGD steps, one factor per round (Algorithm 1): the same η/√t schedule
     "altlora": ("altlora", {}, "inv_sqrt"),
     # preconditioned GD like ScaledGD, damped (only O(r)-invariant): not in INVARIANT
     "lora_one": ("lora_one", {}, "inv_sqrt"),
