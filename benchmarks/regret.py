@@ -179,7 +179,8 @@ LORA_RITE_PAPER = dict(
 SETTINGS: dict[str, dict[str, Any]] = {
     "lora_rite": dict(overrides=LORA_RITE_PAPER, label="LoRA-RITE (Thm 4)"),
     "sgd": dict(overrides={"momentum": 0.0}, schedule="inv_sqrt", label="OGD"),
-    # the preconditioned gradient methods without a second moment: η/√t like OGD
+    # the preconditioned gradient methods without a second moment: η/√t like OGD (AltLoRA: a
+    # momentum of ScaledGD steps, one factor per round in its Algorithm 1)
     "scaled_gd": dict(schedule="inv_sqrt"),
     "altlora": dict(schedule="inv_sqrt"),
     "lora_one": dict(schedule="inv_sqrt"),

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from lowrank_geom import (
     LoRARITE,
     LowRankOptimizer,
@@ -66,6 +68,7 @@ EXTRAS: dict[str, dict[str, Any]] = {
             (dict(delta=-1.0), ValueError, r"Invalid delta value: -1.0"),
             (dict(relative_step_cap=-1.0), ValueError, r"Invalid relative_step_cap value: -1.0"),
             (dict(bias_correction="yes"), ValueError, r"Invalid bias_correction value"),
+            (dict(alternate="yes"), ValueError, r"Invalid alternate value"),
         ],
     ),
     "lora_rite": dict(
@@ -129,6 +132,18 @@ def shipped_strategies() -> list[str]:
 
 STRATEGIES = [_info(name) for name in shipped_strategies()]
 IDS = [s.name for s in STRATEGIES]
+
+
+def declared_moves(opt: torch.optim.Optimizer, a: torch.Tensor) -> tuple[bool, bool]:
+    """Whether the next step of ``opt`` may move the pair whose A is ``a``, resp. its B, as its
+    strategy declares (:meth:`Strategy.moves` at the pair's step count); both for any optimizer
+    other than a :class:`LowRankOptimizer` (every ``torch.optim`` one moves every parameter)."""
+    if not isinstance(opt, LowRankOptimizer):
+        return True, True
+    group = next(g for g in opt.param_groups if any(p is a for p in g["params"]))
+    step = int(opt.state[a]["step"]) if "step" in opt.state.get(a, {}) else 0
+    moves = get_strategy(group["strategy"]).moves(group, step)
+    return bool(moves[0]), bool(moves[1])
 
 
 def switched_values(strat: Strategy, key: str) -> list[Any]:

@@ -18,7 +18,7 @@ from lowrank_geom import (
 )
 from lowrank_geom.strategies import PairUpdate, Strategy, base
 from lowrank_geom.strategies.base import rms
-from tests.strategy_table import IDS, STRATEGIES
+from tests.strategy_table import IDS, STRATEGIES, declared_moves
 
 
 def make_pairs(dtype=torch.float64, seed=0, shapes=((7, 5, 2), (6, 4, 3)), zero_a=False):
@@ -275,12 +275,21 @@ def test_zero_factor_at_lora_init_takes_finite_nonzero_steps(info):
     pairs = make_pairs(zero_a=True)
     targets = make_targets(pairs)
     opt = info.cls(pairs, lr=info.lr)
-    run(opt, pairs, targets, 1)
-    for a, b in pairs:
-        assert torch.isfinite(a).all() and torch.isfinite(b).all()
-        assert a.abs().sum() > 0  # the zero factor moved
-    run(opt, pairs, targets, 3)
-    assert all(torch.isfinite(t).all() for t in snapshot(pairs))
+    a_moved = [False] * len(pairs)
+    for _ in range(4):
+        moves = [declared_moves(opt, a) for a, _ in pairs]
+        before = snapshot(pairs)
+        run(opt, pairs, targets, 1)
+        assert all(torch.isfinite(t).all() for t in snapshot(pairs))
+        for i, ((a, b), (on_a, on_b)) in enumerate(zip(pairs, moves)):
+            if not on_a:
+                assert torch.equal(a, before[2 * i]), "A moved on a step its strategy declares it does not"
+            if not on_b:
+                assert torch.equal(b, before[2 * i + 1]), "B moved on a step its strategy declares it does not"
+            if on_a and not a_moved[i]:
+                assert a.abs().sum() > 0  # the zero factor moved on its first turn
+                a_moved[i] = True
+    assert all(a_moved), "A's turn never came in 4 steps"
 
 
 @pytest.mark.parametrize("info", STRATEGIES, ids=IDS)
@@ -292,13 +301,17 @@ def test_nonfinite_gradient_skips_the_pair_and_keeps_state(info, bad):
     run(opt, pairs, targets, 2)
     before_params = snapshot(pairs)
     before_state = {k: v.clone() for k, v in opt.state[pairs[0][0]].items()}
+    healthy_moves = declared_moves(opt, pairs[1][0])
     opt.zero_grad()
     loss_of(pairs, targets).backward()
     pairs[0][0].grad[0, 0] = bad
     opt.step()
     assert all(torch.equal(x, y) for x, y in zip(before_params[:2], snapshot(pairs)[:2]))
     assert all(torch.equal(before_state[k], opt.state[pairs[0][0]][k]) for k in before_state if k != "nonfinite_skips")
-    assert not torch.equal(before_params[2], pairs[1][0])  # the healthy pair still stepped
+    # the healthy pair still stepped: exactly the factors its strategy declares for this step moved
+    assert any(healthy_moves)
+    for x, y, moves in zip(before_params[2:], pairs[1], healthy_moves):
+        assert torch.equal(x, y) != moves
     assert opt.nonfinite_skips() == 1
     strict = info.cls(make_pairs(), lr=info.lr, nonfinite="raise")
     p = [tuple(strict.param_groups[0]["params"][i : i + 2]) for i in (0, 2)]

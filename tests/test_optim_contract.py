@@ -4,7 +4,7 @@ Driven by :mod:`tests.strategy_table` (built from the registry): exact resume th
 route (``torch.save``/``weights_only`` load, ``deepcopy``, pickle; HF Trainer in
 ``test_trainer_resume``) in every dtype and factor layout, load/state-dict hooks, every
 hyperparameter switched mid-run, torch's keyword arguments, lr as a Tensor, per-group options,
-zero gradients.
+zero gradients, the factors each step moves (:meth:`~lowrank_geom.strategies.Strategy.moves`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from lowrank_geom import LoRAPair, LowRankOptimizer
 from lowrank_geom.pairs import factor_view
-from tests.strategy_table import IDS, STRATEGIES, switched_values
+from tests.strategy_table import IDS, STRATEGIES, declared_moves, switched_values
 
 M, N, R = 96, 80, 8  # large enough that BLAS picks layout-dependent kernels (rank-dim-first bug)
 
@@ -374,6 +374,23 @@ def test_per_group_weight_decay_acts_on_its_group_only(info):
         runs.append(tensors(pairs))
     assert not torch.equal(runs[0][0], runs[1][0])  # the decayed group moved differently
     assert all(torch.equal(x, y) for x, y in zip(runs[0][2:], runs[1][2:]))  # the other did not
+
+
+@pytest.mark.parametrize("info", STRATEGIES, ids=IDS)
+def test_each_step_moves_exactly_the_factors_the_strategy_declares(info):
+    tgts = targets()
+    # the defaults and each boolean hyperparameter switched (e.g. alternate=False)
+    settings = [{}] + [{k: not v} for k, v in info.strategy.defaults.items() if isinstance(v, bool)]
+    for hp in settings:
+        pairs = make_pairs("plain", torch.float64)
+        opt = info.cls(pairs, lr=info.lr, **info.independent, **hp)
+        for step in range(4):
+            moves = [declared_moves(opt, p.a) for p in pairs]
+            assert any(any(m) for m in moves), f"{hp}: step {step} declares no factor moves"
+            before = tensors(pairs)
+            run(opt, pairs, tgts, 1)
+            for x, y, moved in zip(before, tensors(pairs), (m for pair in moves for m in pair)):
+                assert torch.equal(x, y) != moved, f"{hp}: step {step} declared {moves}"
 
 
 @pytest.mark.parametrize("info", STRATEGIES, ids=IDS)

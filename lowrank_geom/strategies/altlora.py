@@ -16,6 +16,7 @@ from lowrank_geom.strategies.base import (
     check_non_negative,
     check_weight_decay,
     expand,
+    moving_masks,
     register,
     right_multiply,
 )
@@ -57,16 +58,18 @@ def step_size(lr: float | torch.Tensor, beta: float, step: torch.Tensor, bias_co
 def factor_step(
     x: torch.Tensor, direction: torch.Tensor, g_self: torch.Tensor, eta: torch.Tensor, hp: dict[str, Any], rr
 ) -> torch.Tensor:
-    """The additive update ``X_{t+1} − X_t`` with ``X_{t+1} = (1 − ηλ)(X_t − η_t M)`` (the authors' decay order).
+    """The additive update ``X_{t+1} − X_t``. ``(P, rows, r)``.
 
-    ``relative_step_cap = c > 0`` caps the relative change ``η_t M R_X⁺`` at ``c`` (the momentum
-    keeps the uncapped ``M``), as ScaledGD's safeguard. ``(P, rows, r)``.
+    ``alternate=True``: ``X_{t+1} = X_t − η_t M − ηλ X_t`` (Algorithm 1's ``X − η(M + γX)``);
+    ``alternate=False``: ``X_{t+1} = (1 − ηλ)(X_t − η_t M)`` (the authors' code, decay after the
+    step). ``relative_step_cap = c > 0`` caps the relative change ``η_t M R_X⁺`` at ``c`` (the
+    momentum keeps the uncapped ``M``), as ScaledGD's safeguard.
     """
     lr, wd, cap = hp["lr"], hp["weight_decay"], hp["relative_step_cap"]
     eta_x = expand(eta, direction)
     if cap > 0:
         direction = capped_direction(direction, g_self, magnitude_inverse(g_self, x.dtype), cap, eta_x, rr)
-    shrink = 1.0 - lr * wd
+    shrink = 1.0 if hp["alternate"] else 1.0 - lr * wd
     return -shrink * eta_x * direction - (lr * wd) * x
 
 
@@ -75,29 +78,35 @@ class AltLoRAStrategy(Strategy):
     r"""AltLoRA: alternating ScaledGD steps with momentum realigned to the partner's new column space.
 
     In the paper's notation :math:`W = W_0 + s\,\mathbf{B}\mathbf{A}` the input-side factor
-    :math:`\mathbf{A}` (PEFT's ``lora_A``, here :math:`B^\top`) is updated first, and the output-side
-    factor is then preconditioned by the *updated* one. In this package's :math:`Z = A B^\top`:
+    :math:`\mathbf{A}` (PEFT's ``lora_A``, here :math:`B^\top`) moves first, and the output-side
+    factor is then preconditioned by the *updated* one. ``alternate=True`` (the default) is the
+    paper's Algorithm 1: one factor per optimizer step, :math:`B` on even step counts and
+    :math:`A` on odd ones, each with the gradient of its own step (so :math:`A`'s is taken after
+    :math:`B` has moved). With :math:`X` the factor that moves, :math:`Y` its partner,
+    :math:`Y_{\mathrm{old}}` the partner at :math:`X`'s previous move, in this package's
+    :math:`Z = A B^\top`:
 
     .. math::
         \begin{aligned}
-        K_A &= (A_t^\top A_t + \delta I)^{-1}, \qquad
-        M_{B,t} = \beta\, M_{B,t-1} (A_{t-1}^\top A_t K_A) + (1-\beta)\, \nabla B_t K_A\\
-        B_{t+1} &= (1 - \eta\lambda)\,(B_t - \eta_t M_{B,t})\\
-        K_B &= (B_{t+1}^\top B_{t+1} + \delta I)^{-1}, \qquad
-        M_{A,t} = \beta\, M_{A,t-1} (B_t^\top B_{t+1} K_B) + (1-\beta)\, \nabla A_t K_B\\
-        A_{t+1} &= (1 - \eta\lambda)\,(A_t - \eta_t M_{A,t}), \qquad
-        \eta_t = \eta / (1 - \beta^t)\ (\texttt{bias\_correction})
+        K &= (Y^\top Y + \delta I)^{-1}, \qquad
+        M_X \leftarrow \beta\, M_X (Y_{\mathrm{old}}^\top Y K) + (1-\beta)\, \nabla X\, K\\
+        X &\leftarrow X - \eta_k M_X - \eta\lambda X, \qquad
+        \eta_k = \eta / (1 - \beta^k)\ (\texttt{bias\_correction},\ k\text{: the factor's own move count})
         \end{aligned}
 
-    :math:`X_{\mathrm{old}}^\top X K` maps the momentum, kept in the coordinates of the partner of
-    the previous step, onto the partner's current column space (the paper's momentum alignment),
-    so the state is :math:`O((m+n)r)`: ``exp_avg`` of each factor and ``previous_factor``
-    (:math:`A_{t-1}`) on A's side. Both gradients are those of one backward pass at
-    :math:`(A_t, B_t)`, as in the authors' code. The Grams go through ``row_reduce``, so the
-    strategy runs on row shards.
+    ``alternate=False`` is the authors' optimizer class given both gradients of one backward pass
+    at :math:`(A_t, B_t)`: every step moves :math:`B` with :math:`Y = A_t`, then :math:`A` with
+    :math:`Y = B_{t+1}`, :math:`Y_{\mathrm{old}} = B_t`, decay applied after the step,
+    :math:`X \leftarrow (1 - \eta\lambda)(X - \eta_t M_X)`, :math:`t` the step count.
 
-    Safeguard (``relative_step_cap = c > 0``, default 1; 0 is the paper's update): each factor's
-    relative change :math:`\eta_t M R_X^+` is capped at ``c``, as ScaledGD's (:doc:`/numerics`).
+    :math:`Y_{\mathrm{old}}^\top Y K` maps the momentum, kept in the coordinates of the partner it
+    was accumulated with, onto the partner's current column space (the paper's momentum
+    alignment), so the state is :math:`O((m+n)r)`: ``exp_avg`` of each factor and
+    ``previous_factor`` (the factor before its last move; on A's side only with
+    ``alternate=False``). The Grams go through ``row_reduce``, so the strategy runs on row shards.
+
+    Safeguard (``relative_step_cap = c > 0``, default 1; 0 removes it): each moving factor's
+    relative change :math:`\eta_k M R_X^+` is capped at ``c``, as ScaledGD's (:doc:`/numerics`).
 
     Invariant to every :math:`G \in GL(r)` with ``delta=0`` (momentum, realignment and the decay
     included); only to orthogonal :math:`G` when ``delta > 0`` (the authors' ``reg``).
@@ -105,11 +114,17 @@ class AltLoRAStrategy(Strategy):
 
     name = "altlora"
     invariance = "GL(r)"
-    defaults = dict(beta=0.9, delta=0.0, weight_decay=0.0, bias_correction=True, relative_step_cap=1.0)
+    defaults = dict(beta=0.9, delta=0.0, weight_decay=0.0, bias_correction=True, relative_step_cap=1.0, alternate=True)
 
     def row_sharding_requirements(self, hp: dict[str, Any], dtype: torch.dtype | None = None) -> list[str]:
         # r×r Grams and overlaps through row_reduce; every state tensor has its own factor's rows
         return []
+
+    def moves(self, hp: dict[str, Any], step: Any) -> tuple[Any, Any]:
+        # Algorithm 1 moves the paper's A (this package's B) on even step counts, the other factor on odd ones
+        if not hp["alternate"]:
+            return True, True
+        return step % 2 == 1, step % 2 == 0
 
     def validate(self, hp: dict[str, Any]) -> None:
         _check_lr(hp["lr"])
@@ -118,14 +133,20 @@ class AltLoRAStrategy(Strategy):
         check_non_negative("delta", hp["delta"])
         check_non_negative("relative_step_cap", hp["relative_step_cap"])
         check_weight_decay(hp["weight_decay"])
-        if not isinstance(hp["bias_correction"], bool):
-            raise ValueError(f"Invalid bias_correction value: {hp['bias_correction']!r} (expected a bool)")
+        for key in ("bias_correction", "alternate"):
+            if not isinstance(hp[key], bool):
+                raise ValueError(f"Invalid {key} value: {hp[key]!r} (expected a bool)")
 
     def init(self, a: torch.Tensor, b: torch.Tensor, hp: dict[str, Any]) -> tuple[State, State]:
-        # previous_factor = A itself: a momentum realigned from it is only projected (A K_A Aᵀ A = A)
-        return {"exp_avg": torch.zeros_like(a), "previous_factor": a.clone()}, {"exp_avg": torch.zeros_like(b)}
+        # previous_factor = the factor itself: a momentum realigned from it is only projected (X K Xᵀ X = X)
+        state_b = {"exp_avg": torch.zeros_like(b)}
+        if hp["alternate"]:
+            state_b["previous_factor"] = b.clone()
+        return {"exp_avg": torch.zeros_like(a), "previous_factor": a.clone()}, state_b
 
     def update_batch(self, batch: PairBatch, hp: dict[str, Any]) -> PairUpdate:
+        if hp["alternate"]:
+            return self._alternating(batch, hp)
         rr, beta, delta = batch.row_reduce, hp["beta"], hp["delta"]
         a, b = batch.a, batch.b
         eta = step_size(hp["lr"], beta, batch.step, hp["bias_correction"])
@@ -143,3 +164,29 @@ class AltLoRAStrategy(Strategy):
         delta_a = factor_step(a, m_a, g_a, eta, hp, rr)
         state_a = {"exp_avg": m_a, "previous_factor": a.clone()}
         return PairUpdate(delta_a, delta_b, state_a, {"exp_avg": m_b})
+
+    def _alternating(self, batch: PairBatch, hp: dict[str, Any]) -> PairUpdate:
+        """Algorithm 1: the factor whose turn it is moves with the gradient of this step; the other keeps its state."""
+        rr, beta, delta = batch.row_reduce, hp["beta"], hp["delta"]
+        a, b = batch.a, batch.b
+        # each factor moves every other step: its own move count k = step // 2 + 1 sets η_k
+        eta = step_size(hp["lr"], beta, torch.div(batch.step, 2, rounding_mode="floor"), hp["bias_correction"])
+        on_a, on_b = moving_masks(self, hp, batch.step)
+        g_a, g_b = gram(a, None, rr), gram(b, None, rr)
+
+        def move(x, y, g_x, g_y, grad, state, partner_state, active):
+            if active is None:
+                return torch.zeros_like(x), dict(state)
+            k = inverse_gram(g_y, y.dtype, delta)
+            # the partner at x's previous move is the partner before its own last move
+            m = realigned_momentum(grad, state["exp_avg"], gram(partner_state["previous_factor"], y, rr), k, beta)
+            mask = expand(active, x)
+            new = {
+                "exp_avg": torch.where(mask, m, state["exp_avg"]),
+                "previous_factor": torch.where(mask, x, state["previous_factor"]),
+            }
+            return factor_step(x, m, g_x, eta, hp, rr) * mask, new
+
+        delta_b, state_b = move(b, a, g_b, g_a, batch.grad_b, batch.state_b, batch.state_a, on_b)
+        delta_a, state_a = move(a, b, g_a, g_b, batch.grad_a, batch.state_a, batch.state_b, on_a)
+        return PairUpdate(delta_a, delta_b, state_a, state_b)

@@ -116,6 +116,18 @@ class Strategy:
         (docs/distributed.rst)."""
         return None
 
+    def moves(self, hp: dict[str, Any], step: Any) -> tuple[Any, Any]:
+        """Which factors, ``(A, B)``, the step taken after ``step`` steps may move under ``hp``.
+
+        ``step``: an ``int``, or a ``(P,)`` tensor of per-pair step counts (``PairBatch.step``),
+        for which an entry may be a ``(P,)`` bool mask. A factor declared not to move keeps its
+        value exactly on that step (its state may change); one declared to move does unless its
+        update is zero (a zero gradient or partner). Default: both, every step. Strategies that
+        alternate the factors (LoFT, AltLoRA's Algorithm 1) override it and read it back through
+        :func:`~lowrank_geom.strategies.base.moving_masks`; the generic tests check each step's
+        factors against it."""
+        return True, True
+
     def validate(self, hp: dict[str, Any]) -> None:
         """Raise ``ValueError`` (torch's wording) for an invalid hyperparameter in ``hp``."""
         _check_lr(hp["lr"])
@@ -281,6 +293,17 @@ def _load_entry_point(ep: importlib.metadata.EntryPoint, origin: str) -> None:
     for name, cls in _REGISTRY.items():
         if before.get(name) is not cls:
             _DISCOVERED.setdefault(name, origin)
+
+
+def moving_masks(
+    strategy: Strategy, hp: dict[str, Any], step: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """:meth:`~lowrank_geom.strategies.Strategy.moves` over a batch's ``(P,)`` step counts: ``(P,)``
+    bool masks of the pairs whose A, resp. B, moves; ``None`` where no pair's does, so that side
+    need not be computed at all (one host read for both sides)."""
+    sides = [torch.as_tensor(side, device=step.device).expand(step.shape) for side in strategy.moves(hp, step)]
+    any_a, any_b = torch.stack(sides).any(dim=1).tolist() if step.numel() else (False, False)
+    return (sides[0] if any_a else None), (sides[1] if any_b else None)
 
 
 def bias_corrected_decay(beta: float, step: torch.Tensor) -> torch.Tensor:

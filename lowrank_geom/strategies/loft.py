@@ -17,6 +17,7 @@ from lowrank_geom.strategies.base import (
     check_eps,
     check_weight_decay,
     expand,
+    moving_masks,
     register,
     right_multiply,
 )
@@ -176,20 +177,6 @@ def factor_delta(
     return delta * expand(active, x)
 
 
-def active_sides(step: torch.Tensor, alternate: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(P,)`` masks of the pairs whose A, resp. B, moves this step (None: no pair's does).
-
-    Alternating: A on even step counts (its partner is the non-zero factor of a PEFT init), B on
-    odd ones. One host read decides which directions need computing at all.
-    """
-    ones = torch.ones_like(step, dtype=torch.bool)
-    if not alternate:
-        return ones, ones
-    on_a = step.remainder(2) == 0
-    n_a = int(on_a.sum())
-    return (on_a if n_a else None), (~on_a if n_a < step.numel() else None)
-
-
 @register
 class LoFTStrategy(Strategy):
     r"""LoFT: AdamW's moments of the full matrix kept in the factors' subspace, one factor per step.
@@ -232,6 +219,12 @@ class LoFTStrategy(Strategy):
     invariance = "GL(r)"
     defaults = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, alternate=True, reference=False)
 
+    def moves(self, hp: dict[str, Any], step: Any) -> tuple[Any, Any]:
+        # A on even step counts (its partner is the non-zero factor of a PEFT init), B on odd ones
+        if not hp["alternate"]:
+            return True, True
+        return step % 2 == 0, step % 2 == 1
+
     def validate(self, hp: dict[str, Any]) -> None:
         _check_lr(hp["lr"])
         check_betas(hp["betas"])
@@ -253,7 +246,7 @@ class LoFTStrategy(Strategy):
         return side(a), side(b)
 
     def update_batch(self, batch: PairBatch, hp: dict[str, Any]) -> PairUpdate:
-        on_a, on_b = active_sides(batch.step, hp["alternate"])
+        on_a, on_b = moving_masks(self, hp, batch.step)
         ref = hp["reference"]
         sa, sb = batch.state_a, batch.state_b
         # B's side first, the authors' order (their lora_A precedes lora_B); immaterial unless ``reference``

@@ -68,6 +68,7 @@ STRATEGIES = [
     ("scaled_adam", "scaled_adam", dict(lr=1e-2, delta=1e-3)),
     # realigned momentum: the overlap Grams A_{t-1}ᵀA_t and B_tᵀB_{t+1} are row sums too
     ("altlora", "altlora", dict(lr=5e-2, weight_decay=1e-2)),
+    ("altlora_simultaneous", "altlora", dict(lr=5e-2, weight_decay=1e-2, alternate=False)),
     ("gram_test", "_test_gram_scaled_gd", dict(lr=5e-2)),
 ]
 PEFT_STRATEGIES = [

@@ -165,13 +165,23 @@ CASES = [
         dict(lr=0.05, weight_decay=0.01),
         {"sum_gram": "H"},
     ),
+    # Algorithm 1: one factor per step
     ("altlora", "altlora", run_altlora, dict(lr=0.05), ALTLORA_STATE),
-    # the paper's update (no safeguard) with the authors' Tikhonov term and decay
+    # the paper's update (no safeguard) with Corollary 1's Tikhonov term and the decay
     (
         "altlora_paper",
         "altlora",
         run_altlora,
         dict(lr=0.05, relative_step_cap=0.0, delta=1e-3, weight_decay=0.01),
+        ALTLORA_STATE,
+    ),
+    # the authors' optimizer class given both gradients of one backward pass, their decay order
+    ("altlora_simultaneous", "altlora", run_altlora, dict(lr=0.05, alternate=False), ALTLORA_STATE),
+    (
+        "altlora_simultaneous_authors",
+        "altlora",
+        run_altlora,
+        dict(lr=0.05, alternate=False, relative_step_cap=0.0, delta=1e-3, weight_decay=0.01),
         ALTLORA_STATE,
     ),
     (

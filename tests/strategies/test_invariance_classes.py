@@ -70,6 +70,10 @@ VARIANTS = {
         pair_opt(LowRankOptimizer, strategy="altlora", lr=0.05, relative_step_cap=0.0, weight_decay=0.01),
     ),
     "altlora_damped": ("O(r)", pair_opt(LowRankOptimizer, strategy="altlora", lr=0.05, delta=0.1)),
+    "altlora_simultaneous": (
+        "GL(r)",
+        pair_opt(LowRankOptimizer, strategy="altlora", lr=0.05, alternate=False, weight_decay=0.01),
+    ),
     "torch_adam": ("none", lambda a, b: torch.optim.Adam([a, b], lr=0.01)),
     "lora_one_undamped": ("GL(r)", pair_opt(LowRankOptimizer, strategy="lora_one", lr=0.05, damping=0.0)),
     "lora_one_reference": ("none", pair_opt(LowRankOptimizer, strategy="lora_one", lr=0.01, reference=True)),
