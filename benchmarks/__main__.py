@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import shlex
 import sys
-import time
 from pathlib import Path
 
-from benchmarks.common import RunContext, relative_path, write_result
+from benchmarks.common import RunContext, relative_path
+from benchmarks.runner import run_suites
 
 SUITES = ["invariance", "robustness", "convex", "regret", "speed", "finetune"]
 #: what ``all`` runs (the README's default comparison)
 ALL = ["invariance", "robustness", "convex", "regret", "speed", "finetune"]
+#: the order ``all`` starts them in its process pool: the longest first, so that the two
+#: processes finish together (from the run times the results record)
+POOL_ORDER = ["finetune", "convex", "robustness", "regret", "invariance"]
 
 
 def _relative_arg(arg: str) -> str:
@@ -46,14 +48,15 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
         options={"tune": args.tune, "extra": extra},
     )
-    suites = ALL if args.suite == "all" else [args.suite]
-    for name in suites:
-        module = importlib.import_module(f"benchmarks.{name}")
-        t0 = time.perf_counter()
-        result = module.run(ctx)
-        path = write_result(result, ctx, time.perf_counter() - t0)
-        print(f"[{name}] {time.perf_counter() - t0:.1f} s -> {path}")
-        print(result.table)
+    if args.suite == "all":
+        # --tune writes the configs every suite reads: then one suite at a time
+        suites = sorted(ALL, key=lambda n: POOL_ORDER.index(n) if n in POOL_ORDER else len(POOL_ORDER))
+        runs = run_suites(suites, ctx, parallel=not args.tune)
+    else:
+        runs = run_suites([args.suite], ctx, parallel=False)
+    for run in runs:
+        print(f"[{run.name}] {run.seconds:.1f} s -> {run.path}")
+        print(run.table)
         print()
     return 0
 

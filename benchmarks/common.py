@@ -161,6 +161,8 @@ def write_result(result: SuiteResult, ctx: RunContext, seconds: float) -> Path:
             "size": ctx.size,
             "seed": ctx.seed,
             "config": result.config,
+            # the suites that ran at the same time, each in its own process (benchmarks/runner.py)
+            "alongside": ctx.options.get("alongside", []),
         },
         "meta": meta_info(),
         "metrics": result.metrics,
@@ -168,12 +170,15 @@ def write_result(result: SuiteResult, ctx: RunContext, seconds: float) -> Path:
     }
     path = ctx.out / f"{result.suite}.json"
     path.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    alongside = payload["run"]["alongside"]
     md = [
         f"# {result.suite}",
         "",
         f"Command: `{ctx.command}` (size `{ctx.size}`, seed {ctx.seed}, {seconds:.1f} s, "
         f"git {payload['run']['git_sha'][:12]}, torch {payload['meta']['torch']}, "
-        f"{payload['meta']['torch_threads']} threads on {payload['meta']['cpu']})",
+        f"{payload['meta']['torch_threads']} threads on {payload['meta']['cpu']}"
+        + (f"; alongside {', '.join(alongside)}, one process each" if alongside else "")
+        + ")",
         "",
         result.table.strip(),
         "",
