@@ -82,6 +82,7 @@ EXTRAS: dict[str, dict[str, Any]] = {
             (dict(update_skipping=-1.0), ValueError, r"Invalid update_skipping value"),
             (dict(clip_unmagnified_grad=-1.0), ValueError, r"Invalid clip_unmagnified_grad value"),
             (dict(clip_scope="all"), ValueError, r"Invalid clip_scope: 'all'"),
+            (dict(escape=1), ValueError, r"Invalid escape: 1"),  # an int is not a flag
         ],
         independent=dict(clip_unmagnified_grad=0.0, update_skipping=0.0),
     ),
@@ -98,6 +99,7 @@ EXTRAS: dict[str, dict[str, Any]] = {
             (dict(eps=-1.0), ValueError, r"Invalid epsilon value: -1.0"),
             (dict(betas=(0.9, 1.5)), ValueError, r"Invalid beta parameter at index 1: 1.5"),
             (dict(reference="authors"), ValueError, r"Invalid reference: 'authors'"),
+            (dict(bias_correction=0), ValueError, r"Invalid bias_correction: 0"),
         ],
     ),
     "loft": dict(

@@ -382,5 +382,7 @@ def check_non_negative(name: str, value: float) -> None:
 
 
 def check_choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
+    """Raise unless ``value`` is one of ``choices`` and of its type: ``1 in (True, False)`` holds
+    in Python, and a 1 for a flag would be stored and checkpointed as an int."""
+    if not any(type(value) is type(c) and value == c for c in choices):
         raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, choices))})")
