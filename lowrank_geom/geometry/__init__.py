@@ -28,6 +28,7 @@ from lowrank_geom.geometry.invariance import invariance_gap
 from lowrank_geom.geometry.psd import (
     PSDNumericsError,
     compute_dtype,
+    damped_inverse,
     eigenvalue_distance,
     eigh_resolution,
     eigh_safe,
@@ -52,6 +53,7 @@ __all__ = [
     "balancing_gauge",
     "basis_transport",
     "compute_dtype",
+    "damped_inverse",
     "eigenvalue_distance",
     "eigh_resolution",
     "eigh_safe",

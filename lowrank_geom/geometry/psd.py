@@ -41,6 +41,19 @@ def eigh_safe(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lam.to(work.dtype), q.to(work.dtype)
 
 
+def damped_inverse(g: torch.Tensor, damping: float) -> torch.Tensor:
+    """``(G + λI)⁻¹ = V diag(1/(max(μ, 0) + λ)) Vᵀ`` of a PSD ``G`` (``λ > 0``), by :func:`eigh_safe`.
+
+    A Gram formed by a float32 GEMM carries round-off of ``eps₃₂·‖G‖``: where that exceeds a small
+    ``λ``, ``G + λI`` is indefinite and its Cholesky fails. Clamping ``G``'s eigenvalues at zero
+    keeps the inverse bounded by ``1/λ`` and equal to the exact one otherwise.
+    """
+    if not damping > 0:
+        raise ValueError(f"damped_inverse needs a positive damping, got {damping}")
+    mu, v = eigh_safe(g)
+    return (v / (mu.clamp_min(0.0) + damping).unsqueeze(-2)) @ v.mT
+
+
 def _eigh_failure(work: torch.Tensor) -> str:
     """What is known when both attempts failed: dtypes, shape, and (computed: r×r is cheap)
     whether the input was finite. No guess at the cause: callers know more (the optimizer does)."""

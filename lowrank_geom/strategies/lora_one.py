@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lowrank_geom.geometry import eigh_safe, gram
+from lowrank_geom.geometry import gram
 from lowrank_geom.strategies.base import (
     PairBatch,
     PairUpdate,
@@ -24,24 +24,15 @@ from lowrank_geom.strategies.base import (
     check_non_negative,
     check_weight_decay,
     register,
-    right_multiply,
 )
 from lowrank_geom.strategies.scaled_gd import capped_direction, magnitude_inverse, scaled_gradient
 
 
 def damped_direction(grad: torch.Tensor, other: torch.Tensor, damping: float, row_reduce=None) -> torch.Tensor:
-    """``∇A (BᵀB + λI)⁻¹`` (the preconditioned step; the pseudo-inverse when ``λ = 0``).
-
-    ``(BᵀB + λI)⁻¹ = V diag(1/(max(μ, 0) + λ)) Vᵀ`` from ``eigh`` of the r×r Gram (float64): a
-    Gram formed by a float32 GEMM carries round-off of ``eps₃₂·‖BᵀB‖``, which for an unbalanced
-    factorization exceeds a small ``λ`` and makes ``BᵀB + λI`` indefinite (a Cholesky of it
-    fails); clamped, the inverse stays bounded by ``1/λ`` and equals the exact one otherwise.
-    """
-    if damping == 0:
-        return scaled_gradient(grad, other, 0.0, row_reduce)
-    mu, v = eigh_safe(gram(other, None, row_reduce or (lambda t: t)))
-    inv = (v / (mu.clamp_min(0.0) + damping).unsqueeze(-2)) @ v.mT
-    return right_multiply(grad, inv)
+    """``∇A (BᵀB + λI)⁻¹`` (the preconditioned step; the pseudo-inverse when ``λ = 0``), the
+    damped inverse with the Gram's eigenvalues clamped at zero
+    (:func:`~lowrank_geom.geometry.damped_inverse`)."""
+    return scaled_gradient(grad, other, damping, row_reduce)
 
 
 def capped(d: torch.Tensor, x: torch.Tensor, cap: float, lr, row_reduce=None) -> torch.Tensor:

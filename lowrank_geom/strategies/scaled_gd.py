@@ -8,6 +8,7 @@ import torch
 
 from lowrank_geom.geometry import (
     compute_dtype,
+    damped_inverse,
     gram,
     gram_cutoff,
     gram_pinv,
@@ -43,7 +44,9 @@ def scaled_gradient(
     inverted in float64 and applied with one m×r×r GEMM. ``δ = 0`` is the Riemannian gradient of
     the preconditioned metric, ``∇A G⁺`` with ``G⁺ = R⁻¹R⁻ᵀ`` from the Cholesky factor
     (:func:`~lowrank_geom.geometry.inverse_magnitude`): a zero factor gives a zero direction and
-    a rank-deficient one the filtered pseudo-inverse. ``δ > 0`` inverts ``G + δI`` by Cholesky.
+    a rank-deficient one the filtered pseudo-inverse. ``δ > 0`` inverts ``G + δI`` with ``G``'s
+    eigenvalues clamped at zero (:func:`~lowrank_geom.geometry.damped_inverse`: a float32 Gram's
+    round-off can exceed ``δ``).
     Written to ``out`` when given; ``gram_other`` is ``BᵀB`` and ``rinv_other`` its inverse
     magnitude (:func:`inverse_magnitude` at the compute dtype's cutoff) when the caller has them.
     """
@@ -52,8 +55,7 @@ def scaled_gradient(
         rinv = magnitude_inverse(g, other.dtype) if rinv_other is None else rinv_other
         inv = gram_pinv(rinv)
     else:
-        eye = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
-        inv = torch.cholesky_inverse(torch.linalg.cholesky(g + delta * eye))
+        inv = damped_inverse(g, delta)
     return right_multiply(grad, inv, out)
 
 

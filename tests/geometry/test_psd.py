@@ -20,6 +20,7 @@ from lowrank_geom.geometry import (
     PSDNumericsError,
     basis_transport,
     compute_dtype,
+    damped_inverse,
     eigenvalue_distance,
     inverse_root,
     orthonormal_basis,
@@ -370,3 +371,20 @@ def test_unresolved_directions_needs_both_a_tiny_eigenvalue_and_a_quiet_gradient
     assert got.tolist() == [True, False, False]
     # the increment's scale does not matter (row normalization)
     assert torch.equal(unresolved_directions(lam, q, 7.0 * gbar.T @ gbar, 1e-8, 1e-8), got)
+
+
+def test_damped_inverse_is_the_inverse_of_a_psd_matrix_and_bounded_for_an_indefinite_one():
+    g = torch.randn(3, 6, 4, generator=_gen(7), dtype=F64)
+    psd = g.mT @ g
+    # 1e-12: one eigh-based inverse of a matrix with condition < 1e3
+    torch.testing.assert_close(
+        damped_inverse(psd, 0.5), torch.linalg.inv(psd + 0.5 * torch.eye(4, dtype=F64)), rtol=1e-12, atol=1e-12
+    )
+    # round-off made an eigenvalue negative (-1e-3 ≫ λ): still positive definite, norm 1/λ
+    q, _ = torch.linalg.qr(torch.randn(4, 4, generator=_gen(8), dtype=F64))
+    indefinite = (q * torch.tensor([-1e-3, 1.0, 2.0, 3.0], dtype=F64)) @ q.T
+    inv = damped_inverse(indefinite, 1e-6)
+    lam = torch.linalg.eigvalsh(inv)
+    assert lam.min() > 0 and torch.isclose(lam.max(), torch.tensor(1e6, dtype=F64))
+    with pytest.raises(ValueError, match="positive damping"):
+        damped_inverse(psd, 0.0)

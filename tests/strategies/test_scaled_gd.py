@@ -34,6 +34,22 @@ def test_damped_direction_solves_the_damped_system():
     torch.testing.assert_close(scaled_gradient(grad, other, 0.3), expected, rtol=1e-12, atol=1e-12)
 
 
+def test_damped_step_on_a_near_singular_float32_factor_does_not_raise():
+    """σ(B) = (1e4, 1e4, 1e4, 1e-3) in float32: the Gram's round-off (eps₃₂·1e8 ≈ 6) makes its
+    smallest eigenvalue negative, far below -δ; a Cholesky of ``BᵀB + δI`` raised here."""
+    gen = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(48, 4, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(4, 4, generator=gen, dtype=torch.float64))
+    b = torch.nn.Parameter(((u * torch.tensor([1e4, 1e4, 1e4, 1e-3], dtype=torch.float64)) @ v.T).float())
+    a = torch.nn.Parameter(torch.randn(64, 4, generator=gen))
+    assert torch.linalg.eigvalsh((b.T @ b).double().detach())[0] < -1e-6  # the failing case
+    opt = ScaledGD([(a, b)], lr=0.1, delta=1e-6)
+    (a @ b.T).square().sum().backward()
+    before = a.detach().clone()
+    opt.step()
+    assert torch.isfinite(a).all() and not torch.equal(a, before)
+
+
 def test_zero_factor_gives_a_zero_direction_for_its_partner():
     grad = torch.ones(1, 4, 2, dtype=torch.float64)
     assert torch.equal(
