@@ -49,8 +49,9 @@ Setup (every size):
   column does not rank the optimizers.
 
 Extra options (after the suite name): ``--model DIR_OR_NAME`` (a local directory or hub name; hub
-access stays offline), ``--dataset {rotten_tomatoes,trec6,PATH.csv}``, ``--optimizers a,b,...``,
-``--steps N``, ``--seeds N``, ``--init {peft,random}`` (the start, default ``peft``), ``--cache
+access stays offline), ``--dataset {rotten_tomatoes,trec6,PATH.csv}``, ``--optimizers a,b,...`` (or ``all``),
+``--steps N``, ``--seeds N``, ``--lr-grid f1,f2,...`` (factors of each configured lr),
+``--init {peft,random}`` (the start, default ``peft``), ``--cache
 DIR`` (keep every finished run in ``DIR`` and reuse it: rerunning the same command resumes;
 :class:`RunCache`), ``--max-new-runs K`` (with ``--cache``: stop with exit status 3 after ``K``
 new runs) and ``--allow-mixed-commits``. A published result must come from one command at one
@@ -66,12 +67,12 @@ seen once), so the test set never picks the lr. A choice on the grid's edge is w
 (:func:`widen_grid`: ``lr_widen`` factors 0.1, 0.03 below and 10, 30 above for ``--full``) until
 the choice is inside or the factors run out. The other seeds and the gauge sweep use the choice.
 
-``--full`` is 8 optimizers × (3 learning rates at seed 0, 2 more seeds at the chosen lr, 4 gauges
-``s ≠ 1`` × 3 seeds) = 136 runs of 400 steps at batch 16 on Rotten Tomatoes, plus a run or two
-for each choice on a grid edge, each with four evaluations of the test set. The published full
-result records its wall time and the runs it computed anew (``run.seconds``, ``run_cache``; every
-cached run's JSON its step time, ``step_ms``); hours on a CPU, so run it in pieces with
-``--full --cache DIR --max-new-runs K`` at one commit.
+``--full`` is, for every optimizer of :data:`FT_OPTIMIZERS`, 3 learning rates at seed 0, 2 more
+seeds at the chosen lr and 4 gauges ``s ≠ 1`` × 3 seeds: 17 runs of 400 steps at batch 16 on
+Rotten Tomatoes, plus a run or two for each choice on a grid edge, each with four evaluations of
+the test set. Its result records its wall time and the runs it computed anew (``run.seconds``,
+``run_cache``; every cached run's JSON its step time, ``step_ms``); hours on a CPU, so run it in
+pieces with ``--full --cache DIR --max-new-runs K`` at one commit.
 """
 
 from benchmarks.finetune.cache import MixedCommitsError, RunBudgetExhausted, RunCache
