@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from lowrank_geom.geometry import gram, gram_pinv
+from lowrank_geom.geometry import gram
 from lowrank_geom.strategies.base import (
     PairBatch,
     PairUpdate,
@@ -20,19 +20,7 @@ from lowrank_geom.strategies.base import (
     register,
     right_multiply,
 )
-from lowrank_geom.strategies.scaled_gd import capped_direction, magnitude_inverse
-
-
-def inverse_gram(g: torch.Tensor, dtype: torch.dtype, delta: float) -> torch.Tensor:
-    """``K = (XᵀX + δI)⁻¹`` from the Gram ``G = XᵀX`` (the pseudo-inverse ``G⁺`` when ``δ = 0``). ``(P, r, r)``.
-
-    ``δ = 0``: the filtered pseudo-inverse at the compute dtype's cutoff, so a zero factor (LoRA's
-    init) gives ``K = 0`` and a zero step instead of ``1/0``; ``δ > 0``: Cholesky of ``G + δI``.
-    """
-    if delta == 0:
-        return gram_pinv(magnitude_inverse(g, dtype))
-    eye = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
-    return torch.cholesky_inverse(torch.linalg.cholesky(g + delta * eye))
+from lowrank_geom.strategies.scaled_gd import capped_direction, inverse_gram, magnitude_inverse
 
 
 def realigned_momentum(

@@ -28,13 +28,6 @@ from lowrank_geom.strategies.base import (
 from lowrank_geom.strategies.scaled_gd import capped_direction, magnitude_inverse, scaled_gradient
 
 
-def damped_direction(grad: torch.Tensor, other: torch.Tensor, damping: float, row_reduce=None) -> torch.Tensor:
-    """``∇A (BᵀB + λI)⁻¹`` (the preconditioned step; the pseudo-inverse when ``λ = 0``), the
-    damped inverse with the Gram's eigenvalues clamped at zero
-    (:func:`~lowrank_geom.geometry.damped_inverse`)."""
-    return scaled_gradient(grad, other, damping, row_reduce)
-
-
 def capped(d: torch.Tensor, x: torch.Tensor, cap: float, lr, row_reduce=None) -> torch.Tensor:
     """``D`` with the relative change ``η D R_X⁺`` of its factor ``X`` capped at ``cap`` (0: unchanged)."""
     if cap == 0:
@@ -120,8 +113,8 @@ class LoRAOneStrategy(Strategy):
         if hp["reference"]:
             return self._authors_update(batch, hp)
         rr, lr, lam, cap, wd = batch.row_reduce, hp["lr"], hp["damping"], hp["relative_step_cap"], hp["weight_decay"]
-        d_a = capped(damped_direction(batch.grad_a, batch.b, lam, rr), batch.a, cap, lr, rr)
-        d_b = capped(damped_direction(batch.grad_b, batch.a, lam, rr), batch.b, cap, lr, rr)
+        d_a = capped(scaled_gradient(batch.grad_a, batch.b, lam, rr), batch.a, cap, lr, rr)
+        d_b = capped(scaled_gradient(batch.grad_b, batch.a, lam, rr), batch.b, cap, lr, rr)
         # A ← A − η(D + wA): the driver applies the scale and the decay in its in-place update
         return PairUpdate(d_a, d_b, {}, {}, scale=-lr, decay=lr * wd if wd else 0.0)
 
@@ -131,7 +124,7 @@ class LoRAOneStrategy(Strategy):
         keep = 1.0 - lr * wd
 
         def side(grad, other, x, state):
-            d, new_state = uncorrected_adam(damped_direction(grad, other, lam, rr), state, hp["betas"], hp["eps"])
+            d, new_state = uncorrected_adam(scaled_gradient(grad, other, lam, rr), state, hp["betas"], hp["eps"])
             # X_new(1 − ηw) = X(1 − ηw) + step·(1 − ηw): the driver applies X(1 − ηw)
             return capped(d, x, hp["relative_step_cap"], lr, rr) * (-lr * keep), new_state
 

@@ -51,12 +51,19 @@ def scaled_gradient(
     magnitude (:func:`inverse_magnitude` at the compute dtype's cutoff) when the caller has them.
     """
     g = gram(other, None, row_reduce or (lambda t: t)) if gram_other is None else gram_other
+    return right_multiply(grad, inverse_gram(g, other.dtype, delta, rinv_other), out)
+
+
+def inverse_gram(g: torch.Tensor, dtype: torch.dtype, delta: float, rinv: torch.Tensor | None = None) -> torch.Tensor:
+    """``K = (XᵀX + δI)⁻¹`` from the Gram ``G = XᵀX`` of a factor of ``dtype``. ``(P, r, r)``.
+
+    ``δ = 0``: the filtered pseudo-inverse ``G⁺`` at the compute dtype's cutoff (``rinv``: its
+    :func:`magnitude_inverse` when the caller has it), so a zero factor gives ``K = 0`` and a zero
+    step instead of ``1/0``; ``δ > 0``: :func:`~lowrank_geom.geometry.damped_inverse`.
+    """
     if delta == 0:
-        rinv = magnitude_inverse(g, other.dtype) if rinv_other is None else rinv_other
-        inv = gram_pinv(rinv)
-    else:
-        inv = damped_inverse(g, delta)
-    return right_multiply(grad, inv, out)
+        return gram_pinv(magnitude_inverse(g, dtype) if rinv is None else rinv)
+    return damped_inverse(g, delta)
 
 
 def magnitude_inverse(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

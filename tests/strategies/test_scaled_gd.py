@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank_geom import FixedRankQuotient, LoRARITE, ScaledGD
+from lowrank_geom import FixedRankQuotient, LoRARITE, LowRankOptimizer, ScaledGD
 from lowrank_geom.strategies.scaled_gd import scaled_gradient
 from tests.strategies.peft_runs import batch_of_one_final_loss
 
@@ -34,20 +34,30 @@ def test_damped_direction_solves_the_damped_system():
     torch.testing.assert_close(scaled_gradient(grad, other, 0.3), expected, rtol=1e-12, atol=1e-12)
 
 
-def test_damped_step_on_a_near_singular_float32_factor_does_not_raise():
-    """σ(B) = (1e4, 1e4, 1e4, 1e-3) in float32: the Gram's round-off (eps₃₂·1e8 ≈ 6) makes its
-    smallest eigenvalue negative, far below -δ; a Cholesky of ``BᵀB + δI`` raised here."""
-    gen = torch.Generator().manual_seed(0)
-    u, _ = torch.linalg.qr(torch.randn(48, 4, generator=gen, dtype=torch.float64))
+def _near_singular_float32(rows: int, gen: torch.Generator) -> torch.nn.Parameter:
+    """σ = (1e4, 1e4, 1e4, 1e-3) in float32: its Gram's round-off (eps₃₂·1e8 ≈ 6) makes the smallest
+    eigenvalue of the float32 Gram negative, far below -δ."""
+    u, _ = torch.linalg.qr(torch.randn(rows, 4, generator=gen, dtype=torch.float64))
     v, _ = torch.linalg.qr(torch.randn(4, 4, generator=gen, dtype=torch.float64))
-    b = torch.nn.Parameter(((u * torch.tensor([1e4, 1e4, 1e4, 1e-3], dtype=torch.float64)) @ v.T).float())
-    a = torch.nn.Parameter(torch.randn(64, 4, generator=gen))
-    assert torch.linalg.eigvalsh((b.T @ b).double().detach())[0] < -1e-6  # the failing case
-    opt = ScaledGD([(a, b)], lr=0.1, delta=1e-6)
+    return torch.nn.Parameter(((u * torch.tensor([1e4, 1e4, 1e4, 1e-3], dtype=torch.float64)) @ v.T).float())
+
+
+@pytest.mark.parametrize(
+    "strategy, damping", [("scaled_gd", dict(delta=1e-6)), ("altlora", dict(delta=1e-6)), ("lora_one", {})]
+)
+def test_damped_step_on_near_singular_float32_factors_does_not_raise(strategy, damping):
+    """Every damped inverse goes through :func:`inverse_gram`: a Cholesky of ``XᵀX + δI`` raised here
+    (ScaledGD's and AltLoRA's did; LoRA-One's default ``damping`` is 1e-6)."""
+    gen = torch.Generator().manual_seed(1)  # a draw where both factors' float32 Grams are indefinite
+    a, b = _near_singular_float32(64, gen), _near_singular_float32(48, gen)
+    for x in (a, b):  # the failing case, for whichever factor the first step preconditions with
+        assert torch.linalg.eigvalsh((x.T @ x).double().detach())[0] < -1e-6
+    opt = LowRankOptimizer([(a, b)], strategy=strategy, lr=0.1, **damping)
     (a @ b.T).square().sum().backward()
-    before = a.detach().clone()
+    before = [a.detach().clone(), b.detach().clone()]
     opt.step()
-    assert torch.isfinite(a).all() and not torch.equal(a, before)
+    assert all(torch.isfinite(x).all() for x in (a, b))
+    assert not (torch.equal(a, before[0]) and torch.equal(b, before[1]))
 
 
 def test_zero_factor_gives_a_zero_direction_for_its_partner():
