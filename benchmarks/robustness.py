@@ -65,10 +65,10 @@ cell.
 
 Sizes (one torch thread per run): ``quick`` one cell (float32, lr 1e-2), every optimizer, 30
 steps; ``default`` PEFT's default init with the 2-class head, every dtype and lr, 100 steps, for
-LoRA-RITE, ScaledGD, LoFT and the baselines (63 runs); ``full`` the whole grid with 2 seeds, 100
-steps, every optimizer (2880 runs in two worker processes). Each result records its wall time
-(``run.seconds``; the conditioning sweep's own in ``conditioning.seconds``, each batch's in its
-cells' ``batch_seconds``).
+LoRA-RITE, ScaledGD, AltLoRA, LoFT, LoRA-One and the baselines (9 runs each); ``full`` the whole
+grid (the inits PEFT supports × 4 set-ups × 3 dtypes × 3 lrs) with 2 seeds, 100 steps, every
+optimizer, in two worker processes. Each result records its wall time (``run.seconds``; the
+conditioning sweep's own in ``conditioning.seconds``, each batch's in its cells' ``batch_seconds``).
 """
 
 from __future__ import annotations

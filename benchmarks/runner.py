@@ -53,14 +53,13 @@ def workers(names: list[str]) -> int:
 
 
 def run_suites(names: list[str], ctx: RunContext, *, parallel: bool):
-    """Yield a :class:`SuiteRun` per suite as each finishes. With ``parallel``, the suites not in
-    :data:`ALONE` run in a process pool (in the order given: put the longest first), then the
-    others one by one; without it, every suite runs in this process, in order."""
+    """Yield a :class:`SuiteRun` per suite as each finishes. With ``parallel`` (and at least two
+    cores), the suites not in :data:`ALONE` run in a process pool (in the order given: put the
+    longest first), then the others one by one; otherwise every suite runs in this process, in order."""
     pooled = [n for n in names if n not in ALONE] if parallel else []
-    if len(pooled) > 1:
-        yield from _pool(pooled, ctx)
-    else:
+    if len(pooled) < 2 or workers(pooled) < 2:  # nothing would run beside anything: no pool
         pooled = []
+    yield from _pool(pooled, ctx) if pooled else ()
     for name in names:
         if name not in pooled:
             yield run_suite(name, ctx)

@@ -100,12 +100,6 @@ pygments_dark_style = "monokai"
 
 
 # -- generated sources -------------------------------------------------------------------------
-def _write_if_changed(path: Path, text: str) -> None:
-    # unchanged files keep their mtime, so incremental builds do not re-read every page
-    if not path.exists() or path.read_text() != text:
-        path.write_text(text)
-
-
 def _results_rst(suite: str, folder: str = "results") -> str:
     results = DOCS / folder
     rst, md, js = results / f"{suite}.rst", results / f"{suite}.md", results / f"{suite}.json"
@@ -172,11 +166,11 @@ def generate() -> None:
     out = DOCS / "_generated"
     out.mkdir(exist_ok=True)
     for suite in SUITES:
-        _write_if_changed(out / f"results_{suite}.rst", _results_rst(suite))
-        _write_if_changed(out / f"benchdoc_{suite}.rst", _benchdoc_rst(suite))
+        lr_guide.write_if_changed(out / f"results_{suite}.rst", _results_rst(suite))
+        lr_guide.write_if_changed(out / f"benchdoc_{suite}.rst", _benchdoc_rst(suite))
     for name, (suite, folder) in EXTRA_RESULTS.items():
-        _write_if_changed(out / name, _results_rst(suite, folder))
-    _write_if_changed(out / "api_peft.rst", _api_peft_rst())
+        lr_guide.write_if_changed(out / name, _results_rst(suite, folder))
+    lr_guide.write_if_changed(out / "api_peft.rst", _api_peft_rst())
     strategy_pages.generate()
     lr_guide.generate()
     numerics_tables.generate()

@@ -121,8 +121,8 @@ def _optimizer_list(spec: str) -> list[str]:
 def _lr_factors(spec: str) -> list[float]:
     try:
         factors = sorted({float(f) for f in spec.split(",") if f.strip()})
-    except ValueError:
-        raise SystemExit(f"finetune: --lr-grid takes comma-separated positive numbers, got {spec!r}") from None
+    except ValueError:  # not a number: refused below, with the same message
+        factors = []
     if not factors or min(factors) <= 0:
         raise SystemExit(f"finetune: --lr-grid takes comma-separated positive numbers, got {spec!r}")
     return factors

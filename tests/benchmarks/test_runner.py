@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import runner
 from benchmarks.__main__ import ALL, POOL_ORDER
 from benchmarks.common import RunContext
@@ -18,6 +20,7 @@ def test_the_pool_runs_every_suite_but_the_timed_ones(tmp_path, monkeypatch):
             yield runner.SuiteRun(n, 0.0, str(tmp_path / f"{n}.json"), "")
 
     monkeypatch.setattr(runner, "_pool", fake_pool)
+    monkeypatch.setattr(runner, "workers", lambda names: 2)  # as on a machine of two cores or more
     monkeypatch.setattr(runner, "run_suite", lambda n, ctx, threads=None: runner.SuiteRun(n, 0.0, "", ""))
     ctx = RunContext(size="quick", out=tmp_path)
     order = sorted(ALL, key=lambda n: POOL_ORDER.index(n) if n in POOL_ORDER else len(POOL_ORDER))
@@ -37,3 +40,11 @@ def test_two_pooled_suites_run_in_processes_and_record_each_other(tmp_path):
         assert payload["run"]["alongside"] == [n for n in names if n != name]
         assert payload["meta"]["torch_threads"] == 1
         assert "one process each" in (tmp_path / f"{name}.md").read_text()
+
+
+def test_one_core_runs_every_suite_in_order_with_nothing_alongside(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "workers", lambda names: 1)
+    monkeypatch.setattr(runner, "_pool", lambda names, ctx: pytest.fail("no pool on one core"))
+    monkeypatch.setattr(runner, "run_suite", lambda n, ctx, threads=None: runner.SuiteRun(n, 0.0, "", ""))
+    done = [r.name for r in runner.run_suites(list(ALL), RunContext(size="quick", out=tmp_path), parallel=True)]
+    assert done == list(ALL)
